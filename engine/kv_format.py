@@ -1,0 +1,90 @@
+"""The transferable KV block: DESIGN.md "KV block format", one implementation.
+
+One block holds every layer's K and V for `block_size` tokens, contiguous, little-endian:
+
+    payload = data[num_layers, 2 (K|V), block_size, num_kv_heads, head_dim]   (dtype)
+              ‖ scales[num_layers, 2, num_kv_heads] fp32                      (fp8_e4m3 only)
+
+The engine's paged cache stores blocks in exactly this order (block-major), so a block
+leaves or enters the cache as one contiguous slice with no gather. The checksum is
+xxh3-64 over the whole payload.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import xxhash
+
+KV_LAYOUT_VERSION = 1
+"""Version of the payload layout above; part of the block fingerprint."""
+
+KV_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp32": torch.float32,  # exact-arithmetic test configurations only
+}
+
+_ENGINE_TO_KV = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8_e4m3"}
+
+assert sys.byteorder == "little", "KV payloads are little-endian; big-endian hosts unsupported"
+
+
+def kv_dtype_name(dtype: torch.dtype) -> str:
+    """Wire name of a cache dtype."""
+    try:
+        return _ENGINE_TO_KV[dtype]
+    except KeyError:
+        raise ValueError(
+            f"KV cache dtype {dtype} has no wire format; choose one of {sorted(KV_DTYPES)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class KVBlockFormat:
+    """Shape and dtype of one transferable block for a given model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"unknown KV dtype {self.dtype!r}; choose one of {sorted(KV_DTYPES)}")
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @cached_property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @cached_property
+    def torch_dtype(self) -> torch.dtype:
+        return KV_DTYPES[self.dtype]
+
+    @cached_property
+    def data_nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.torch_dtype.itemsize
+
+    @cached_property
+    def scales_nbytes(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * 4 if self.dtype == "fp8_e4m3" else 0
+
+    @cached_property
+    def nbytes(self) -> int:
+        """Payload size of one block on the wire."""
+        return self.data_nbytes + self.scales_nbytes
+
+
+def payload_checksum(payload: bytes | bytearray | memoryview) -> int:
+    """xxh3-64 of a block payload; senders attach it, receivers verify it before use."""
+    return xxhash.xxh3_64_intdigest(payload)

@@ -1,0 +1,89 @@
+"""Linear layers and the registry of weight formats they can hold.
+
+A `LinearFormat` turns a full-precision weight into whatever its kernel multiplies
+(dense activations-dtype weights, FP8 with per-channel scales, packed INT4 groups) and
+applies it. The model only ever builds `Linear(weight, bias, format)` and calls it, so a
+new format slots in by registering here, never by touching the model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from kernels.backend import KernelBackend
+
+
+class LinearFormat(ABC):
+    """One way of storing and multiplying a projection weight."""
+
+    name: ClassVar[str]
+    scheme: ClassVar[str]
+    """Quantization scheme recorded in KV fingerprints when this format computes prefill."""
+
+    @abstractmethod
+    def prepare(self, weight: torch.Tensor, dtype: torch.dtype, device: str) -> Any:
+        """Convert a full-precision [out, in] weight into this format's stored form."""
+
+    @abstractmethod
+    def apply(
+        self, ops: KernelBackend, stored: Any, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [T, in] -> [T, out] in x's dtype."""
+
+
+class DenseFormat(LinearFormat):
+    """Weights kept in the activation dtype; the reference every other format is measured by."""
+
+    name = "dense"
+    scheme = "none"
+
+    def prepare(self, weight: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
+        return weight.to(device=device, dtype=dtype).contiguous()
+
+    def apply(
+        self, ops: KernelBackend, stored: torch.Tensor, x: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return ops.dense_linear(x, stored, bias)
+
+
+_FORMATS: dict[str, Callable[[], LinearFormat]] = {"dense": DenseFormat}
+
+
+def register_format(name: str, factory: Callable[[], LinearFormat]) -> None:
+    _FORMATS[name] = factory
+
+
+def linear_format(name: str) -> LinearFormat:
+    """The format called `name`, naming the supported choices when it is unknown."""
+    if name not in _FORMATS:
+        # Quantized formats register themselves on import.
+        import engine.quant  # noqa: F401
+
+    try:
+        return _FORMATS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown linear format {name!r}; choose one of {', '.join(sorted(_FORMATS))}"
+        ) from None
+
+
+class Linear:
+    """A projection: `y = x @ W.T + b` with W held in `fmt`'s stored form."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: LinearFormat,
+        ops: KernelBackend, dtype: torch.dtype, device: str,
+    ) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.fmt = fmt
+        self.ops = ops
+        self.stored = fmt.prepare(weight, dtype, device)
+        self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fmt.apply(self.ops, self.stored, x, self.bias)

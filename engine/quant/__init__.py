@@ -1,0 +1,1 @@
+"""Quantized weight formats (FP8 for prefill, INT4 for decode); importing registers them."""
