@@ -72,8 +72,16 @@ class ModelConfig:
                 f"unsupported architecture {self.architecture!r}; "
                 f"Baton serves {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model config {name} must be > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -130,7 +138,7 @@ class EngineConfig:
     """Everything an `LLMEngine` needs besides the loaded weights.
 
     `dtype` is the activation and KV dtype; `linear` names the weight format of the
-    projections (see `engine.linear.LINEAR_FORMATS`).
+    decoder projections and `lm_head_linear` that of the LM head (see `engine.linear`).
     """
 
     model: ModelConfig
@@ -138,6 +146,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dtype: str = "bfloat16"
     linear: str = "dense"
+    lm_head_linear: str = "dense"
     kernel_backend: str = "torch"
     device: str = "cpu"
 

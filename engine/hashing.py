@@ -88,9 +88,7 @@ def next_block_hash(parent: bytes, block_token_ids: Sequence[int]) -> bytes:
     return hashlib.sha256(parent + packed).digest()
 
 
-def iter_block_hashes(
-    parent: bytes, token_ids: Sequence[int], block_size: int
-) -> Iterator[bytes]:
+def iter_block_hashes(parent: bytes, token_ids: Sequence[int], block_size: int) -> Iterator[bytes]:
     """Hashes of the full blocks of `token_ids`, chained from `parent`, lazily."""
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")

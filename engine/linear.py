@@ -45,7 +45,10 @@ class DenseFormat(LinearFormat):
         return weight.to(device=device, dtype=dtype).contiguous()
 
     def apply(
-        self, ops: KernelBackend, stored: torch.Tensor, x: torch.Tensor,
+        self,
+        ops: KernelBackend,
+        stored: torch.Tensor,
+        x: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
         return ops.dense_linear(x, stored, bias)
@@ -76,8 +79,13 @@ class Linear:
     """A projection: `y = x @ W.T + b` with W held in `fmt`'s stored form."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: LinearFormat,
-        ops: KernelBackend, dtype: torch.dtype, device: str,
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        fmt: LinearFormat,
+        ops: KernelBackend,
+        dtype: torch.dtype,
+        device: str,
     ) -> None:
         self.out_features, self.in_features = weight.shape
         self.fmt = fmt

@@ -15,6 +15,8 @@ from typing import ClassVar
 import torch
 
 from kernels.attention_metadata import AttentionMetadata
+from kernels.fp8_linear import Fp8Weight
+from kernels.int4_linear import Int4Weight
 
 
 class KernelBackend(ABC):
@@ -31,7 +33,10 @@ class KernelBackend(ABC):
 
     @abstractmethod
     def rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
         residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """With `s = x + residual` (or `x`): returns (rmsnorm(s) * weight, s)."""
@@ -48,7 +53,10 @@ class KernelBackend(ABC):
 
     @abstractmethod
     def write_kv(
-        self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
         """Store this step's K/V rows into their cache slots."""
@@ -72,6 +80,74 @@ class KernelBackend(ABC):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """x @ weight.T (+ bias), weight [out, in] in the activation dtype."""
+
+    # FP8 prefill (kernels.fp8_linear): activations are quantized per token, either by the
+    # op that produces them (the `*_fp8` variants, which return (q, scale, ...)) or inside
+    # `fp8_linear` when handed activations in the model dtype.
+
+    @abstractmethod
+    def quantize_fp8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, K] -> (q [T, K] float8_e4m3fn, scale [T, 1] fp32) with x ≈ q * scale."""
+
+    @abstractmethod
+    def rms_norm_fp8(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`rms_norm` with its output quantized per token: (q, scale, s)."""
+
+    @abstractmethod
+    def silu_and_mul_fp8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`silu_and_mul` with its output quantized per token: (q, scale)."""
+
+    @abstractmethod
+    def fp8_linear(
+        self,
+        x: torch.Tensor,
+        weight: Fp8Weight,
+        bias: torch.Tensor | None,
+        x_scale: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """x @ W.T (+ bias) with FP8 weights and per-token FP8 activations.
+
+        `x` is [T, in] in the model dtype (quantized here; the output takes its dtype), or
+        float8_e4m3fn with `x_scale` [T, 1] from a `*_fp8` op (then `out_dtype` is required).
+        """
+
+    @abstractmethod
+    def int4_linear(
+        self, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [T, in] @ W.T (+ bias) with group-quantized INT4 weights; output in x's dtype."""
+
+    # FP8 KV cache (DESIGN.md "KV block format"): `kv_scales` is this layer's [2, num_kv_heads]
+    # fp32 (K|V, head) scales, cached value = fp8(value / scale).
+
+    @abstractmethod
+    def write_kv_fp8(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scales: torch.Tensor,
+    ) -> None:
+        """`write_kv` into a float8_e4m3fn cache, dividing by the per-head scales."""
+
+    @abstractmethod
+    def paged_attention_fp8(
+        self,
+        q: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_scales: torch.Tensor,
+    ) -> torch.Tensor:
+        """`paged_attention` over a float8_e4m3fn cache written by `write_kv_fp8`."""
 
 
 _BACKENDS: dict[str, str] = {

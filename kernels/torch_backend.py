@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from kernels.activation import silu_and_mul_torch
 from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend
+from kernels.fp8_linear import Fp8Weight, fp8_linear_torch, quantize_fp8_torch
+from kernels.int4_linear import Int4Weight, int4_linear_torch
+from kernels.kv_cache_fp8 import paged_attention_fp8_torch, write_kv_fp8_torch
 from kernels.paged_attention import paged_attention_torch, plan_attention_torch, write_kv_torch
 from kernels.rmsnorm import rms_norm_torch
 from kernels.rope import apply_rope_torch
@@ -17,7 +20,10 @@ class TorchBackend(KernelBackend):
     name = "torch"
 
     def rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
         residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return rms_norm_torch(x, weight, eps, residual)
@@ -31,7 +37,10 @@ class TorchBackend(KernelBackend):
         return silu_and_mul_torch(x)
 
     def write_kv(
-        self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
         write_kv_torch(k, v, kv_layer, slot_mapping)
@@ -48,3 +57,54 @@ class TorchBackend(KernelBackend):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         return F.linear(x, weight, bias)
+
+    def quantize_fp8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_fp8_torch(x)
+
+    def rms_norm_fp8(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, summed = rms_norm_torch(x, weight, eps, residual)
+        return (*quantize_fp8_torch(h), summed)
+
+    def silu_and_mul_fp8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_fp8_torch(silu_and_mul_torch(x))
+
+    def fp8_linear(
+        self,
+        x: torch.Tensor,
+        weight: Fp8Weight,
+        bias: torch.Tensor | None,
+        x_scale: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        return fp8_linear_torch(x, weight, bias, x_scale, out_dtype)
+
+    def int4_linear(
+        self, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return int4_linear_torch(x, weight, bias)
+
+    def write_kv_fp8(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scales: torch.Tensor,
+    ) -> None:
+        write_kv_fp8_torch(k, v, kv_layer, slot_mapping, kv_scales)
+
+    def paged_attention_fp8(
+        self,
+        q: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_scales: torch.Tensor,
+    ) -> torch.Tensor:
+        return paged_attention_fp8_torch(q, kv_layer, meta, scale, kv_scales)

