@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve test lint typecheck pytest redis clean
+.PHONY: install serve test lint typecheck pytest redis proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ serve: install
 
 redis:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+
+# regenerate the committed stubs of proto/baton/v1/*.proto (a test checks they are fresh)
+proto: install
+	$(BIN)/python -m proto.generate
 
 lint: install
 	$(BIN)/ruff check .

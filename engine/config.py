@@ -139,6 +139,8 @@ class EngineConfig:
 
     `dtype` is the activation and KV dtype; `linear` names the weight format of the
     decoder projections and `lm_head_linear` that of the LM head (see `engine.linear`).
+    `batch_invariant` makes every request's arithmetic independent of its batch mates
+    (see `engine.linear.Linear`), at the cost of one weight pass per row.
     """
 
     model: ModelConfig
@@ -149,6 +151,7 @@ class EngineConfig:
     lm_head_linear: str = "dense"
     kernel_backend: str = "torch"
     device: str = "cpu"
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)

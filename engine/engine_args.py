@@ -29,6 +29,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    batch_invariant: bool = False
 
     def engine_config(self, checkpoint: LoadedCheckpoint) -> EngineConfig:
         model = checkpoint.config
@@ -57,6 +58,7 @@ class EngineArgs:
             lm_head_linear=self.lm_head_linear,
             kernel_backend=self.kernel_backend,
             device=self.device,
+            batch_invariant=self.batch_invariant,
         )
 
     def create_engine(self, checkpoint: LoadedCheckpoint | None = None) -> LLMEngine:

@@ -76,7 +76,12 @@ def linear_format(name: str) -> LinearFormat:
 
 
 class Linear:
-    """A projection: `y = x @ W.T + b` with W held in `fmt`'s stored form."""
+    """A projection: `y = x @ W.T + b` with W held in `fmt`'s stored form.
+
+    With `batch_invariant`, every row is multiplied on its own (M = 1): a GEMM's kernel and
+    reduction order change with M, so a row's bits would otherwise depend on how many
+    other rows share the call. It costs one pass over the weight per row.
+    """
 
     def __init__(
         self,
@@ -86,12 +91,17 @@ class Linear:
         ops: KernelBackend,
         dtype: torch.dtype,
         device: str,
+        batch_invariant: bool = False,
     ) -> None:
         self.out_features, self.in_features = weight.shape
+        self.batch_invariant = batch_invariant
         self.fmt = fmt
         self.ops = ops
         self.stored = fmt.prepare(weight, dtype, device)
         self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant and x.shape[0] > 1:
+            rows = [self.fmt.apply(self.ops, self.stored, r, self.bias) for r in x.split(1)]
+            return torch.cat(rows)
         return self.fmt.apply(self.ops, self.stored, x, self.bias)

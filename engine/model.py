@@ -42,13 +42,19 @@ class _Weights:
 
 class DecoderLayer:
     def __init__(
-        self, cfg: ModelConfig, w: _Weights, i: int, fmt: LinearFormat, ops: KernelBackend
+        self,
+        cfg: ModelConfig,
+        w: _Weights,
+        i: int,
+        fmt: LinearFormat,
+        ops: KernelBackend,
+        batch_invariant: bool,
     ) -> None:
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            return Linear(weight, bias, fmt, ops, w.dtype, w.device)
+            return Linear(weight, bias, fmt, ops, w.dtype, w.device, batch_invariant)
 
         qkv = [attn + f"{x}_proj.weight" for x in "qkv"]
         bias = w.cat([n.replace(".weight", ".bias") for n in qkv]) if cfg.qkv_bias else None
@@ -99,12 +105,14 @@ class LlamaModel:
         fmt = linear_format(config.linear)
         self.format = fmt
         self.embed = w.get("model.embed_tokens.weight")
-        self.layers = [DecoderLayer(cfg, w, i, fmt, self.ops) for i in range(cfg.num_layers)]
+        invariant = config.batch_invariant
+        self.layers = [
+            DecoderLayer(cfg, w, i, fmt, self.ops, invariant) for i in range(cfg.num_layers)
+        ]
         self.norm = w.get("model.norm.weight")
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        self.lm_head = Linear(
-            w.raw(head), None, linear_format(config.lm_head_linear), self.ops, w.dtype, w.device
-        )
+        head_fmt = linear_format(config.lm_head_linear)
+        self.lm_head = Linear(w.raw(head), None, head_fmt, self.ops, w.dtype, w.device, invariant)
         self.rotary = RotaryTable(cfg, config.scheduler.max_model_len, config.device)
 
     def forward(

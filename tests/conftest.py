@@ -28,7 +28,20 @@ def default_checkpoint(default_gguf: Path) -> LoadedCheckpoint:
 @pytest.fixture(scope="session")
 def hf_gguf_tokenizer(default_gguf: Path) -> Any:
     """transformers' own tokenizer for the default GGUF: the reference ours must match."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(
         default_gguf.parent, gguf_file=default_gguf.name
     )
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(default_gguf: Path) -> Any:
+    """transformers' own float32 model from the default GGUF: the numerical reference."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32
+    )
+    return model.eval()

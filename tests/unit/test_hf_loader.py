@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from engine.config import RopeScaling
 from engine.loaders import LoadedCheckpoint, load_checkpoint
 
-transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
 
 TINY = dict(

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -23,13 +24,9 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def hf_gguf_state_dict(default_gguf: Path) -> dict[str, torch.Tensor]:
+def hf_gguf_state_dict(hf_gguf_model: Any) -> dict[str, torch.Tensor]:
     """transformers' own GGUF loading of the default model (dequantize + un-permute)."""
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32
-    )
-    return dict(model.state_dict())
+    return dict(hf_gguf_model.state_dict())
 
 
 def test_default_gguf_config(default_checkpoint: LoadedCheckpoint) -> None:

@@ -1,0 +1,135 @@
+"""`baton kvstore`: runs one KV store shard until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import re
+import signal
+import socket
+from pathlib import Path
+
+from services.kvstore.server import DEFAULT_PORT, KVStoreServer, ServerConfig
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "4GiB", "512MiB" or "1073741824"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}; use a number with an optional unit "
+            f"({', '.join(u for u in ('KiB', 'MiB', 'GiB', 'TiB', 'KB', 'MB', 'GB'))})"
+        )
+    return int(float(match.group(1)) * _UNITS[unit or ""])
+
+
+def tune_malloc() -> None:
+    """Keeps glibc from returning multi-MiB message buffers to the kernel after each gRPC
+    message: every fresh 4 MiB buffer would otherwise be page-faulted in again, which costs
+    more than the copy into it (bench/kv_transfer.py). No-op off glibc."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    libc = ctypes.CDLL(libc_name)
+    if not hasattr(libc, "mallopt"):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 64 * 2**20)
+    libc.mallopt(m_trim_threshold, 1024 * 2**20)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="baton kvstore", description="Run one shard of Baton's KV block store."
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port")
+    parser.add_argument(
+        "--capacity",
+        type=parse_size,
+        default=parse_size("4GiB"),
+        help="bytes of KV blocks to hold, e.g. 16GiB (default 4GiB)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=None,
+        help="prefix index shared by all shards, e.g. redis://redis:6379/0 "
+        "(default: an in-process index, for a single shard)",
+    )
+    parser.add_argument(
+        "--shard-id",
+        default=socket.gethostname(),
+        help="this shard's name in the index (default: the host name)",
+    )
+    parser.add_argument(
+        "--advertise-address",
+        default=None,
+        help="host:port clients reach this shard at (default: host name and --port)",
+    )
+    parser.add_argument(
+        "--shm-dir",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="where the shared-memory arena lives (default /dev/shm)",
+    )
+    parser.add_argument(
+        "--no-shared-memory",
+        action="store_true",
+        help="keep the arena private; clients on this host use gRPC bytes",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+async def serve(config: ServerConfig) -> None:
+    server = KVStoreServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = ServerConfig(
+            shard_id=args.shard_id,
+            capacity_bytes=args.capacity,
+            host=args.host,
+            port=args.port,
+            index_url=args.redis_url,
+            advertise_address=args.advertise_address,
+            shared_memory_dir=None if args.no_shared_memory else args.shm_dir,
+        )
+    except ValueError as exc:
+        build_parser().error(str(exc))
+    tune_malloc()
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,305 @@
+"""KVStoreServicer: the gRPC face of one shard (proto/baton/v1/kvstore.proto).
+
+Bulk methods (Put, Get) move raw message bytes through `codec` so payloads are copied
+once between socket buffers and the arena; the rest use the generated protobuf classes.
+Errors a client can cause end the call with the status of its `KVStoreError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, NoReturn
+
+import grpc
+import xxhash
+from google.protobuf.message import Message
+from grpc import RpcMethodHandler
+from grpc.aio import ServicerContext as Context
+
+from engine.hashing import HASH_BYTES
+from proto.baton.v1 import kvstore_pb2 as pb
+from services.kvstore.assembler import BeginBlock, BlockAssembler
+from services.kvstore.block_meta import BlockMeta
+from services.kvstore.codec import (
+    MAX_MESSAGE_BYTES,
+    decode_put_request,
+    encode_get_response,
+    pack_pieces,
+)
+from services.kvstore.errors import ChecksumError, KVStoreError, MalformedMessageError
+from services.kvstore.index_sync import IndexSync
+from services.kvstore.put_transaction import PutOutcome, PutTransaction
+from services.kvstore.store import BlockStore
+
+SERVICE_NAME = "baton.v1.KVStore"
+MAX_HASHES_PER_REQUEST = 65_536
+
+Handler = Callable[..., Any]
+
+
+async def _abort(context: Context, exc: KVStoreError) -> NoReturn:
+    await context.abort(exc.code, str(exc))
+    raise AssertionError("context.abort returned")
+
+
+def _check_hashes(hashes: Sequence[bytes], field: str = "block_hashes") -> None:
+    if len(hashes) > MAX_HASHES_PER_REQUEST:
+        raise MalformedMessageError(
+            f"{field} has {len(hashes)} hashes; at most {MAX_HASHES_PER_REQUEST} per request"
+        )
+    for i, h in enumerate(hashes):
+        if len(h) != HASH_BYTES:
+            raise MalformedMessageError(
+                f"{field}[{i}] is {len(h)} bytes; block hashes are {HASH_BYTES} bytes"
+            )
+
+
+class KVStoreServicer:
+    def __init__(self, store: BlockStore, sync: IndexSync) -> None:
+        self._store = store
+        self._sync = sync
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        def unary(fn: Handler, request: type[Message], response: type[Message]) -> RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request.FromString, response.SerializeToString
+            )
+
+        def bidi(fn: Handler, request: type[Message], response: type[Message]) -> RpcMethodHandler:
+            return grpc.stream_stream_rpc_method_handler(
+                fn, request.FromString, response.SerializeToString
+            )
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Lookup": unary(self.lookup, pb.LookupRequest, pb.LookupResponse),
+                # raw bytes in, decoded by `codec` inside the handler
+                "Put": grpc.stream_unary_rpc_method_handler(
+                    self.put, None, pb.PutResponse.SerializeToString
+                ),
+                # raw bytes out, encoded by `codec`
+                "Get": grpc.unary_stream_rpc_method_handler(self.get, pb.GetRequest.FromString),
+                "Lease": unary(self.lease, pb.LeaseRequest, pb.LeaseResponse),
+                "Release": unary(self.release, pb.ReleaseRequest, pb.ReleaseResponse),
+                "Stats": unary(self.stats, pb.StatsRequest, pb.StatsResponse),
+                "ListShards": unary(self.list_shards, pb.ListShardsRequest, pb.ListShardsResponse),
+                "OpenSharedMemory": unary(
+                    self.open_shared_memory, pb.OpenSharedMemoryRequest, pb.OpenSharedMemoryResponse
+                ),
+                "PutShared": bidi(self.put_shared, pb.PutSharedRequest, pb.PutSharedResponse),
+                "GetShared": bidi(self.get_shared, pb.GetSharedRequest, pb.GetSharedResponse),
+            },
+        )
+
+    async def lookup(self, request: pb.LookupRequest, context: Context) -> pb.LookupResponse:
+        try:
+            _check_hashes(request.block_hashes)
+            locations = await self._sync.index.lookup(request.block_hashes)
+        except KVStoreError as exc:
+            await _abort(context, exc)
+        metrics = self._store.metrics
+        metrics.lookup_queried_blocks += len(request.block_hashes)
+        metrics.lookup_hit_blocks += len(locations)
+        return pb.LookupResponse(
+            locations=[
+                pb.BlockLocation(
+                    shard_id=loc.shard.shard_id,
+                    address=loc.shard.address,
+                    size=loc.size,
+                    checksum=loc.checksum,
+                )
+                for loc in locations
+            ]
+        )
+
+    async def put(self, requests: AsyncIterator[bytes], context: Context) -> pb.PutResponse:
+        began = time.perf_counter()
+        start: pb.PutStart | None = None
+        txn: PutTransaction | None = None
+        outcome: PutOutcome | None = None
+        nbytes = 0
+        try:
+            async for raw in requests:
+                first, chunks = decode_put_request(raw)
+                if txn is None:
+                    if first is None:
+                        raise MalformedMessageError("the first PutRequest must carry `start`")
+                    start, txn = first, self._store.begin_put(first)
+                    assembler = BlockAssembler(self._stager(txn))
+                elif first is not None:
+                    raise MalformedMessageError("only the first PutRequest may carry `start`")
+                for chunk in chunks:
+                    assembler.feed(chunk)
+                    nbytes += len(chunk.data)
+            if txn is None or start is None:
+                return pb.PutResponse()
+            assembler.finish()
+            outcome = self._store.commit_put(txn, start)
+        except KVStoreError as exc:
+            await _abort(context, exc)
+        finally:
+            if outcome is None:
+                if txn is not None:
+                    txn.abort()
+                self._sync.forget(self._store.drain_evicted())
+        await self._sync.publish(outcome.stored, self._store.drain_evicted())
+        self._store.metrics.record_transfer("put", "grpc", nbytes, time.perf_counter() - began)
+        return pb.PutResponse(stored=len(outcome.stored), deduplicated=len(outcome.deduplicated))
+
+    async def get(self, request: pb.GetRequest, context: Context) -> AsyncIterator[bytes]:
+        began = time.perf_counter()
+        try:
+            _check_hashes(request.block_hashes)
+        except KVStoreError as exc:
+            await _abort(context, exc)
+        blocks = self._store.pin_for_read(request.block_hashes)
+        arena = self._store.arena
+        try:
+            payloads = (
+                (b.meta.to_proto().SerializeToString(), arena.view(b.offset, b.meta.size))
+                for b in blocks
+            )
+            for pieces in pack_pieces(payloads, MAX_MESSAGE_BYTES):
+                yield encode_get_response(pieces)
+        finally:
+            self._store.unpin(blocks)
+        nbytes = sum(b.meta.size for b in blocks)
+        self._store.metrics.record_transfer("get", "grpc", nbytes, time.perf_counter() - began)
+
+    async def lease(self, request: pb.LeaseRequest, context: Context) -> pb.LeaseResponse:
+        try:
+            _check_hashes(request.block_hashes)
+            blocks = self._store.lease(request.lease_id, request.block_hashes, request.ttl_ms)
+        except KVStoreError as exc:
+            await _abort(context, exc)
+        return pb.LeaseResponse(leased=[b.meta.hash for b in blocks])
+
+    async def release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
+        return pb.ReleaseResponse(released=self._store.release(request.lease_id))
+
+    async def stats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
+        return pb.StatsResponse(shard_id=self._sync.shard.shard_id, samples=self._store.samples())
+
+    async def list_shards(
+        self, request: pb.ListShardsRequest, context: Context
+    ) -> pb.ListShardsResponse:
+        try:
+            shards = await self._sync.index.live_shards()
+        except KVStoreError as exc:
+            await _abort(context, exc)
+        return pb.ListShardsResponse(
+            shards=[pb.Shard(shard_id=s.shard_id, address=s.address) for s in shards]
+        )
+
+    async def open_shared_memory(
+        self, request: pb.OpenSharedMemoryRequest, context: Context
+    ) -> pb.OpenSharedMemoryResponse:
+        segment = self._store.arena.segment
+        if segment.path is None:
+            return pb.OpenSharedMemoryResponse()
+        return pb.OpenSharedMemoryResponse(
+            path=str(segment.path), size=segment.size, token=segment.token
+        )
+
+    async def put_shared(
+        self, requests: AsyncIterator[pb.PutSharedRequest], context: Context
+    ) -> AsyncIterator[pb.PutSharedResponse]:
+        began = time.perf_counter()
+        txn: PutTransaction | None = None
+        outcome: PutOutcome | None = None
+        try:
+            self._require_shared_memory()
+            reserve = await anext(requests, None)
+            if reserve is None:
+                return
+            if reserve.WhichOneof("step") != "reserve":
+                raise MalformedMessageError("PutShared must start with `reserve`")
+            self._check_token(reserve.reserve.token)
+            start = reserve.reserve.start
+            txn = self._store.begin_put(start)
+            metas = [BlockMeta.from_proto(h) for h in reserve.reserve.headers]
+            offsets = [txn.stage(meta) or 0 for meta in metas]
+            yield pb.PutSharedResponse(slots=pb.SharedSlots(offsets=offsets))
+            commit = await anext(requests, None)
+            if commit is None:
+                return  # the client gave up before writing: nothing is stored
+            if commit.WhichOneof("step") != "commit":
+                raise MalformedMessageError("PutShared's second message must be `commit`")
+            arena = self._store.arena
+            for meta, offset in txn.staged():
+                checksum = xxhash.xxh3_64_intdigest(arena.view(offset, meta.size))
+                if checksum != meta.checksum:
+                    raise ChecksumError(
+                        f"block {meta.hash.hex()}: its slot holds checksum {checksum:016x}, "
+                        f"its header says {meta.checksum:016x}; the write was incomplete or "
+                        "went to the wrong slot"
+                    )
+            outcome = self._store.commit_put(txn, start)
+        except KVStoreError as exc:
+            await _abort(context, exc)
+        finally:
+            if outcome is None:
+                if txn is not None:
+                    txn.abort()
+                self._sync.forget(self._store.drain_evicted())
+        await self._sync.publish(outcome.stored, self._store.drain_evicted())
+        nbytes = sum(b.meta.size for b in outcome.stored)
+        self._store.metrics.record_transfer("put", "shm", nbytes, time.perf_counter() - began)
+        yield pb.PutSharedResponse(
+            result=pb.PutResponse(
+                stored=len(outcome.stored), deduplicated=len(outcome.deduplicated)
+            )
+        )
+
+    async def get_shared(
+        self, requests: AsyncIterator[pb.GetSharedRequest], context: Context
+    ) -> AsyncIterator[pb.GetSharedResponse]:
+        began = time.perf_counter()
+        try:
+            self._require_shared_memory()
+            first = await anext(requests, None)
+            if first is None:
+                return
+            if first.WhichOneof("step") != "get":
+                raise MalformedMessageError("GetShared must start with `get`")
+            self._check_token(first.get.token)
+            _check_hashes(first.get.block_hashes)
+        except KVStoreError as exc:
+            await _abort(context, exc)
+        blocks = self._store.pin_for_read(first.get.block_hashes)
+        try:
+            yield pb.GetSharedResponse(
+                blocks=[pb.SharedBlock(header=b.meta.to_proto(), offset=b.offset) for b in blocks]
+            )
+            await anext(requests, None)  # `done`, or the end of the stream: copies are finished
+        finally:
+            self._store.unpin(blocks)
+        nbytes = sum(b.meta.size for b in blocks)
+        self._store.metrics.record_transfer("get", "shm", nbytes, time.perf_counter() - began)
+
+    def _stager(self, txn: PutTransaction) -> BeginBlock:
+        arena = self._store.arena
+
+        def begin(header: pb.BlockHeader) -> memoryview | None:
+            meta = BlockMeta.from_proto(header)
+            offset = txn.stage(meta)
+            return None if offset is None else arena.view(offset, meta.size)
+
+        return begin
+
+    def _check_token(self, token: bytes) -> None:
+        if token != self._store.arena.segment.token:
+            raise KVStoreError(
+                "shared-memory token does not match this shard's segment (the shard "
+                "restarted?); call OpenSharedMemory again",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+
+    def _require_shared_memory(self) -> None:
+        if self._store.arena.segment.path is None:
+            raise KVStoreError(
+                "this shard runs without shared memory; use Put/Get",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )

@@ -1,0 +1,274 @@
+"""ShardClient: one shard's channel, and the bulk transfers to and from it.
+
+Puts and gets take the shared-memory path when the shard's segment can be mapped from
+this host (negotiated once per shard, see segment.py), and gRPC bytes otherwise. Large
+transfers over gRPC are split over several parallel streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import grpc
+import xxhash
+
+from proto.baton.v1 import kvstore_pb2 as pb
+from proto.baton.v1 import kvstore_pb2_grpc as pb_grpc
+from services.kvstore.assembler import BlockAssembler
+from services.kvstore.block_meta import BlockMeta
+from services.kvstore.codec import (
+    MAX_MESSAGE_BYTES,
+    decode_get_response,
+    encode_put_request,
+    pack_pieces,
+)
+from services.kvstore.errors import (
+    BlockFormatError,
+    ChecksumError,
+    KVStoreError,
+    MalformedMessageError,
+)
+from services.kvstore.segment import SharedSegment
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+Verify = Callable[[pb.BlockHeader], None]
+"""Raises unless a received header is in the format the caller expects."""
+
+_NOT_NEGOTIATED = object()
+
+
+def _split(items: Sequence[tuple[BlockMeta, memoryview]], parts: int) -> list[list[int]]:
+    """Indices of `items` in `parts` contiguous groups of about equal bytes."""
+    total = sum(m.size for m, _ in items)
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    running = 0
+    for i, (meta, _) in enumerate(items):
+        groups[min(parts - 1, running * parts // max(total, 1))].append(i)
+        running += meta.size
+    return [g for g in groups if g]
+
+
+class ShardClient:
+    def __init__(
+        self, address: str, *, streams: int, stream_min_bytes: int, shared_memory: bool
+    ) -> None:
+        self.address = address
+        self._streams = streams
+        self._stream_min_bytes = stream_min_bytes
+        self._want_shared_memory = shared_memory
+        self._segment: SharedSegment | object | None = _NOT_NEGOTIATED
+        self._negotiation = asyncio.Lock()
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.KVStoreStub(self.channel)
+        # Put and Get skip protobuf objects for payloads: raw bytes through `codec`
+        self._put = self.channel.stream_unary(
+            "/baton.v1.KVStore/Put", response_deserializer=pb.PutResponse.FromString
+        )
+        self._get = self.channel.unary_stream(
+            "/baton.v1.KVStore/Get", request_serializer=pb.GetRequest.SerializeToString
+        )
+
+    async def close(self) -> None:
+        await self.channel.close()
+        if isinstance(self._segment, SharedSegment):
+            self._segment.close()
+        self._segment = _NOT_NEGOTIATED
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turns gRPC failures into KVStoreError naming this shard."""
+        try:
+            yield
+        except grpc.aio.AioRpcError as exc:
+            raise KVStoreError(
+                f"kvstore shard at {self.address}: {exc.details()}", exc.code()
+            ) from None
+
+    async def shared_segment(self) -> SharedSegment | None:
+        """The shard's arena mapped here, or None when it is not reachable as shared memory."""
+        async with self._negotiation:
+            if self._segment is _NOT_NEGOTIATED:
+                self._segment = None
+                if self._want_shared_memory:
+                    with self.errors():
+                        offer = await self.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest())
+                    if offer.path:
+                        self._segment = SharedSegment.attach(offer.path, offer.size, offer.token)
+            assert self._segment is None or isinstance(self._segment, SharedSegment)
+            return self._segment
+
+    async def put(
+        self,
+        start: pb.PutStart,
+        blocks: Sequence[tuple[BlockMeta, memoryview]],
+        timeout: float,
+    ) -> pb.PutResponse:
+        segment = await self.shared_segment()
+        if segment is not None:
+            try:
+                return await self._put_shared(segment, start, blocks, timeout)
+            except KVStoreError as exc:
+                if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                await self._forget_segment()
+        total = sum(m.size for m, _ in blocks)
+        parts = max(1, min(self._streams, total // self._stream_min_bytes, len(blocks)))
+        groups = _split(blocks, parts)
+        results = await asyncio.gather(
+            *(self._put_bytes(start, [blocks[i] for i in g], timeout) for g in groups)
+        )
+        return pb.PutResponse(
+            stored=sum(r.stored for r in results),
+            deduplicated=sum(r.deduplicated for r in results),
+        )
+
+    async def get(
+        self,
+        hashes: Sequence[bytes],
+        out: dict[bytes, memoryview],
+        verify: Verify,
+        timeout: float,
+    ) -> set[bytes]:
+        """Copies the blocks this shard holds into `out`; returns the hashes it filled."""
+        wanted = set(hashes)
+
+        def check(header: pb.BlockHeader) -> None:
+            if header.hash not in wanted:
+                raise BlockFormatError(
+                    f"shard at {self.address} sent block {header.hash.hex()}, "
+                    "which was not asked of it"
+                )
+            verify(header)
+
+        segment = await self.shared_segment()
+        if segment is not None:
+            try:
+                return await self._get_shared(segment, hashes, out, check, timeout)
+            except KVStoreError as exc:
+                if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                await self._forget_segment()
+        total = sum(len(out[h]) for h in hashes)
+        parts = max(1, min(self._streams, total // self._stream_min_bytes, len(hashes)))
+        size = -(-len(hashes) // parts)
+        filled = await asyncio.gather(
+            *(
+                self._get_bytes(hashes[i : i + size], out, check, timeout)
+                for i in range(0, len(hashes), size)
+            )
+        )
+        return set().union(*filled)
+
+    async def _put_bytes(
+        self, start: pb.PutStart, blocks: Sequence[tuple[BlockMeta, memoryview]], timeout: float
+    ) -> pb.PutResponse:
+        start_bytes = len(start.SerializeToString()) + 16
+
+        async def messages() -> AsyncIterator[bytes]:
+            payloads = ((m.to_proto().SerializeToString(), view) for m, view in blocks)
+            first: pb.PutStart | None = start
+            for pieces in pack_pieces(payloads, MAX_MESSAGE_BYTES, start_bytes):
+                yield encode_put_request(first, pieces)
+                first = None
+
+        with self.errors():
+            response: pb.PutResponse = await self._put(messages(), timeout=timeout)
+        return response
+
+    async def _get_bytes(
+        self,
+        hashes: Sequence[bytes],
+        out: dict[bytes, memoryview],
+        verify: Verify,
+        timeout: float,
+    ) -> set[bytes]:
+        filled: set[bytes] = set()
+
+        def begin(header: pb.BlockHeader) -> memoryview:
+            verify(header)
+            if header.hash in filled:
+                raise BlockFormatError(f"shard sent block {header.hash.hex()} twice")
+            return out[header.hash]
+
+        assembler = BlockAssembler(begin)
+        with self.errors():
+            async for raw in self._get(pb.GetRequest(block_hashes=hashes), timeout=timeout):
+                for chunk in decode_get_response(raw):
+                    done = assembler.feed(chunk)
+                    if done is not None:
+                        filled.add(done.hash)
+        assembler.finish()
+        return filled
+
+    async def _put_shared(
+        self,
+        segment: SharedSegment,
+        start: pb.PutStart,
+        blocks: Sequence[tuple[BlockMeta, memoryview]],
+        timeout: float,
+    ) -> pb.PutResponse:
+        with self.errors():
+            call = self.stub.PutShared(timeout=timeout)
+            reserve = pb.PutSharedReserve(
+                start=start, headers=[m.to_proto() for m, _ in blocks], token=segment.token
+            )
+            await call.write(pb.PutSharedRequest(reserve=reserve))
+            slots = await call.read()
+            assert slots is not grpc.aio.EOF, "PutShared ended without answering reserve"
+            for (meta, view), offset in zip(blocks, slots.slots.offsets, strict=True):
+                if offset:  # 0: the shard already holds this block
+                    segment.view[offset : offset + meta.size] = view
+            await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
+            await call.done_writing()
+            result = await call.read()
+            assert result is not grpc.aio.EOF, "PutShared ended without a result"
+        return result.result
+
+    async def _get_shared(
+        self,
+        segment: SharedSegment,
+        hashes: Sequence[bytes],
+        out: dict[bytes, memoryview],
+        verify: Verify,
+        timeout: float,
+    ) -> set[bytes]:
+        filled: set[bytes] = set()
+        with self.errors():
+            call = self.stub.GetShared(timeout=timeout)
+            start = pb.GetSharedStart(block_hashes=hashes, token=segment.token)
+            await call.write(pb.GetSharedRequest(get=start))
+            response = await call.read()
+            assert response is not grpc.aio.EOF, "GetShared ended without an answer"
+            try:
+                for block in response.blocks:
+                    header = block.header
+                    verify(header)
+                    dest = out[header.hash]
+                    dest[:] = segment.view[block.offset : block.offset + header.size]
+                    checksum = xxhash.xxh3_64_intdigest(dest)
+                    if checksum != header.checksum:
+                        raise ChecksumError(
+                            f"block {header.hash.hex()}: checksum {checksum:016x} of the "
+                            f"shared-memory copy differs from its header's {header.checksum:016x}"
+                        )
+                    filled.add(header.hash)
+            finally:
+                await call.write(pb.GetSharedRequest(done=pb.GetSharedDone()))
+                await call.done_writing()
+            if await call.read() is not grpc.aio.EOF:
+                raise MalformedMessageError("GetShared answered more than once")
+        return filled
+
+    async def _forget_segment(self) -> None:
+        # not closed here: a concurrent transfer may still hold views; the mapping goes
+        # with the last of them
+        async with self._negotiation:
+            self._segment = _NOT_NEGOTIATED
