@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -108,6 +109,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+# Services parse their own flags: `baton <service> ...` hands them the rest of the line.
+_SERVICES = {"kvstore": "services.kvstore.main"}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,10 +131,15 @@ def _parser() -> argparse.ArgumentParser:
     _engine_options(chat)
     _sampling_options(chat)
     chat.set_defaults(func=cmd_chat)
+    sub.add_parser("kvstore", help="run a KV store shard (see `baton kvstore --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _SERVICES:
+        service: Callable[[list[str]], int] = importlib.import_module(_SERVICES[argv[0]]).main
+        return service(argv[1:])
     args = _parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -1,0 +1,85 @@
+"""Bad input gets a clear error naming the problem and leaves no state behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.sampling_params import SamplingParams
+from tests.unit.conftest import MakeEngine, assert_idle
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"temperature": -0.5}, r"temperature must be in \[0, 2\]"),
+        ({"temperature": 3.0}, r"temperature must be in \[0, 2\]"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"seed": -1}, "seed must be in"),
+        ({"stop": ("",)}, "stop strings must be non-empty"),
+        ({"stop": tuple("abcdefghijklmnopq")}, "stop takes at most 16"),
+        ({"stop_token_ids": (-3,)}, "stop_token_ids must be non-negative"),
+        ({"logprobs": 21}, r"logprobs must be in \[0, 20\]"),
+        ({"min_tokens": 5, "max_tokens": 4}, r"min_tokens must be an integer in \[0, max_tokens"),
+    ],
+)
+def test_invalid_sampling_params(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_longer_than_context_window(make_engine: MakeEngine) -> None:
+    engine = make_engine(max_model_len=64)
+    with pytest.raises(ValueError, match=r"context window is 64 tokens.*70 \(60 in the prompt"):
+        engine.add_request(list(range(100, 160)), SamplingParams(max_tokens=10))
+    assert_idle(engine)
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([], "prompt is empty"),
+        ("", "prompt is empty"),
+        ([5, 49152], r"token id 49152 is outside the vocabulary \[0, 49152\)"),
+        ([-1], "token id -1 is outside the vocabulary"),
+    ],
+)
+def test_bad_prompts(make_engine: MakeEngine, prompt: list[int] | str, message: str) -> None:
+    engine = make_engine()
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, SamplingParams())
+    assert_idle(engine)
+
+
+def test_duplicate_request_id(make_engine: MakeEngine) -> None:
+    engine = make_engine()
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), request_id="x")
+    with pytest.raises(ValueError, match="request id 'x' is already in use"):
+        engine.add_request([4, 5], SamplingParams(), request_id="x")
+    assert engine.abort("x")
+
+
+def test_failed_batch_admits_nothing(make_engine: MakeEngine) -> None:
+    engine = make_engine(max_model_len=64)
+    with pytest.raises(ValueError, match="context window"):
+        engine.generate([[1, 2, 3], list(range(100, 170))], SamplingParams(max_tokens=4))
+    assert_idle(engine)
+
+
+def test_kv_cache_too_small_for_context(default_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    from engine.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match=r"holds 1 blocks .* raise kv_cache_bytes"):
+        EngineArgs(max_model_len=1024, kv_cache_bytes=400_000).create_engine(default_checkpoint)
+
+
+def test_unknown_formats_name_the_choices(default_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    from engine.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match="unknown linear format 'int3'; choose one of"):
+        EngineArgs(linear="int3", max_model_len=64).create_engine(default_checkpoint)
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        EngineArgs(kernel_backend="cuda", max_model_len=64).create_engine(default_checkpoint)
+    with pytest.raises(ValueError, match="unknown dtype 'fp64'"):
+        EngineArgs(dtype="fp64", max_model_len=64).create_engine(default_checkpoint)

@@ -1,0 +1,43 @@
+"""A tiny random Llama with the default model's tokenizer: the real engine, fast enough to
+drive thousands of steps in a property test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.config import ModelConfig
+from engine.loaders import LoadedCheckpoint
+from engine.loaders.tensor_layout import expected_shapes
+
+
+def tiny_checkpoint(tokenizer_source: LoadedCheckpoint, seed: int = 0) -> LoadedCheckpoint:
+    config = ModelConfig(
+        architecture="llama",
+        vocab_size=tokenizer_source.config.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        eos_token_ids=tokenizer_source.config.eos_token_ids,
+    )
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        name: torch.randn(shape, generator=g) * (1.0 if name.endswith("norm.weight") else 0.2)
+        for name, shape in expected_shapes(config).items()
+    }
+    return LoadedCheckpoint(
+        config=config,
+        tensors=tensors,
+        tokenizer=tokenizer_source.tokenizer,
+        model_id="tiny-random-llama",
+        weights_digest=f"{seed:064x}",
+        source=Path("<memory>"),
+    )
