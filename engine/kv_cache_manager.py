@@ -71,6 +71,17 @@ class KVCacheManager:
         self._num_published.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
+    def hold_prefix(self, request: Request, num_blocks: int) -> list[KVBlock]:
+        """An extra reference on the request's first blocks, which outlives the request."""
+        blocks = self._blocks.get(request.request_id, [])[:num_blocks]
+        self.pool.touch(blocks)
+        return blocks
+
+    def unpin(self, request: Request) -> None:
+        """Drop the references that kept imported prefix blocks alive until admission."""
+        self.pool.free(request.pinned)
+        request.pinned = []
+
     def block_ids(self, request: Request) -> list[int]:
         return [b.block_id for b in self._blocks.get(request.request_id, ())]
 

@@ -12,15 +12,19 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.hashing import KVFingerprint, root_hash
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_format import KV_LAYOUT_VERSION, kv_dtype_name
+from engine.kv_port import KVPort
 from engine.loaders import LoadedCheckpoint
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, StepResult
 from engine.outputs import Completion, RequestOutput
+from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Request, RequestStatus
@@ -58,9 +62,11 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(config, self.model)
+        self.port = KVPort(self.pool, self.runner.kv_cache)
         self.stats = EngineStats()
         self._requests: dict[str, Request] = {}
         self._streams: dict[str, TextStream] = {}
+        self._pending: list[RequestOutput] = []
         self._ids = itertools.count()
 
     # -- admission -------------------------------------------------------------------
@@ -71,32 +77,69 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         cache_salt: bytes = b"",
+        *,
+        kv_fingerprint: KVFingerprint | None = None,
+        output_prefix: Sequence[int] = (),
+        prefix_logprobs: Sequence[TokenLogprobs | None] = (),
+        pinned_blocks: Sequence[int] = (),
+        hold_prompt_blocks: bool = False,
     ) -> str:
-        """Validate and queue a request; raises ValueError (queueing nothing) on bad input."""
+        """Validate and queue a request; raises ValueError (queueing nothing) on bad input.
+
+        Disaggregated serving uses the keyword options: `kv_fingerprint` names the prompt's
+        blocks as the engine that computed them did (prefill's, for imported KV);
+        `output_prefix` holds tokens already sampled elsewhere (prefill's first token, with
+        `prefix_logprobs`), reported at the next step as this request's first outputs; `pinned_blocks` (from
+        `reserve_blocks`/`publish_blocks`) are held for the request until it is scheduled;
+        `hold_prompt_blocks` keeps the prompt's full blocks cached and pinned after the
+        request finishes, for `held_blocks`/`release_held_blocks`.
+        """
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(token_ids, params)
+        self._check_tokens(list(output_prefix), "output_prefix")
+        if len(output_prefix) > params.max_tokens:
+            raise ValueError("output_prefix is longer than max_tokens")
+        fingerprint = kv_fingerprint or self.fingerprint
+        if fingerprint.block_size != self.config.cache.block_size:
+            raise ValueError(
+                f"kv_fingerprint block size {fingerprint.block_size} differs from the "
+                f"engine's {self.config.cache.block_size}"
+            )
         request = Request(
             request_id,
             token_ids,
             params,
-            root_hash(self.fingerprint, cache_salt),
+            root_hash(fingerprint, cache_salt),
             self.config.cache.block_size,
         )
+        request.pinned = [self.pool.blocks[i] for i in pinned_blocks]
+        request.hold_prompt_blocks = hold_prompt_blocks
         self._requests[request_id] = request
         self._streams[request_id] = TextStream(self.tokenizer, params.stop)
         self.scheduler.add(request)
+        logprobs = list(prefix_logprobs) + [None] * (len(output_prefix) - len(prefix_logprobs))
+        for token, lp in zip(output_prefix, logprobs, strict=True):
+            self._skip_sample(request)
+            request.append_token(token)
+            out = self._report(request, token, lp)
+            self._pending.append(out)
+            if out.finished:
+                break
         return request_id
+
+    def _skip_sample(self, request: Request) -> None:
+        # A token sampled elsewhere used one draw of the request's generator: take it here
+        # too, so a seeded request samples the same tokens as in a colocated engine.
+        if request.generator is not None and not request.params.greedy:
+            torch.empty(self.config.model.vocab_size).exponential_(generator=request.generator)
 
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise ValueError("prompt is empty: it must contain at least one token")
-        vocab = self.config.model.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        self._check_tokens(token_ids, "prompt")
         limit = self.config.scheduler.max_model_len
         if len(token_ids) + params.max_tokens > limit:
             raise ValueError(
@@ -104,6 +147,12 @@ class LLMEngine:
                 f"{len(token_ids) + params.max_tokens} ({len(token_ids)} in the prompt, "
                 f"{params.max_tokens} for max_tokens); shorten the prompt or lower max_tokens"
             )
+
+    def _check_tokens(self, token_ids: list[int], what: str) -> None:
+        vocab = self.config.model.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{what} token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
@@ -116,17 +165,17 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self._pending)
 
     # -- the loop --------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)
-        if not batch:
-            return []
-        result = self.runner.execute(batch, self.kv)
-        return self._finish_step(batch, result)
+        if batch:
+            outputs += self._finish_step(batch, self.runner.execute(batch, self.kv))
+        return outputs
 
     def _finish_step(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
         self.stats.steps += 1
@@ -144,7 +193,9 @@ class LLMEngine:
             outputs.append(self._report(request, token, logprobs))
         return outputs
 
-    def _report(self, request: Request, token: int, logprobs: object) -> RequestOutput:
+    def _report(
+        self, request: Request, token: int, logprobs: TokenLogprobs | None
+    ) -> RequestOutput:
         params = request.params
         stream = self._streams[request.request_id]
         status: RequestStatus | None = None
@@ -162,6 +213,9 @@ class LLMEngine:
         ):
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
+            if request.hold_prompt_blocks:
+                full = request.num_prompt_tokens // self.config.cache.block_size
+                self.port.keep(request.request_id, self.kv.hold_prefix(request, full))
             self.scheduler.finish(request, status)
             self._forget(request)
         return RequestOutput(
@@ -174,7 +228,7 @@ class LLMEngine:
             num_output_tokens=request.num_output_tokens,
             finish_reason=None if status is None else status.value,
             stop_reason=request.stop_reason,
-            logprobs=[logprobs] if logprobs is not None else [],  # type: ignore[list-item]
+            logprobs=[logprobs] if logprobs is not None else [],
         )
 
     def _forget(self, request: Request) -> None:
@@ -213,9 +267,17 @@ class LLMEngine:
             for rid in ids:
                 self.abort(rid)
             raise
-        prompt_ids = {rid: list(self._requests[rid].token_ids) for rid in ids}
+        return self.collect(ids)
+
+    def collect(self, ids: list[str]) -> list[Completion]:
+        """Step until every listed (queued) request finishes; completions in that order."""
+        prompts = {
+            rid: self._requests[rid].token_ids[: self._requests[rid].num_prompt_tokens]
+            for rid in ids
+            if rid in self._requests
+        }
         done: dict[str, Completion] = {
-            rid: Completion(rid, prompt_ids[rid], [], "", "", None, 0) for rid in ids
+            rid: Completion(rid, prompts.get(rid, []), [], "", "", None, 0) for rid in ids
         }
         pending = set(ids)
         while pending:

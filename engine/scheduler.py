@@ -86,6 +86,7 @@ class Scheduler:
             if not self.kv.allocate(request, n, prefix):
                 break
             self.waiting.popleft()
+            self.kv.unpin(request)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
@@ -126,4 +127,5 @@ class Scheduler:
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         request.status = status
+        self.kv.unpin(request)
         self.kv.free(request)

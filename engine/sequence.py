@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from engine.block_pool import KVBlock
 from engine.hashing import iter_block_hashes
 from engine.sampling_params import SamplingParams
 
@@ -54,6 +55,8 @@ class Request:
         self.block_hashes: list[bytes] = []
         self._root_hash = root_hash
         self._update_block_hashes()
+        self.pinned: list[KVBlock] = []  # imported prefix blocks held until admission
+        self.hold_prompt_blocks = False
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -23,6 +23,7 @@ def assert_idle(engine: LLMEngine) -> None:
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
     assert all(b.ref_cnt == 0 for b in engine.pool.blocks)
     assert not engine.has_unfinished and not engine._requests and not engine._streams
+    assert engine.port.num_held == 0
 
 
 @pytest.fixture

@@ -1,0 +1,128 @@
+"""An `LLMEngine` stepped on its own thread, streamed to asyncio callers.
+
+Servers (HTTP, gRPC, Ray Serve replicas) call `generate` from their event loop; the engine
+thread runs `step()` whenever there is work and hands each request's outputs to the loop
+that asked for them. torch releases the GIL inside its kernels, so the event loop keeps
+serving while a step computes.
+
+A caller that stops iterating (client disconnect, cancellation) aborts its request, which
+frees its blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; nothing more can be served by this engine."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()  # every engine call happens under it
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="baton-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        **add_kwargs: Any,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Bad input raises ValueError before anything is queued."""
+        self._check_alive()
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            rid = self.engine.add_request(prompt, params, request_id, **add_kwargs)
+            self._streams[rid] = stream
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            with self._lock:
+                self._streams.pop(rid, None)
+                if not finished:
+                    self.engine.abort(rid)
+
+    def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` between steps (for state the loop must not see half-changed)."""
+        with self._lock:
+            return fn(self.engine)
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            return self.engine.abort(request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine thread failed: {self._dead!r}") from self._dead
+        if self._stopping:
+            raise EngineDeadError("engine is shutting down")
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.engine.has_unfinished:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                with self._lock:
+                    outputs = self.engine.step()
+                    targets = [(self._streams.get(o.request_id), o) for o in outputs]
+            except BaseException as e:  # an engine bug: fail every request, serve no more
+                log.exception("engine step failed")
+                self._dead = e
+                self._fail_all(e)
+                return
+            for stream, out in targets:
+                if stream is not None:
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        self._fail_all(EngineDeadError("engine shut down"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            streams = list(self._streams.items())
+            for rid, _ in streams:
+                self.engine.abort(rid)
+        for _, stream in streams:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)

@@ -1,0 +1,78 @@
+"""Where KV blocks enter and leave an engine: the handoff between prefill and decode.
+
+    prefill engine                                   decode engine
+    add_request(hold_prompt_blocks=True)             reserve(n) -> block ids
+    ... request finishes ...                         fill block(i) views (kvstore / copy)
+    held(rid) -> [(hash, block id)] ── transfer ──>  publish(ids, hashes)
+    block(id) views, then release_held(rid)          add_request(pinned_blocks=ids, ...)
+
+Every method runs between engine steps (`AsyncEngine.call`), except reading or writing a
+`block(id)` view, which is safe from any thread while the block is pinned: the engine never
+writes a pinned block, and a reserved block is invisible to every request.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.block_pool import BlockPool, KVBlock
+
+
+class KVPort:
+    def __init__(self, pool: BlockPool, kv_cache: torch.Tensor) -> None:
+        self.pool = pool
+        self.kv_cache = kv_cache
+        self._held: dict[str, list[KVBlock]] = {}
+
+    def block(self, block_id: int) -> torch.Tensor:
+        """One block of every layer, [num_layers, 2, block_size, kv_heads, head_dim], contiguous."""
+        return self.kv_cache[block_id]
+
+    # -- export (prefill) -------------------------------------------------------------
+
+    def keep(self, request_id: str, blocks: list[KVBlock]) -> None:
+        self._held[request_id] = blocks
+
+    def held(self, request_id: str) -> list[tuple[bytes, int]]:
+        """(hash, block id) of a finished request's full prompt blocks, still pinned."""
+        blocks = self._held.get(request_id)
+        if blocks is None:
+            raise KeyError(f"no held blocks for request {request_id!r}")
+        out = []
+        for b in blocks:
+            assert b.block_hash is not None, f"held {b} lost its hash"
+            out.append((b.block_hash, b.block_id))
+        return out
+
+    def release_held(self, request_id: str) -> None:
+        self.pool.free(reversed(self._held.pop(request_id, [])))
+
+    # -- import (decode) --------------------------------------------------------------
+
+    def cached_prefix(self, hashes: list[bytes]) -> int:
+        """How many leading hashes this engine already has cached."""
+        n = 0
+        for h in hashes:
+            if self.pool.lookup(h) is None:
+                break
+            n += 1
+        return n
+
+    def reserve(self, n: int) -> list[int] | None:
+        """`n` private blocks to fill, or None if the pool is short."""
+        blocks = self.pool.allocate(n)
+        return None if blocks is None else [b.block_id for b in blocks]
+
+    def publish(self, block_ids: list[int], hashes: list[bytes]) -> None:
+        """Name filled blocks so requests find them; they stay pinned (see add_request)."""
+        assert len(block_ids) == len(hashes)
+        for i, h in zip(block_ids, hashes, strict=True):
+            self.pool.cache(self.pool.blocks[i], h)
+
+    def release(self, block_ids: list[int]) -> None:
+        """Give back reserved blocks that were not handed to a request."""
+        self.pool.free(self.pool.blocks[i] for i in reversed(block_ids))
+
+    @property
+    def num_held(self) -> int:
+        return sum(len(b) for b in self._held.values())
