@@ -86,13 +86,13 @@ class LLMEngine:
     ) -> str:
         """Validate and queue a request; raises ValueError (queueing nothing) on bad input.
 
-        Disaggregated serving uses the keyword options: `kv_fingerprint` names the prompt's
-        blocks as the engine that computed them did (prefill's, for imported KV);
+        Disaggregated serving uses the keyword options. `kv_fingerprint` names the prompt's
+        blocks as the engine that computed them did (prefill's, for imported KV).
         `output_prefix` holds tokens already sampled elsewhere (prefill's first token, with
-        `prefix_logprobs`), reported at the next step as this request's first outputs; `pinned_blocks` (from
-        `reserve_blocks`/`publish_blocks`) are held for the request until it is scheduled;
-        `hold_prompt_blocks` keeps the prompt's full blocks cached and pinned after the
-        request finishes, for `held_blocks`/`release_held_blocks`.
+        `prefix_logprobs`), reported at the next step as the request's first outputs.
+        `pinned_blocks` (from `port.reserve` and `port.publish`) are held for the request
+        until it is scheduled. `hold_prompt_blocks` keeps the prompt's full blocks cached
+        and pinned after the request finishes, for `port.held` and `port.release_held`.
         """
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
