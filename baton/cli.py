@@ -113,6 +113,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 _SERVICES = {"kvstore": "services.kvstore.main"}
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from baton.serve import load_config, run
+
+    return run(load_config(args))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     _engine_options(chat)
     _sampling_options(chat)
     chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="serve the OpenAI HTTP and gRPC APIs (Ray Serve)")
+    from baton.serve import add_arguments
+
+    add_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     sub.add_parser("kvstore", help="run a KV store shard (see `baton kvstore --help`)")
     return parser
 

@@ -1,14 +1,16 @@
 """KV block transfer throughput and prefix-index latency, beside their peers.
 
-    .venv/bin/python bench/kv_transfer.py [--sizes-mib 64 256 1024] [--repeats 3]
+    .venv/bin/python bench/kv_transfer.py [--sizes-mib 64 256 1024] [--repeats 5]
 
 Starts one kvstore shard (a separate process, in-process index) and, for each total size,
 puts and gets that many bytes of Llama-3-8B-shaped bf16 blocks (2 MiB each) over
 (a) gRPC bytes and (b) the shared-memory path, measured beside a raw loopback TCP copy
 (sendall -> recv_into a preallocated buffer, receiver in another process) and a memcpy of
-the same bytes. Then starts redis-server and a Redis-indexed shard and times a 256-block
-prefix lookup, straight against Redis and through the Lookup RPC. Throughputs are the
-median of --repeats runs, in GB/s (1e9 bytes).
+the same bytes. Each repeat measures every path and peer once, in turn, so load from
+other processes on a shared machine lands on both sides of a ratio alike. Then starts
+redis-server and a Redis-indexed shard and times a 256-block prefix lookup, straight
+against Redis and through the Lookup RPC, beside a PING (the round-trip floor).
+Throughputs are medians over --repeats, in GB/s (1e9 bytes).
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 
 import grpc
 import numpy as np
+import redis.asyncio as redis
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,6 +43,7 @@ from engine.kv_format import KVBlockFormat
 from proto.baton.v1 import kvstore_pb2 as pb
 from proto.baton.v1 import kvstore_pb2_grpc as pb_grpc
 from services.kvstore.client import ClientConfig, KVStoreClient
+from services.kvstore.codec import MESSAGE_BYTES
 from services.kvstore.redis_index import RedisPrefixIndex
 
 FORMAT = KVBlockFormat(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bf16")
@@ -51,6 +55,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _socket_receiver(port: int, nbytes: int, repeats: int, ready: mp.synchronize.Event) -> None:
@@ -70,38 +78,40 @@ def _socket_receiver(port: int, nbytes: int, repeats: int, ready: mp.synchronize
                 conn.sendall(b"k")
 
 
-def socket_copy(source: memoryview, repeats: int) -> list[float]:
-    """Seconds to push `source` through loopback TCP into another process's buffer."""
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    receiver = ctx.Process(target=_socket_receiver, args=(port, len(source), repeats, ready))
-    receiver.start()
-    ready.wait()
-    times = []
-    for _ in range(repeats):
-        with socket.create_connection(("127.0.0.1", port)) as conn:
+class SocketPeer:
+    """Pushes a buffer through loopback TCP into another process's preallocated buffer."""
+
+    def __init__(self, nbytes: int, repeats: int) -> None:
+        self.port = free_port()
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        self.receiver = ctx.Process(
+            target=_socket_receiver, args=(self.port, nbytes, repeats, ready)
+        )
+        self.receiver.start()
+        ready.wait()
+
+    def copy(self, source: memoryview) -> float:
+        with socket.create_connection(("127.0.0.1", self.port)) as conn:
             began = time.perf_counter()
             conn.sendall(source)
             conn.recv(1)
-            times.append(time.perf_counter() - began)
-    receiver.join()
-    return times
+            return time.perf_counter() - began
+
+    def close(self) -> None:
+        self.receiver.join()
 
 
-def memcpy(source: np.ndarray, dest: np.ndarray, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        np.copyto(dest, source)
-        times.append(time.perf_counter() - began)
-    return times
+def memcpy(source: np.ndarray, dest: np.ndarray) -> float:
+    began = time.perf_counter()
+    np.copyto(dest, source)
+    return time.perf_counter() - began
 
 
 class Shard:
     """A kvstore shard in its own process, as `baton kvstore` runs it."""
 
-    def __init__(self, capacity: str, redis_url: str | None = None) -> None:
+    def __init__(self, capacity: str, redis_url: str | None = None, message_kib: int = 0) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         args = [
@@ -121,6 +131,8 @@ class Shard:
         ]
         if redis_url:
             args += ["--redis-url", redis_url]
+        if message_kib:
+            args += ["--message-bytes", f"{message_kib}KiB"]
         root = Path(__file__).resolve().parent.parent
         self.process = subprocess.Popen(args, cwd=root)
 
@@ -141,44 +153,46 @@ class Shard:
         self.process.wait(timeout=30)
 
 
-async def timed(fn: Callable[[], Awaitable[object]], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        await fn()
-        times.append(time.perf_counter() - began)
-    return times
+async def timed(fn: Callable[[], Awaitable[object]]) -> float:
+    began = time.perf_counter()
+    await fn()
+    return time.perf_counter() - began
 
 
-async def transfer(
-    address: str, shared_memory: bool, blocks: torch.Tensor, out: torch.Tensor, repeats: int
-) -> tuple[list[float], list[float]]:
-    config = ClientConfig(shared_memory=shared_memory, timeout_s=120)
+async def put_get(
+    client: KVStoreClient, blocks: torch.Tensor, out: torch.Tensor
+) -> tuple[float, float]:
+    """Seconds to put `blocks` under fresh hashes (a put of held blocks is a no-op), then
+    get them back into `out`."""
+    hashes = [os.urandom(32) for _ in range(len(blocks))]
     sources, dests = list(blocks), list(out)
-    async with KVStoreClient([address], FINGERPRINT, FORMAT, config) as client:
-        rounds = [[os.urandom(32) for _ in sources] for _ in range(repeats)]
-        put_times, get_times = [], []
-        for hashes in rounds:  # fresh hashes each round: a put of held blocks is a no-op
-            put_times += await timed(partial(client.put, hashes, sources), 1)
-            get_times += await timed(partial(client.get_into, hashes, dests), 1)
-            assert torch.equal(out.view(torch.uint8), blocks.view(torch.uint8))
-        shard = next(iter((await client.stats()).values()))
-        assert (
-            shard[
-                'baton_kv_transfer_bytes_total{direction="get",transport="%s"}'
-                % ("shm" if shared_memory else "grpc")
-            ]
-            > 0
-        ), "wrong transport used"
-    return put_times, get_times
+    put = await timed(lambda: client.put(hashes, sources))
+    get = await timed(lambda: client.get_into(hashes, dests))
+    assert torch.equal(out.view(torch.uint8), blocks.view(torch.uint8))
+    out.zero_()
+    return put, get
+
+
+async def transport_bytes(client: KVStoreClient, transport: str) -> float:
+    shard = next(iter((await client.stats()).values()))
+    return shard[f'baton_kv_transfer_bytes_total{{direction="get",transport="{transport}"}}']
 
 
 def gbps(nbytes: int, times: list[float]) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-async def bench_transfers(sizes_mib: list[int], repeats: int) -> None:
-    shard = Shard(capacity=f"{max(sizes_mib) * 2 + 64}MiB")
+async def bench_transfers(sizes_mib: list[int], repeats: int, config: ClientConfig) -> None:
+    shard = Shard(
+        capacity=f"{max(sizes_mib) * 2 + 64}MiB", message_kib=config.message_bytes // 1024
+    )
+    shm_config = ClientConfig(timeout_s=120, shared_memory=True)
+    rpc_config = ClientConfig(
+        timeout_s=120,
+        shared_memory=False,
+        streams=config.streams,
+        message_bytes=config.message_bytes,
+    )
     try:
         await shard.ready()
         print(
@@ -193,18 +207,36 @@ async def bench_transfers(sizes_mib: list[int], repeats: int) -> None:
             out = torch.zeros_like(blocks)
             src = blocks.view(-1).view(torch.uint8).numpy()
             dst = out.view(-1).view(torch.uint8).numpy()
-            copy = gbps(nbytes, memcpy(src, dst, repeats))
-            sock = gbps(nbytes, socket_copy(memoryview(src.data), repeats))
-            shm_put, shm_get = await transfer(shard.address, True, blocks, out, repeats)
-            rpc_put, rpc_get = await transfer(shard.address, False, blocks, out, repeats)
-            shm = (gbps(nbytes, shm_put), gbps(nbytes, shm_get))
-            rpc = (gbps(nbytes, rpc_put), gbps(nbytes, rpc_get))
+            times: dict[str, list[float]] = defaultdict(list)
+            peer = SocketPeer(nbytes, repeats)
+            async with (
+                KVStoreClient([shard.address], FINGERPRINT, FORMAT, shm_config) as shm,
+                KVStoreClient([shard.address], FINGERPRINT, FORMAT, rpc_config) as rpc,
+            ):
+                for client in (shm, rpc):  # connect, negotiate shared memory, warm up
+                    await put_get(client, blocks[:2], out[:2])
+                for _ in range(repeats):
+                    times["memcpy"].append(memcpy(src, dst))
+                    times["socket"].append(peer.copy(memoryview(src.data)))
+                    for name, client in (("shm", shm), ("grpc", rpc)):
+                        put, get = await put_get(client, blocks, out)
+                        times[f"{name} put"].append(put)
+                        times[f"{name} get"].append(get)
+                assert await transport_bytes(shm, "shm") > 0, "shared memory was not used"
+                assert await transport_bytes(rpc, "grpc") > 0, "gRPC bytes were not used"
+            peer.close()
+            rate = {name: gbps(nbytes, t) for name, t in times.items()}
+            shm_rates = (rate["shm put"], rate["shm get"])
+            rpc_rates = (rate["grpc put"], rate["grpc get"])
+            copy, sock = rate["memcpy"], rate["socket"]
             print(
-                f"{mib:>5}MiB | {copy:7.2f} | {shm[0]:7.2f} {shm[1]:7.2f} | "
-                f"{100 * min(shm) / copy:4.0f}-{100 * max(shm) / copy:3.0f}% | {sock:7.2f} | "
-                f"{rpc[0]:8.2f} {rpc[1]:8.2f} | {100 * min(rpc) / sock:4.0f}-"
-                f"{100 * max(rpc) / sock:3.0f}%"
+                f"{mib:>5}MiB | {copy:7.2f} | {shm_rates[0]:7.2f} {shm_rates[1]:7.2f} | "
+                f"{100 * min(shm_rates) / copy:4.0f}-{100 * max(shm_rates) / copy:3.0f}% | "
+                f"{sock:7.2f} | {rpc_rates[0]:8.2f} {rpc_rates[1]:8.2f} | "
+                f"{100 * min(rpc_rates) / sock:4.0f}-{100 * max(rpc_rates) / sock:3.0f}%",
+                flush=True,
             )
+            del blocks, out, src, dst
     finally:
         shard.stop()
 
@@ -214,6 +246,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+async def latencies(fn: Callable[[], Awaitable[object]], samples: int) -> list[float]:
+    return [await timed(fn) for _ in range(samples)]
+
+
 async def bench_lookup(samples: int) -> None:
     redis_server = shutil.which("redis-server")
     if redis_server is None:
@@ -221,7 +257,7 @@ async def bench_lookup(samples: int) -> None:
         return
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="bench-redis-")
-    redis = subprocess.Popen(
+    redis_process = subprocess.Popen(
         [
             redis_server,
             "--port",
@@ -246,28 +282,41 @@ async def bench_lookup(samples: int) -> None:
         async with KVStoreClient([shard.address], FINGERPRINT, FORMAT) as client:
             await client.put(hashes, list(blocks))
             index = RedisPrefixIndex(url)
+            ping = redis.Redis.from_url(url)
             assert len(await index.lookup(hashes)) == LOOKUP_BLOCKS
-            direct = await timed(lambda: index.lookup(hashes), samples)
-            rpc = await timed(lambda: client.lookup(hashes), samples)
+            assert len(await client.lookup(hashes)) == LOOKUP_BLOCKS
+            rows = {"PING (round-trip floor)": [], "redis index (one MGET)": [], "Lookup RPC": []}
+            for _ in range(10):  # interleaved, so a burst of load hits every row alike
+                rows["PING (round-trip floor)"] += await latencies(ping.ping, samples // 10)
+                rows["redis index (one MGET)"] += await latencies(
+                    lambda: index.lookup(hashes), samples // 10
+                )
+                rows["Lookup RPC"] += await latencies(lambda: client.lookup(hashes), samples // 10)
             await index.close()
+            await ping.aclose()
         print(f"\nprefix lookup of {LOOKUP_BLOCKS} blocks, {samples} samples")
-        for name, times in (("redis index (one Lua call)", direct), ("Lookup RPC", rpc)):
+        for name, times in rows.items():
             print(
                 f"  {name:<28} p50 {percentile(times, 50) * 1e3:6.3f} ms   "
                 f"p99 {percentile(times, 99) * 1e3:6.3f} ms"
             )
     finally:
         shard.stop()
-        redis.terminate()
-        redis.wait()
+        redis_process.terminate()
+        redis_process.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[64, 256, 1024])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lookup-samples", type=int, default=2000)
+    parser.add_argument(
+        "--message-kib", type=int, default=MESSAGE_BYTES // 1024, help="gRPC bulk message size"
+    )
+    parser.add_argument("--streams", type=int, default=ClientConfig.streams)
+    parser.add_argument("--skip-lookup", action="store_true")
     args = parser.parse_args()
     cpu = next(
         (
@@ -280,10 +329,14 @@ def main() -> None:
     print(
         f"kv_transfer: {cpu}, {os.cpu_count()} cores, python {platform.python_version()}, "
         f"grpcio {grpc.__version__}; blocks {list(FORMAT.shape)} {FORMAT.dtype} "
-        f"({FORMAT.nbytes / 2**20:.0f} MiB)"
+        f"({FORMAT.nbytes / 2**20:.0f} MiB); gRPC messages {args.message_kib} KiB, "
+        f"{args.streams} stream(s); load average {load_average()}"
     )
-    asyncio.run(bench_transfers(args.sizes_mib, args.repeats))
-    asyncio.run(bench_lookup(args.lookup_samples))
+    config = ClientConfig(streams=args.streams, message_bytes=args.message_kib * 1024)
+    asyncio.run(bench_transfers(args.sizes_mib, args.repeats, config))
+    if not args.skip_lookup:
+        asyncio.run(bench_lookup(args.lookup_samples))
+    print(f"\nload average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

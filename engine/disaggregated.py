@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from engine.handoff import Handoff, prefill_params
 from engine.llm_engine import LLMEngine
-from engine.outputs import Completion
+from engine.outputs import Completion, RequestOutput
 from engine.sampling_params import SamplingParams
 
 
@@ -31,7 +31,7 @@ class InProcessDisaggregation:
             engine.add_request(p, prefill_params(sp), hold_prompt_blocks=True)
             for p, sp in zip(prompts, params, strict=True)
         ]
-        firsts = {}
+        firsts: dict[str, RequestOutput] = {}
         while len(firsts) < len(ids):
             for out in engine.step():
                 firsts[out.request_id] = out

@@ -62,6 +62,8 @@ class KVCacheManager:
         # next step, by which time this step has written their K/V.
         start = self._num_published.get(request.request_id, 0)
         end = min(total // self.block_size, len(request.block_hashes))
+        if request.publish_limit is not None:
+            end = min(end, request.publish_limit)
         for i in range(start, end):
             self.pool.cache(blocks[i], request.block_hashes[i])
         self._num_published[request.request_id] = max(start, end)

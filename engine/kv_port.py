@@ -58,6 +58,17 @@ class KVPort:
             n += 1
         return n
 
+    def pin_cached(self, hashes: list[bytes]) -> list[int]:
+        """Pin the blocks of the leading hashes already cached; returns their ids."""
+        blocks = []
+        for h in hashes:
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            blocks.append(block)
+        self.pool.touch(blocks)
+        return [b.block_id for b in blocks]
+
     def reserve(self, n: int) -> list[int] | None:
         """`n` private blocks to fill, or None if the pool is short."""
         blocks = self.pool.allocate(n)
@@ -70,7 +81,7 @@ class KVPort:
             self.pool.cache(self.pool.blocks[i], h)
 
     def release(self, block_ids: list[int]) -> None:
-        """Give back reserved blocks that were not handed to a request."""
+        """Drop pins (from `reserve` or `pin_cached`) not handed to a request."""
         self.pool.free(self.pool.blocks[i] for i in reversed(block_ids))
 
     @property

@@ -18,7 +18,7 @@ from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.hashing import KVFingerprint, root_hash
 from engine.kv_cache_manager import KVCacheManager
-from engine.kv_format import KV_LAYOUT_VERSION, kv_dtype_name
+from engine.kv_format import KV_LAYOUT_VERSION, KVBlockFormat, kv_dtype_name
 from engine.kv_port import KVPort
 from engine.loaders import LoadedCheckpoint
 from engine.model import LlamaModel
@@ -57,6 +57,13 @@ class LLMEngine:
             kv_layout_version=KV_LAYOUT_VERSION,
             prefill_quant=self.model.format.scheme,
             block_size=config.cache.block_size,
+        )
+        self.block_format = KVBlockFormat(
+            config.model.num_layers,
+            config.model.num_kv_heads,
+            config.model.head_dim,
+            config.cache.block_size,
+            self.fingerprint.kv_dtype,
         )
         self.pool = BlockPool(config.cache.num_blocks, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, config.cache.block_size)
@@ -117,6 +124,8 @@ class LLMEngine:
         )
         request.pinned = [self.pool.blocks[i] for i in pinned_blocks]
         request.hold_prompt_blocks = hold_prompt_blocks
+        if fingerprint != self.fingerprint:
+            request.publish_limit = len(token_ids) // self.config.cache.block_size
         self._requests[request_id] = request
         self._streams[request_id] = TextStream(self.tokenizer, params.stop)
         self.scheduler.add(request)

@@ -57,6 +57,10 @@ class Request:
         self._update_block_hashes()
         self.pinned: list[KVBlock] = []  # imported prefix blocks held until admission
         self.hold_prompt_blocks = False
+        # Full blocks that may be published to the prefix cache. A request continuing from
+        # imported KV stops at its prompt: blocks after it mix this engine's arithmetic
+        # into a chain named by another engine's fingerprint.
+        self.publish_limit: int | None = None
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -126,6 +126,12 @@ class ChatTemplate:
             if token is not None
         }
 
+    def __reduce__(self) -> tuple[type[ChatTemplate], tuple[str, str | None, str | None]]:
+        # A compiled template does not pickle; its source does (tokenizers travel to the
+        # router over Ray).
+        tokens = self._special_tokens
+        return ChatTemplate, (self.source, tokens.get("bos_token"), tokens.get("eos_token"))
+
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """ValueError for a malformed message or when the template rejects the conversation
         (e.g. roles out of order): both are the client's to fix."""

@@ -29,12 +29,12 @@ from typing import TypeVar
 
 import grpc
 import torch
-import xxhash
 
-from engine.hashing import KVFingerprint
+from engine.hashing import HASH_BYTES, KVFingerprint
 from engine.kv_format import KVBlockFormat
 from proto.baton.v1 import kvstore_pb2 as pb
 from services.kvstore.block_meta import BlockMeta, fingerprint_to_proto
+from services.kvstore.codec import MAX_MESSAGE_BYTES, MESSAGE_BYTES
 from services.kvstore.errors import BlockFormatError, KVStoreError
 from services.kvstore.index import Location, ShardInfo
 from services.kvstore.placement import rendezvous_owner
@@ -57,6 +57,8 @@ class ClientConfig:
     HTTP/2 connection contend for its flow-control window: see bench/RESULTS.md)."""
     stream_min_bytes: int = 16 * 2**20
     """A transfer is split only into streams of at least this many bytes."""
+    message_bytes: int = MESSAGE_BYTES
+    """Size of the bulk messages puts are packed into (at most MAX_MESSAGE_BYTES)."""
     shared_memory: bool = True
     """Use a same-host shard's shared-memory arena when it can be mapped."""
     topology_ttl_s: float = 5.0
@@ -65,6 +67,10 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.streams < 1 or self.stream_min_bytes < 1:
             raise ValueError("timeout_s must be > 0, streams and stream_min_bytes >= 1")
+        if not 4096 <= self.message_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"message_bytes must be in [4096, {MAX_MESSAGE_BYTES}], got {self.message_bytes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ class KVStoreClient:
             )
         self.fingerprint = fingerprint
         self.block_format = block_format
+        self._meta(bytes(HASH_BYTES), 0).validate()  # every block this client sends looks alike
         self.config = config or ClientConfig()
         self._seeds = list(targets)
         self._shard_clients: dict[str, ShardClient] = {}
@@ -175,14 +182,16 @@ class KVStoreClient:
         if len(hashes) != len(blocks):
             raise ValueError(f"{len(hashes)} hashes for {len(blocks)} blocks")
         nbytes = self.block_format.nbytes
-        items = []
-        for block_hash, block in zip(hashes, blocks, strict=True):
-            view = block_view(block, nbytes, writable=False)
-            meta = BlockMeta.for_payload(
-                block_hash, self.fingerprint, self.block_format, xxhash.xxh3_64_intdigest(view)
-            )
-            meta.validate()
-            items.append((meta, view))
+        # checksums are computed by the transport, each while its block is in cache
+        items = [
+            (block_hash, block_view(block, nbytes, writable=False))
+            for block_hash, block in zip(hashes, blocks, strict=True)
+        ]
+        for block_hash, _ in items:
+            if len(block_hash) != HASH_BYTES:
+                raise BlockFormatError(
+                    f"block hash must be {HASH_BYTES} bytes, got {len(block_hash)}"
+                )
         start = pb.PutStart(fingerprint=fingerprint_to_proto(self.fingerprint))
         if lease is not None:
             start.lease_id, start.lease_ttl_ms = lease.lease_id, max(1, round(lease.ttl_s * 1e3))
@@ -194,10 +203,10 @@ class KVStoreClient:
             ids = [s.shard_id for s in shards]
             address = {s.shard_id: s.address for s in shards}
             for i in pending:
-                by_owner[address[rendezvous_owner(items[i][0].hash, ids)]].append(i)
+                by_owner[address[rendezvous_owner(items[i][0], ids)]].append(i)
             results = await asyncio.gather(
                 *(
-                    self._client(addr).put(start, [items[i] for i in idx], deadline)
+                    self._client(addr).put(start, [items[i] for i in idx], self._meta, deadline)
                     for addr, idx in by_owner.items()
                 ),
                 return_exceptions=True,
@@ -303,6 +312,7 @@ class KVStoreClient:
                 address,
                 streams=self.config.streams,
                 stream_min_bytes=self.config.stream_min_bytes,
+                message_bytes=self.config.message_bytes,
                 shared_memory=self.config.shared_memory,
             )
         return client
@@ -380,6 +390,9 @@ class KVStoreClient:
         ids = [s.shard_id for s in shards]
         address = {s.shard_id: s.address for s in shards}
         return [address[rendezvous_owner(h, ids)] for h in hashes]
+
+    def _meta(self, block_hash: bytes, checksum: int) -> BlockMeta:
+        return BlockMeta.for_payload(block_hash, self.fingerprint, self.block_format, checksum)
 
     def _verify(self, header: pb.BlockHeader) -> None:
         fmt = self.block_format

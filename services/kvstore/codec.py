@@ -24,6 +24,11 @@ from services.kvstore.errors import MalformedMessageError
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 """Largest bulk message either side sends or accepts."""
 
+MESSAGE_BYTES = 1024 * 1024
+"""Size bulk senders pack messages to. grpcio copies each received message two to three
+times in Python; at 1 MiB those copies stay in cache, at 4 MiB they go to memory
+(bench/RESULTS.md)."""
+
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MAX_VARINT_BYTES = 10
 # tag + length varint, counted at their largest so a packed message never exceeds its budget

@@ -12,6 +12,7 @@ import signal
 import socket
 from pathlib import Path
 
+from services.kvstore.codec import MESSAGE_BYTES
 from services.kvstore.server import DEFAULT_PORT, KVStoreServer, ServerConfig
 
 _UNITS = {
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the arena private; clients on this host use gRPC bytes",
     )
+    parser.add_argument(
+        "--message-bytes",
+        type=parse_size,
+        default=MESSAGE_BYTES,
+        help=f"size of the bulk messages Get streams are packed into, at most 4MiB "
+        f"(default {MESSAGE_BYTES // 2**20}MiB)",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             index_url=args.redis_url,
             advertise_address=args.advertise_address,
             shared_memory_dir=None if args.no_shared_memory else args.shm_dir,
+            message_bytes=args.message_bytes,
         )
     except ValueError as exc:
         build_parser().error(str(exc))

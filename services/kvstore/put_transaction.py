@@ -8,7 +8,7 @@ half-written put leaves nothing behind.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.hashing import KVFingerprint
 from services.kvstore.arena import BlockArena, StoredBlock
@@ -63,6 +63,11 @@ class PutTransaction:
     def staged(self) -> list[tuple[BlockMeta, int]]:
         """(header, slot offset) of every block this put will store."""
         return list(self._staged.values())
+
+    def set_checksum(self, block_hash: bytes, checksum: int) -> None:
+        """Records the verified checksum of a staged block that was reserved without one."""
+        meta, offset = self._staged[block_hash]
+        self._staged[block_hash] = (replace(meta, checksum=checksum), offset)
 
     def commit(self) -> PutOutcome:
         assert self._open, "commit after commit or abort"

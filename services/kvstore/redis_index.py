@@ -9,17 +9,20 @@ Keys (prefix `baton:kv:` by default):
     {p}shard:{id}:blocks     set     hex hashes of the blocks the shard announced
     {p}block:{hash hex}      string  "{shard id} {size} {checksum hex} {last access ms}"
 
-Every operation is one round trip: a Lua script, so a lookup of N hashes, an update of N
-entries or a heartbeat is atomic and costs one network hop. A block entry is one string so
-that a lookup is a single MGET inside the script (a hash per block costs Redis about four
-times as much). A block whose shard's address key has expired is a miss; the next
-heartbeat of any live shard forgets such a shard.
+Every operation is one round trip. A lookup of N hashes is one MGET of the N block keys
+and the address keys of the shards this client knows, packed and parsed with C-level
+joins, splits and maps (a Lua script doing the same MGET costs Redis ~4x as much, and
+per-entry Python parsing costs more than the round trip: see bench/RESULTS.md). Updates
+and heartbeats are Lua scripts, atomic. A block entry is one string so that a lookup
+fetches one value per block. A block whose shard's address key has expired is a miss;
+the next heartbeat of any live shard forgets such a shard.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 import grpc
@@ -27,39 +30,12 @@ import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from engine.hashing import HASH_BYTES
 from services.kvstore.errors import KVStoreError
 from services.kvstore.index import IndexEntry, Location, PrefixIndex, ShardInfo
 
 DEFAULT_KEY_PREFIX = "baton:kv:"
 _BATCH = 512  # entries per script call while reconciling: bounds how long Redis is busy
-
-# ARGV: prefix, the hex hashes concatenated. Returns {"id address\n...", "entry\n..."}:
-# the live shards seen and the entries of the longest live prefix. Two strings rather than
-# nested arrays: building and parsing per-entry replies cost more than the MGET itself.
-_LOOKUP = r"""
-local prefix, hexes = ARGV[1], ARGV[2]
-local live, shards, entries = {}, {}, {}
-for first = 1, #hexes, 64 * 4096 do
-  local keys = {}
-  for i = first, math.min(first + 64 * 4096, #hexes + 1) - 1, 64 do
-    keys[#keys + 1] = prefix .. 'block:' .. string.sub(hexes, i, i + 63)
-  end
-  local batch = redis.call('MGET', unpack(keys))
-  for i = 1, #batch do
-    local entry = batch[i]
-    if not entry then break end
-    local shard = string.match(entry, '^%S+')
-    if live[shard] == nil then
-      live[shard] = redis.call('GET', prefix .. 'shard:' .. shard) or false
-      if live[shard] then shards[#shards + 1] = shard .. ' ' .. live[shard] end
-    end
-    if not live[shard] then break end
-    entries[#entries + 1] = entry
-  end
-  if #entries < first / 64 + #batch - 1 then break end
-end
-return {table.concat(shards, '\n'), table.concat(entries, '\n')}
-"""
 
 _UPDATE = """
 local prefix, shard, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -126,28 +102,49 @@ class RedisPrefixIndex(PrefixIndex):
         self._redis = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
-        self._lookup = self._redis.register_script(_LOOKUP)
         self._update = self._redis.register_script(_UPDATE)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
         self._generation: bytes | None = None
+        self._block_key = f"{key_prefix}block:".encode()
+        self._shard_ids: list[bytes] = []  # shards whose liveness every lookup fetches
 
     async def lookup(self, hashes: Sequence[bytes]) -> list[Location]:
         if not hashes:
             return []
-        shards, entries = await self._call(
-            self._lookup, [self._prefix, "".join(h.hex() for h in hashes)]
-        )
-        if not entries:
-            return []
-        live = {}
-        for line in shards.decode().split("\n"):
-            shard_id, address = line.split(" ")
-            live[shard_id] = ShardInfo(shard_id, address)
-        locations = []
-        for entry in entries.decode().split("\n"):
-            shard_id, size, checksum, _ = entry.split(" ")
-            locations.append(Location(live[shard_id], int(size), int(checksum, 16)))
-        return locations
+        for known in (True, False):
+            if not known:
+                await self._refresh_shard_ids()
+            shard_ids = self._shard_ids
+            reply = await self._mget(self._pack_lookup(hashes, shard_ids))
+            entries = reply[: len(hashes)]
+            hit = entries.index(None) if None in entries else len(entries)
+            if hit == 0:
+                return []
+            # entries are "{shard id} {size} {checksum hex} {last access ms}"
+            fields = b" ".join(entries[:hit]).split(b" ")
+            owners = fields[0::4]
+            if known and not set(owners) <= set(shard_ids):
+                continue  # a shard this client has not seen yet: learn the shards, retry
+            live = {
+                s: ShardInfo(s.decode(), a.decode())
+                for s, a in zip(shard_ids, reply[len(hashes) :], strict=True)
+                if a is not None
+            }
+            if not set(owners) <= live.keys():
+                owners = owners[: next(i for i, s in enumerate(owners) if s not in live)]
+            # C-level maps: a Python loop over hundreds of entries costs more than Redis
+            return list(
+                map(
+                    tuple.__new__,
+                    repeat(Location),
+                    zip(
+                        map(live.__getitem__, owners),
+                        map(int, fields[1::4]),
+                        map(int, fields[2::4], repeat(16)),
+                    ),
+                )
+            )
+        raise AssertionError("unreachable: the second pass knows every shard")
 
     async def live_shards(self) -> list[ShardInfo]:
         try:
@@ -197,6 +194,44 @@ class RedisPrefixIndex(PrefixIndex):
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    async def _refresh_shard_ids(self) -> None:
+        try:
+            ids = await self._redis.smembers(self._prefix + "shards")
+        except RedisError as exc:
+            raise IndexUnavailableError(f"prefix index at {self.url} unavailable: {exc}") from exc
+        self._shard_ids = sorted(i if isinstance(i, bytes) else i.encode() for i in ids)
+
+    def _pack_lookup(self, hashes: Sequence[bytes], shard_ids: Sequence[bytes]) -> bytes:
+        """`MGET block:{hex}... shard:{id}...` in RESP, built by a few C calls: packing
+        each of hundreds of keys in Python costs more than Redis takes to answer."""
+        key_head = b"$%d\r\n%s" % (len(self._block_key) + 2 * HASH_BYTES, self._block_key)
+        block_keys = b"".join(hashes).hex("|", HASH_BYTES).encode()
+        return b"".join(
+            (
+                b"*%d\r\n$4\r\nMGET\r\n" % (1 + len(hashes) + len(shard_ids)),
+                key_head,
+                block_keys.replace(b"|", b"\r\n" + key_head),
+                b"\r\n",
+                *(b"$%d\r\n%s\r\n" % (len(k), k) for k in map(self._shard_key, shard_ids)),
+            )
+        )
+
+    def _shard_key(self, shard_id: bytes) -> bytes:
+        return self._prefix.encode() + b"shard:" + shard_id
+
+    async def _mget(self, command: bytes) -> list[bytes | None]:
+        pool = self._redis.connection_pool
+        try:
+            connection = await pool.get_connection()
+            try:
+                await connection.send_packed_command(command)
+                reply: list[bytes | None] = await connection.read_response()
+            finally:
+                await pool.release(connection)
+        except RedisError as exc:
+            raise IndexUnavailableError(f"prefix index at {self.url} unavailable: {exc}") from exc
+        return reply
 
     async def _call(self, script: AsyncScript, args: Sequence[str | int]) -> Any:
         try:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from proto.baton.v1 import kvstore_pb2 as pb
-from services.kvstore.codec import MAX_MESSAGE_BYTES
+from services.kvstore.codec import MAX_MESSAGE_BYTES, MESSAGE_BYTES
 from services.kvstore.index import PrefixIndex, ShardInfo, open_index
 from services.kvstore.index_sync import IndexSync
 from services.kvstore.segment import SharedSegment
@@ -51,6 +51,8 @@ class ServerConfig:
     heartbeat_interval_s: float = 1.0
     reconcile_interval_s: float = 60.0
     index_timeout_s: float = 1.0
+    message_bytes: int = MESSAGE_BYTES
+    """Size of the bulk messages gets are packed into (at most MAX_MESSAGE_BYTES)."""
 
     def __post_init__(self) -> None:
         if not self.shard_id or len(self.shard_id) > 128 or any(c in self.shard_id for c in ": "):
@@ -63,6 +65,10 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.heartbeat_interval_s <= 0 or self.reconcile_interval_s <= 0:
             raise ValueError("heartbeat_interval_s and reconcile_interval_s must be > 0")
+        if not 4096 <= self.message_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"message_bytes must be in [4096, {MAX_MESSAGE_BYTES}], got {self.message_bytes}"
+            )
 
 
 class KVStoreServer:
@@ -91,7 +97,7 @@ class KVStoreServer:
             timeout_s=config.index_timeout_s,
         )
         self._server.add_generic_rpc_handlers(
-            (KVStoreServicer(self.store, self.sync).rpc_handler(),)
+            (KVStoreServicer(self.store, self.sync, config.message_bytes).rpc_handler(),)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

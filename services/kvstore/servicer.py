@@ -22,7 +22,7 @@ from proto.baton.v1 import kvstore_pb2 as pb
 from services.kvstore.assembler import BeginBlock, BlockAssembler
 from services.kvstore.block_meta import BlockMeta
 from services.kvstore.codec import (
-    MAX_MESSAGE_BYTES,
+    MESSAGE_BYTES,
     decode_put_request,
     encode_get_response,
     pack_pieces,
@@ -56,9 +56,12 @@ def _check_hashes(hashes: Sequence[bytes], field: str = "block_hashes") -> None:
 
 
 class KVStoreServicer:
-    def __init__(self, store: BlockStore, sync: IndexSync) -> None:
+    def __init__(
+        self, store: BlockStore, sync: IndexSync, message_bytes: int = MESSAGE_BYTES
+    ) -> None:
         self._store = store
         self._sync = sync
+        self._message_bytes = message_bytes
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         def unary(fn: Handler, request: type[Message], response: type[Message]) -> RpcMethodHandler:
@@ -161,7 +164,7 @@ class KVStoreServicer:
                 (b.meta.to_proto().SerializeToString(), arena.view(b.offset, b.meta.size))
                 for b in blocks
             )
-            for pieces in pack_pieces(payloads, MAX_MESSAGE_BYTES):
+            for pieces in pack_pieces(payloads, self._message_bytes):
                 yield encode_get_response(pieces)
         finally:
             self._store.unpin(blocks)
@@ -220,22 +223,33 @@ class KVStoreServicer:
             start = reserve.reserve.start
             txn = self._store.begin_put(start)
             metas = [BlockMeta.from_proto(h) for h in reserve.reserve.headers]
-            offsets = [txn.stage(meta) or 0 for meta in metas]
-            yield pb.PutSharedResponse(slots=pb.SharedSlots(offsets=offsets))
-            commit = await anext(requests, None)
-            if commit is None:
-                return  # the client gave up before writing: nothing is stored
-            if commit.WhichOneof("step") != "commit":
-                raise MalformedMessageError("PutShared's second message must be `commit`")
-            arena = self._store.arena
-            for meta, offset in txn.staged():
-                checksum = xxhash.xxh3_64_intdigest(arena.view(offset, meta.size))
-                if checksum != meta.checksum:
-                    raise ChecksumError(
-                        f"block {meta.hash.hex()}: its slot holds checksum {checksum:016x}, "
-                        f"its header says {meta.checksum:016x}; the write was incomplete or "
-                        "went to the wrong slot"
+            offsets = [txn.stage(meta) for meta in metas]
+            yield pb.PutSharedResponse(slots=pb.SharedSlots(offsets=[o or 0 for o in offsets]))
+            slots = [(m, o) for m, o in zip(metas, offsets, strict=True) if o is not None]
+            written = 0
+            async for request in requests:
+                step = request.WhichOneof("step")
+                if step == "commit":
+                    break
+                if step != "written":
+                    raise MalformedMessageError(f"PutShared got `{step}` after `reserve`")
+                # verified now, while the client writes the next batch on the other core
+                checksums = request.written.checksums
+                if written + len(checksums) > len(slots):
+                    raise MalformedMessageError(
+                        f"`written` announces {written + len(checksums)} slots; "
+                        f"{len(slots)} were reserved"
                     )
+                for (meta, offset), checksum in zip(slots[written:], checksums, strict=False):
+                    self._verify_slot(meta, offset, checksum)
+                    txn.set_checksum(meta.hash, checksum)
+                written += len(checksums)
+            else:
+                return  # the client gave up before committing: nothing is stored
+            if written != len(slots):
+                raise MalformedMessageError(
+                    f"commit after {written} of {len(slots)} reserved slots were written"
+                )
             outcome = self._store.commit_put(txn, start)
         except KVStoreError as exc:
             await _abort(context, exc)
@@ -295,6 +309,14 @@ class KVStoreServicer:
                 "shared-memory token does not match this shard's segment (the shard "
                 "restarted?); call OpenSharedMemory again",
                 grpc.StatusCode.FAILED_PRECONDITION,
+            )
+
+    def _verify_slot(self, meta: BlockMeta, offset: int, checksum: int) -> None:
+        actual = xxhash.xxh3_64_intdigest(self._store.arena.view(offset, meta.size))
+        if actual != checksum:
+            raise ChecksumError(
+                f"block {meta.hash.hex()}: its slot holds checksum {actual:016x}, the client "
+                f"announced {checksum:016x}; the write was incomplete or went to the wrong slot"
             )
 
     def _require_shared_memory(self) -> None:

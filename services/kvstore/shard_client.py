@@ -30,7 +30,7 @@ from services.kvstore.errors import (
     KVStoreError,
     MalformedMessageError,
 )
-from services.kvstore.segment import SharedSegment
+from services.kvstore.segment import SharedSegment, copy_hashed
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -42,27 +42,45 @@ CHANNEL_OPTIONS = [
 Verify = Callable[[pb.BlockHeader], None]
 """Raises unless a received header is in the format the caller expects."""
 
+NewMeta = Callable[[bytes, int], BlockMeta]
+"""The header of the caller's block with this hash and checksum."""
+
+PutItem = tuple[bytes, memoryview]
+"""A block to put: its hash and payload."""
+
+WRITTEN_BATCH_BYTES = 8 * 2**20
+"""A shared-memory put announces its written slots in batches this large, so the shard
+verifies one batch (on its own core, while the bytes are still in the shared L3 cache)
+while this client copies the next."""
+
 _NOT_NEGOTIATED = object()
 
 
-def _split(items: Sequence[tuple[BlockMeta, memoryview]], parts: int) -> list[list[int]]:
+def _split(items: Sequence[PutItem], parts: int) -> list[list[int]]:
     """Indices of `items` in `parts` contiguous groups of about equal bytes."""
-    total = sum(m.size for m, _ in items)
+    total = sum(len(view) for _, view in items)
     groups: list[list[int]] = [[] for _ in range(parts)]
     running = 0
-    for i, (meta, _) in enumerate(items):
+    for i, (_, view) in enumerate(items):
         groups[min(parts - 1, running * parts // max(total, 1))].append(i)
-        running += meta.size
+        running += len(view)
     return [g for g in groups if g]
 
 
 class ShardClient:
     def __init__(
-        self, address: str, *, streams: int, stream_min_bytes: int, shared_memory: bool
+        self,
+        address: str,
+        *,
+        streams: int,
+        stream_min_bytes: int,
+        message_bytes: int,
+        shared_memory: bool,
     ) -> None:
         self.address = address
         self._streams = streams
         self._stream_min_bytes = stream_min_bytes
+        self._message_bytes = message_bytes
         self._want_shared_memory = shared_memory
         self._segment: SharedSegment | object | None = _NOT_NEGOTIATED
         self._negotiation = asyncio.Lock()
@@ -108,22 +126,26 @@ class ShardClient:
     async def put(
         self,
         start: pb.PutStart,
-        blocks: Sequence[tuple[BlockMeta, memoryview]],
+        blocks: Sequence[PutItem],
+        new_meta: NewMeta,
         timeout: float,
     ) -> pb.PutResponse:
         segment = await self.shared_segment()
         if segment is not None:
             try:
-                return await self._put_shared(segment, start, blocks, timeout)
+                return await self._put_shared(segment, start, blocks, new_meta, timeout)
             except KVStoreError as exc:
                 if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
                     raise
                 await self._forget_segment()
-        total = sum(m.size for m, _ in blocks)
+        total = sum(len(view) for _, view in blocks)
         parts = max(1, min(self._streams, total // self._stream_min_bytes, len(blocks)))
         groups = _split(blocks, parts)
         results = await asyncio.gather(
-            *(self._put_bytes(start, [blocks[i] for i in g], timeout) for g in groups)
+            *(
+                self._put_bytes(start, [blocks[i] for i in g], new_meta, timeout)
+                for g in groups
+            )
         )
         return pb.PutResponse(
             stored=sum(r.stored for r in results),
@@ -168,14 +190,24 @@ class ShardClient:
         return set().union(*filled)
 
     async def _put_bytes(
-        self, start: pb.PutStart, blocks: Sequence[tuple[BlockMeta, memoryview]], timeout: float
+        self,
+        start: pb.PutStart,
+        blocks: Sequence[PutItem],
+        new_meta: NewMeta,
+        timeout: float,
     ) -> pb.PutResponse:
         start_bytes = len(start.SerializeToString()) + 16
 
+        def payloads() -> Iterator[tuple[bytes, memoryview]]:
+            for block_hash, view in blocks:
+                # hashed right before it is packed: the copy into the message reads it
+                # from cache instead of from memory a second time
+                meta = new_meta(block_hash, xxhash.xxh3_64_intdigest(view))
+                yield meta.to_proto().SerializeToString(), view
+
         async def messages() -> AsyncIterator[bytes]:
-            payloads = ((m.to_proto().SerializeToString(), view) for m, view in blocks)
             first: pb.PutStart | None = start
-            for pieces in pack_pieces(payloads, MAX_MESSAGE_BYTES, start_bytes):
+            for pieces in pack_pieces(payloads(), self._message_bytes, start_bytes):
                 yield encode_put_request(first, pieces)
                 first = None
 
@@ -212,20 +244,32 @@ class ShardClient:
         self,
         segment: SharedSegment,
         start: pb.PutStart,
-        blocks: Sequence[tuple[BlockMeta, memoryview]],
+        blocks: Sequence[PutItem],
+        new_meta: NewMeta,
         timeout: float,
     ) -> pb.PutResponse:
         with self.errors():
             call = self.stub.PutShared(timeout=timeout)
-            reserve = pb.PutSharedReserve(
-                start=start, headers=[m.to_proto() for m, _ in blocks], token=segment.token
-            )
+            headers = [new_meta(block_hash, 0).to_proto() for block_hash, _ in blocks]
+            reserve = pb.PutSharedReserve(start=start, headers=headers, token=segment.token)
             await call.write(pb.PutSharedRequest(reserve=reserve))
             slots = await call.read()
             assert slots is not grpc.aio.EOF, "PutShared ended without answering reserve"
-            for (meta, view), offset in zip(blocks, slots.slots.offsets, strict=True):
-                if offset:  # 0: the shard already holds this block
-                    segment.view[offset : offset + meta.size] = view
+            checksums: list[int] = []
+            batch_bytes = 0
+            for (_, view), offset in zip(blocks, slots.slots.offsets, strict=True):
+                if not offset:  # 0: the shard already holds this block
+                    continue
+                slot = segment.view[offset : offset + len(view)]
+                checksums.append(copy_hashed(slot, view, hash_dest=False))
+                batch_bytes += len(view)
+                if batch_bytes >= WRITTEN_BATCH_BYTES:
+                    written = pb.PutSharedWritten(checksums=checksums)
+                    await call.write(pb.PutSharedRequest(written=written))
+                    checksums, batch_bytes = [], 0
+            if checksums:
+                written = pb.PutSharedWritten(checksums=checksums)
+                await call.write(pb.PutSharedRequest(written=written))
             await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
             await call.done_writing()
             result = await call.read()
@@ -251,9 +295,8 @@ class ShardClient:
                 for block in response.blocks:
                     header = block.header
                     verify(header)
-                    dest = out[header.hash]
-                    dest[:] = segment.view[block.offset : block.offset + header.size]
-                    checksum = xxhash.xxh3_64_intdigest(dest)
+                    source = segment.view[block.offset : block.offset + header.size]
+                    checksum = copy_hashed(out[header.hash], source, hash_dest=True)
                     if checksum != header.checksum:
                         raise ChecksumError(
                             f"block {header.hash.hex()}: checksum {checksum:016x} of the "

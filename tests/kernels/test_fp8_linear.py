@@ -37,7 +37,10 @@ def test_quantize_fp8_per_token(device):
     assert q.float().abs().max() <= FP8_MAX
 
 
-SHAPES = {"cpu": [(33, 48, 192), (7, 32, 96), (1, 16, 64)], "cuda": [(300, 384, 512), (64, 256, 4096), (1, 128, 576), (4096, 512, 1024)]}
+SHAPES = {
+    "cpu": [(33, 48, 192), (7, 32, 96), (1, 16, 64)],
+    "cuda": [(300, 384, 512), (64, 256, 4096), (1, 128, 576), (4096, 512, 1024)],
+}
 
 
 @pytest.mark.parametrize("case", range(4))
@@ -72,4 +75,7 @@ def test_fp8_linear_quantizes_then_multiplies(device):
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, fp8_gemm(*quantize_fp8(x), weight, None, torch.bfloat16))
     xq, xs = quantize_fp8(x)
-    assert torch.equal(fp8_linear(xq, weight, None, xs, torch.float32), fp8_gemm(xq, xs, weight, None, torch.float32))
+    assert torch.equal(
+        fp8_linear(xq, weight, None, xs, torch.float32),
+        fp8_gemm(xq, xs, weight, None, torch.float32),
+    )

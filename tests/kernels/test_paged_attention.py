@@ -12,7 +12,7 @@ from kernels.paged_attention_triton import (
     write_kv,
 )
 from kernels.triton_runtime import num_sms
-from tests.kernels.bounds import FP8_ROUND, INTERPRET, ROUND, assert_within, poisoned_outputs
+from tests.kernels.bounds import FP8_ROUND, ROUND, assert_within, poisoned_outputs
 
 FP8 = torch.float8_e4m3fn
 # (seq_len, query_len) per sequence, decodes first: short, page-crossing, long decodes; a
@@ -49,10 +49,9 @@ def _batch(device, kv_dtype, page=16, layers=2):
     def slots(b, positions):
         return [int(tables[b, p // page]) * page + p % page for p in positions]
 
+    new = [x for b, (s, ql) in enumerate(spec) for x in slots(b, range(s - ql, s))]
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(
-            sum((slots(b, range(s - ql, s)) for b, (s, ql) in enumerate(spec)), []), device=device
-        ),
+        slot_mapping=torch.tensor(new, device=device),
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         block_tables=tables,
@@ -62,7 +61,7 @@ def _batch(device, kv_dtype, page=16, layers=2):
         seq_lens_host=seq_lens,
     )
     cached = torch.tensor(
-        sum((slots(b, range(s - ql)) for b, (s, ql) in enumerate(spec)), []), device=device
+        [x for b, (s, ql) in enumerate(spec) for x in slots(b, range(s - ql))], device=device
     )
     return meta, kv, cached, (hq, hk, d)
 
@@ -85,7 +84,10 @@ def _reference(q, kv, meta, scale, kv_scales):
         v = v.repeat_interleave(hq // hk, dim=1).transpose(0, 1)
         rows = q[int(meta.query_start_loc[b]) : int(meta.query_start_loc[b]) + ql]
         logits = rows.double().transpose(0, 1) @ k.transpose(1, 2) * scale
-        visible = torch.arange(s, device=q.device)[None, :] <= torch.arange(s - ql, s, device=q.device)[:, None]
+        visible = (
+            torch.arange(s, device=q.device)[None, :]
+            <= torch.arange(s - ql, s, device=q.device)[:, None]
+        )
         p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
         outs.append((p @ v).transpose(0, 1))
         sizes.append((p @ v.abs()).transpose(0, 1))
@@ -94,7 +96,7 @@ def _reference(q, kv, meta, scale, kv_scales):
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
 def test_write_kv_touches_exactly_its_slots(device, kv_dtype):
-    meta, kv, _, (hq, hk, d) = _batch(device, kv_dtype)
+    meta, kv, _, (_, hk, d) = _batch(device, kv_dtype)
     k, v = _kv_rows(meta.num_tokens, hk, d, device)
     scales = torch.rand(2, hk, device=device) + 0.5 if kv_dtype == FP8 else None
     before = kv.clone()
@@ -111,7 +113,9 @@ def test_write_kv_touches_exactly_its_slots(device, kv_dtype):
     written = torch.zeros(kv.shape[0], kv.shape[2], dtype=torch.bool, device=device)
     written[blocks, offs] = True
     untouched = kv.transpose(1, 2)[~written]
-    assert torch.equal(untouched.view(torch.uint8), before.transpose(1, 2)[~written].view(torch.uint8))
+    assert torch.equal(
+        untouched.view(torch.uint8), before.transpose(1, 2)[~written].view(torch.uint8)
+    )
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
@@ -141,12 +145,18 @@ def test_decode_merges_many_splits_in_a_second_kernel(device):
         torch.zeros(1, dtype=torch.int64, device=device),
         torch.tensor([0, 1], dtype=torch.int32, device=device),
         torch.tensor([ctx], dtype=torch.int32, device=device),
-        tables, 1, page, [1], [ctx],
-    )  # fmt: skip
+        tables,
+        1,
+        page,
+        [1],
+        [ctx],
+    )
     meta.plan = plan_attention(meta)
     q = torch.randn(1, hq, d, device=device).to(torch.bfloat16)
     with poisoned_outputs():
         out = paged_attention(q, kv, meta, d**-0.5)
     ref, size = _reference(q, kv, meta, d**-0.5, None)
     assert_within(out, ref, 3 * ROUND * size + 1e-6, "decode merged by a second kernel")
-    assert _decode_splits(1, hk, ctx, num_sms(device), meta.plan.block_n) > MERGE_IN_KERNEL_MAX
+    assert (
+        _decode_splits(1, hk, ctx, num_sms(device), meta.plan.decode_block_n) > MERGE_IN_KERNEL_MAX
+    )

@@ -10,7 +10,9 @@ def _reference(x, cos, sin):
     s = sin.to(torch.bfloat16).double()[:, None]
     x1, x2 = x.double().chunk(2, dim=-1)
     out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-    terms = torch.cat((x1.abs() * c.abs() + x2.abs() * s.abs(), x2.abs() * c.abs() + x1.abs() * s.abs()), dim=-1)
+    terms = torch.cat(
+        (x1.abs() * c.abs() + x2.abs() * s.abs(), x2.abs() * c.abs() + x1.abs() * s.abs()), dim=-1
+    )
     return out, terms
 
 

@@ -207,17 +207,25 @@ class PutSharedReserve(_message.Message):
     token: bytes
     def __init__(self, start: _Optional[_Union[PutStart, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., token: _Optional[bytes] = ...) -> None: ...
 
+class PutSharedWritten(_message.Message):
+    __slots__ = ("checksums",)
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class PutSharedCommit(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class PutSharedRequest(_message.Message):
-    __slots__ = ("reserve", "commit")
+    __slots__ = ("reserve", "commit", "written")
     RESERVE_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
     reserve: PutSharedReserve
     commit: PutSharedCommit
-    def __init__(self, reserve: _Optional[_Union[PutSharedReserve, _Mapping]] = ..., commit: _Optional[_Union[PutSharedCommit, _Mapping]] = ...) -> None: ...
+    written: PutSharedWritten
+    def __init__(self, reserve: _Optional[_Union[PutSharedReserve, _Mapping]] = ..., commit: _Optional[_Union[PutSharedCommit, _Mapping]] = ..., written: _Optional[_Union[PutSharedWritten, _Mapping]] = ...) -> None: ...
 
 class SharedSlots(_message.Message):
     __slots__ = ("offsets",)

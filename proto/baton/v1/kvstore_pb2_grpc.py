@@ -145,7 +145,9 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PutShared(self, request_iterator, context):
-        """reserve -> slots; the client writes the payloads into the slots; commit -> result.
+        """reserve -> slots; the client writes payloads into the slots, announcing each batch
+        with its checksums (`written`, verified by the shard while the client writes the
+        next batch); commit -> result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -240,7 +240,7 @@ async def test_shared_memory_put_abandoned_before_commit_stores_nothing(
         assert nothing_stored(server)
 
 
-async def test_shared_memory_commit_of_wrong_bytes_is_data_loss(shard: ShardFactory) -> None:
+async def test_shared_memory_written_with_wrong_bytes_is_data_loss(shard: ShardFactory) -> None:
     payload = as_bytes(make_blocks(1))
     (block_hash,) = make_hashes(1)
     async with shard() as server, client_for(server) as client:
@@ -252,11 +252,55 @@ async def test_shared_memory_commit_of_wrong_bytes_is_data_loss(shard: ShardFact
             start=START, headers=[header(block_hash, payload)], token=segment.token
         )
         await call.write(pb.PutSharedRequest(reserve=reserve))
-        await call.read()  # the client never writes the slot
-        await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
+        await call.read()  # the client announces the slot but never writes it
+        checksums = [xxhash.xxh3_64_intdigest(payload)]
+        await call.write(pb.PutSharedRequest(written=pb.PutSharedWritten(checksums=checksums)))
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await call.read()
         assert failure.value.code() == grpc.StatusCode.DATA_LOSS
+        assert f"block {block_hash.hex()}: its slot holds checksum" in (
+            failure.value.details() or ""
+        )
+        assert nothing_stored(server)
+
+
+@pytest.mark.parametrize(
+    ("announced", "error"),
+    [
+        (0, "commit after 0 of 2 reserved slots were written"),
+        (3, "`written` announces 3 slots; 2 were reserved"),
+    ],
+    ids=["commit-early", "too-many"],
+)
+async def test_shared_memory_put_must_announce_each_slot_once(
+    shard: ShardFactory, announced: int, error: str
+) -> None:
+    blocks, hashes = make_blocks(2), make_hashes(2)
+    payloads = [as_bytes(b) for b in blocks]
+    async with shard() as server, client_for(server) as client:
+        shard_client = client._client(f"127.0.0.1:{server.port}")
+        segment = await shard_client.shared_segment()
+        assert segment is not None
+        call = shard_client.stub.PutShared(timeout=30)
+        headers = [header(h, p) for h, p in zip(hashes, payloads, strict=True)]
+        await call.write(
+            pb.PutSharedRequest(
+                reserve=pb.PutSharedReserve(start=START, headers=headers, token=segment.token)
+            )
+        )
+        offsets = (await call.read()).slots.offsets
+        for offset, payload in zip(offsets, payloads, strict=True):
+            segment.view[offset : offset + len(payload)] = payload
+        if announced:  # refused at once: the shard ends the call before any commit
+            checksums = [xxhash.xxh3_64_intdigest(p) for p in payloads] * 2
+            written = pb.PutSharedWritten(checksums=checksums[:announced])
+            await call.write(pb.PutSharedRequest(written=written))
+        else:
+            await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await call.read()
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error in (failure.value.details() or "")
         assert nothing_stored(server)
 
 

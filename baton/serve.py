@@ -1,0 +1,140 @@
+"""`baton serve`: the whole platform on one machine.
+
+Starts a KV store shard (disaggregated mode), local Ray, and the Serve application on
+HTTP and gRPC; prints the URLs; on Ctrl-C or SIGTERM stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from services.serving_config import ServingConfig
+
+READY_TIMEOUT_S = 300.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="serving.yaml (see services/serving_config.py)")
+    p.add_argument("--mode", choices=["disaggregated", "colocated"], default=None)
+    p.add_argument("--model", default=None, help="GGUF file or HF folder")
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None)
+
+
+def load_config(args: argparse.Namespace) -> ServingConfig:
+    config = ServingConfig.from_yaml(args.config) if args.config else ServingConfig()
+    data = config.model_dump()
+    if args.mode:
+        data["mode"] = args.mode
+    if args.model:
+        data["model"]["path"] = args.model
+    if args.http_port is not None:
+        data["router"]["http_port"] = args.http_port
+    if args.grpc_port is not None:
+        data["router"]["grpc_port"] = args.grpc_port
+    return ServingConfig.model_validate(data)
+
+
+def start_kvstore(config: ServingConfig) -> subprocess.Popen[bytes]:
+    """The local shard, listening on the first kvstore target."""
+    host, _, port = config.kvstore.targets[0].rpartition(":")
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.kvstore.main",
+        "--host",
+        host or "127.0.0.1",
+        "--port",
+        port,
+        "--capacity",
+        config.kvstore.capacity,
+        "--shard-id",
+        "local-0",
+    ]
+    if config.kvstore.redis_url:
+        cmd += ["--redis-url", config.kvstore.redis_url]
+    return subprocess.Popen(cmd, start_new_session=True)
+
+
+def wait_http_ready(url: str, deadline: float, children: list[subprocess.Popen[bytes]]) -> None:
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.poll() is not None:
+                raise RuntimeError(f"the KV store shard exited with {child.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become ready in {READY_TIMEOUT_S:.0f} s")
+
+
+def run(config: ServingConfig) -> int:
+    import ray
+    from ray import serve
+
+    from services.app import build_app
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    children: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    r = config.router
+    try:
+        if config.mode == "disaggregated":
+            children.append(start_kvstore(config))
+        ray.init(
+            include_dashboard=False,
+            object_store_memory=128 * 2**20,
+            namespace="baton",
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        serve.start(http_options={"host": r.host, "port": r.http_port})
+        serve.run(build_app(config), name="baton", route_prefix="/", blocking=False)
+        base = f"http://{r.host}:{r.http_port}"
+        wait_http_ready(f"{base}/health", time.monotonic() + READY_TIMEOUT_S, children)
+        print(f"Baton is serving {config.model.served_name} ({config.mode})", flush=True)
+        print(f"  OpenAI HTTP  {base}/v1", flush=True)
+        print(f"  gRPC         {r.host}:{r.grpc_port}  (baton.v1.Inference)", flush=True)
+        print(f"  metrics      {base}/metrics", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop.is_set():
+            for child in children:
+                if child.poll() is not None:
+                    print(f"baton: the KV store shard exited ({child.returncode})", file=sys.stderr)
+                    return 1
+            stop.wait(1.0)
+        return 0
+    finally:
+        print("baton: shutting down", file=sys.stderr, flush=True)
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
+        finally:
+            for child in children:
+                child.terminate()
+            for child in children:
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()

@@ -1,0 +1,235 @@
+"""Quality of the quantized formats on the default model (issue 3).
+
+    python bench/quality.py                      # CPU, torch backend (the embedded default)
+    python bench/quality.py --device cuda --backend triton
+
+Reports perplexity on `engine/quant/data/heldout.txt` for bf16 (dense), FP8, INT4-RTN and
+INT4-AWQ (calibrated on `calibration.txt`), and the greedy agreement with bf16 of the
+disaggregated pipeline: FP8 prefill writes the KV cache, INT4 decode continues from it.
+
+AWQ here is the calibration plumbing the engine will need: the dense model runs over the
+calibration text with each projection's input recorded (`ActivationStats`), then
+`engine.quant.awq.awq_transform` rewrites the checkpoint tensors (scaled and clipped
+weights; 1/s folded into the RMSNorm weights and the up_proj rows) before an `int4` model
+is built from them. o_proj stays round-to-nearest: SmolLM2 shares KV heads (GQA), so its
+input scale has nowhere exact to fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from engine.loaders import LoadedCheckpoint, load_checkpoint  # noqa: E402
+from engine.model import LlamaModel  # noqa: E402
+from engine.quant.awq import ActivationStats, awq_transform  # noqa: E402
+from kernels.attention_metadata import AttentionMetadata  # noqa: E402
+
+DATA = ROOT / "engine" / "quant" / "data"
+WINDOW = 1024
+BLOCK = 16
+
+
+class Runner:
+    """Runs a model over explicit sequences with a private paged KV cache: sequence b
+    owns a contiguous run of blocks, so any model can continue where another stopped."""
+
+    def __init__(self, cfg: ModelConfig, seqs: int, max_len: int, device: str) -> None:
+        self.cfg = cfg
+        self.per_seq = math.ceil(max_len / BLOCK)
+        self.cache = torch.zeros(
+            (seqs * self.per_seq, cfg.num_layers, 2, BLOCK, cfg.num_kv_heads, cfg.head_dim),
+            dtype=torch.bfloat16,
+            device=device,
+        )
+        self.device = device
+
+    @torch.inference_mode()
+    def step(
+        self, model: LlamaModel, chunks: list[tuple[int, list[int], int]], decodes: int
+    ) -> torch.Tensor:
+        """chunks: (sequence, new token ids, first position); decodes first. Hidden states."""
+        ids, pos, slots, q_lens, s_lens, starts = [], [], [], [], [], [0]
+        tables = []
+        for seq, tokens, start in chunks:
+            base = seq * self.per_seq
+            ids += tokens
+            positions = range(start, start + len(tokens))
+            pos += positions
+            slots += [(base + p // BLOCK) * BLOCK + p % BLOCK for p in positions]
+            q_lens.append(len(tokens))
+            s_lens.append(start + len(tokens))
+            starts.append(starts[-1] + len(tokens))
+            tables.append(list(range(base, base + self.per_seq)))
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(s_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            num_decodes=decodes,
+            block_size=BLOCK,
+            query_lens_host=q_lens,
+            seq_lens_host=s_lens,
+        )
+        t = lambda v: torch.tensor(v, dtype=torch.int64, device=dev)  # noqa: E731
+        return model.forward(t(ids), t(pos), self.cache, meta)
+
+
+def build(
+    ck: LoadedCheckpoint, tensors: dict[str, torch.Tensor], linear: str, args: argparse.Namespace
+) -> LlamaModel:
+    config = EngineConfig(
+        model=ck.config,
+        cache=CacheConfig(num_blocks=1),
+        scheduler=SchedulerConfig(max_model_len=4 * WINDOW),
+        dtype="bfloat16",
+        linear=linear,
+        kernel_backend=args.backend,
+        device=args.device,
+    )
+    return LlamaModel(config, tensors)
+
+
+@torch.inference_mode()
+def perplexity(model: LlamaModel, runner: Runner, tokens: list[int]) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows, each read from position 0."""
+    nll, count = 0.0, 0
+    for lo in range(0, len(tokens) - 1, WINDOW):
+        window = tokens[lo : lo + WINDOW + 1]
+        hidden = runner.step(model, [(0, window[:-1], 0)], 0)
+        logits = model.logits(hidden).float()
+        target = torch.tensor(window[1:], device=logits.device)
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        count += len(window) - 1
+    return math.exp(nll / count)
+
+
+@torch.inference_mode()
+def greedy(
+    prefill: LlamaModel, decode: LlamaModel, runner: Runner, prompts: list[list[int]], new: int
+) -> list[list[int]]:
+    """Greedy continuation of every prompt in one batch: `prefill` reads the prompts and
+    writes their KV, `decode` produces every later token from that cache."""
+    n = len(prompts)
+    hidden = runner.step(prefill, [(b, p, 0) for b, p in enumerate(prompts)], 0)
+    last = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
+    out = [[int(t)] for t in prefill.logits(hidden[last.to(hidden.device)]).argmax(-1)]
+    for i in range(new - 1):
+        chunks = [(b, [out[b][-1]], len(prompts[b]) + i) for b in range(n)]
+        tokens = decode.logits(runner.step(decode, chunks, n)).argmax(-1)
+        for b in range(n):
+            out[b].append(int(tokens[b]))
+    return out
+
+
+class _Recorder:
+    """Stands in for a projection during calibration, recording its input rows."""
+
+    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor], stats: ActivationStats):
+        self.linear, self.stats = linear, stats
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.stats.observe(x)
+        return self.linear(x)
+
+
+def awq_tensors(ck: LoadedCheckpoint, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """The checkpoint rewritten by AWQ, calibrated with the dense model on calibration.txt."""
+    cfg = ck.config
+    model = build(ck, ck.tensors, "dense", args)
+    stats = []
+    for layer in model.layers:
+        s = {
+            "qkv": ActivationStats(cfg.hidden_size),
+            "gate_up": ActivationStats(cfg.hidden_size),
+            "down": ActivationStats(cfg.intermediate_size),
+        }
+        layer.qkv_proj = _Recorder(layer.qkv_proj, s["qkv"])  # type: ignore[assignment]
+        layer.gate_up_proj = _Recorder(layer.gate_up_proj, s["gate_up"])  # type: ignore[assignment]
+        layer.down_proj = _Recorder(layer.down_proj, s["down"])  # type: ignore[assignment]
+        stats.append(s)
+    tokens = ck.tokenizer.encode((DATA / "calibration.txt").read_text())
+    runner = Runner(cfg, 1, WINDOW, args.device)
+    for lo in range(0, len(tokens), WINDOW):
+        runner.step(model, [(0, tokens[lo : lo + WINDOW], 0)], 0)
+    del model, runner
+    t = dict(ck.tensors)
+    for i, s in enumerate(stats):
+        p = f"model.layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        # down first: its 1/s folds into the up_proj rows, which gate_up then quantizes.
+        (down,), s_down = awq_transform([t[mlp + "down_proj.weight"]], s["down"])
+        t[mlp + "down_proj.weight"] = down
+        t[mlp + "up_proj.weight"] = t[mlp + "up_proj.weight"].float() / s_down[:, None]
+        names = [mlp + "gate_proj.weight", mlp + "up_proj.weight"]
+        new, s_gu = awq_transform([t[n] for n in names], s["gate_up"])
+        t.update(zip(names, new, strict=True))
+        norm = p + "post_attention_layernorm.weight"
+        t[norm] = t[norm].float() / s_gu
+        names = [attn + f"{x}_proj.weight" for x in "qkv"]
+        new, s_qkv = awq_transform([t[n] for n in names], s["qkv"])
+        t.update(zip(names, new, strict=True))
+        t[p + "input_layernorm.weight"] = t[p + "input_layernorm.weight"].float() / s_qkv
+    return t
+
+
+def prompts_from(text: str, ck: LoadedCheckpoint, count: int, length: int) -> list[list[int]]:
+    """`count` prompts: the first `length` tokens after evenly spaced sentence starts."""
+    sentences = [s.strip() for s in text.replace("\n", " ").split(". ") if len(s.split()) > 12]
+    step = max(1, len(sentences) // count)
+    picked = sentences[::step][:count]
+    return [ck.tokenizer.encode(s)[:length] for s in picked]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    t0 = time.time()
+    ck = load_checkpoint()
+    held = ck.tokenizer.encode((DATA / "heldout.txt").read_text())
+    runner = Runner(ck.config, 1, WINDOW, args.device)
+    print(f"{ck.model_id}: held-out {len(held)} tokens; device {args.device}, {args.backend}")
+
+    models = {
+        "bf16": build(ck, ck.tensors, "dense", args),
+        "fp8": build(ck, ck.tensors, "fp8", args),
+        "int4-rtn": build(ck, ck.tensors, "int4", args),
+        "int4-awq": build(ck, awq_tensors(ck, args), "int4", args),
+    }
+    ppl = {name: perplexity(m, runner, held) for name, m in models.items()}
+    for name, value in ppl.items():
+        delta = value / ppl["bf16"] - 1
+        print(f"  perplexity {name:<9} {value:8.3f}  ({delta:+.2%} vs bf16)", flush=True)
+
+    prompts = prompts_from((DATA / "heldout.txt").read_text(), ck, args.prompts, 24)
+    runner = Runner(ck.config, len(prompts), 24 + args.new_tokens, args.device)
+    ref = greedy(models["bf16"], models["bf16"], runner, prompts, args.new_tokens)
+    pipe = greedy(models["fp8"], models["int4-awq"], runner, prompts, args.new_tokens)
+    same = [next((i for i, (a, b) in enumerate(zip(r, q, strict=True)) if a != b), len(r))
+            for r, q in zip(ref, pipe, strict=True)]  # fmt: skip
+    exact = sum(s == args.new_tokens for s in same)
+    tokens_agree = sum(s for s in same) / (len(same) * args.new_tokens)
+    print(f"  greedy fp8-prefill + int4-awq-decode vs bf16 ({len(prompts)} prompts x "
+          f"{args.new_tokens} tokens): {exact}/{len(prompts)} identical, "
+          f"{tokens_agree:.1%} of tokens before the first divergence")  # fmt: skip
+    print(f"  ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

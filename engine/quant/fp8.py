@@ -1,0 +1,56 @@
+"""FP8 (e4m3) weights with one fp32 scale per output channel: the prefill pool's format."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from engine.linear import LinearFormat, register_format
+from kernels.backend import KernelBackend
+from kernels.fp8_linear import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, Fp8Weight, make_fp8_weight
+
+
+def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] full precision -> (q [out, in] float8_e4m3fn, scale [out] fp32), W ≈ q * s."""
+    if weight.dim() != 2:
+        raise ValueError(f"FP8 quantization takes a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp_min(AMAX_FLOOR) / FP8_MAX
+    q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+class Fp8Format(LinearFormat):
+    """W8A8 FP8: per-channel weight scales, per-token dynamic activation scales."""
+
+    name = "fp8"
+    scheme: ClassVar[str] = "fp8-e4m3-w-channel-a-token"
+
+    def prepare(self, weight: torch.Tensor, dtype: torch.dtype, device: str) -> Fp8Weight:
+        return make_fp8_weight(*quantize_fp8_per_channel(weight), device)
+
+    def apply(
+        self,
+        ops: KernelBackend,
+        stored: Fp8Weight,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return ops.fp8_linear(x, stored, bias)
+
+    def apply_quantized(
+        self,
+        ops: KernelBackend,
+        stored: Fp8Weight,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """For inputs already quantized by their producer (`ops.rms_norm_fp8`,
+        `ops.silu_and_mul_fp8`): skips the separate quantization pass."""
+        return ops.fp8_linear(x_q, stored, bias, x_scale, out_dtype)
+
+
+register_format("fp8", Fp8Format)

@@ -1,0 +1,216 @@
+# mypy: disable-error-code="no-untyped-def"
+# (@triton.jit functions take and return Triton values, which have no Python annotations)
+"""INT4 weight-only linear (W4A16) for decode, Triton.
+
+The packed layout and the arithmetic identity are in `kernels.int4_linear`'s docstring.
+The product is computed transposed, out^T = W · x^T, so that the dequantized weight tile
+is the *first* tensor-core operand: on Hopper it then stays in registers (wgmma takes A
+from registers) and only the small activation tile goes through shared memory. M (the
+batch of tokens, 1 to 64 in decode) becomes the MMA's narrow N side. (An mma.sync variant
+with the weight as the B operand measured the same at M = 1 and up to 2x slower at M >= 16.)
+
+Per 128-wide K block a program loads one [BLOCK_N, 16] int32 tile (16-byte loads, 512
+contiguous bytes a warp), and for each nibble plane t:
+
+    w_t   = bf16x2(((word >> 4p) & 0x000F000F) | 0x43004300) - (128 + z)   = q - z, exactly
+    part += w_t @ x[:, 16t : 16t + 16]^T                        (tensor cores, fp32 acc)
+
+(one shift, one and-or and one bf16x2 subtract per two weights, in inline PTX on Hopper)
+and per quantization group, once: acc += s * part.
+
+Small M leaves few output tiles, so K is split (SPLIT_K programs per tile); each writes
+an fp32 partial and the last one to finish a tile (an acq_rel counter) sums the partials
+in split order, adds the bias, writes the output and re-arms the counter. One launch,
+deterministic, graph-safe.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.int4_linear import K_BLOCK, N_TILE, Int4Weight
+from kernels.triton_runtime import INTERPRET, check_device, mma, num_sms, tile_counters
+
+_TILE_WORDS = tl.constexpr(N_TILE * 16)  # int32 words in one packed 16 x 128 tile
+
+
+@triton.constexpr_function
+def _plane_asm(t: int) -> str:
+    # Elements (j, j+1) of the word tile arrive as $1, $2 and of the zero tile as $3, $4.
+    # Plane t's pair sits in word j + t // 4 at nibbles t % 4 and 4 + t % 4, i.e. in the
+    # low/high 16-bit halves: and-or makes them bf16 128 + q, one bf16x2 sub makes q - z.
+    src = "$1" if t < 4 else "$2"
+    return (
+        f"{{ .reg .b32 w; shr.u32 w, {src}, {4 * (t % 4)}; "
+        "lop3.b32 w, w, 0x000F000F, 0x43004300, 0xEA; sub.rn.bf16x2 $0, w, $3; }"
+    )
+
+
+@triton.jit
+def _dequant_plane(words, words_odd, zeros, t: tl.constexpr, j, ASM: tl.constexpr):
+    """bf16 q - z for plane t, [BLOCK_N, 16]: row n, column j <-> k = 16t + j.
+
+    `zeros` is [BLOCK_N, 1] int32 z; with ASM it is broadcast and holds the bf16 bits of
+    128 + z twice (one per 16-bit half).
+    """
+    if ASM:
+        return tl.inline_asm_elementwise(
+            _plane_asm(t), "=r,r,r,r,r", [words, zeros], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    # The same numbers without inline PTX (the interpreter, pre-Hopper GPUs): `words` and
+    # `words_odd` hold, at column j, words j - j % 2 and j - j % 2 + 1 of the tile.
+    src = words if t < 4 else words_odd
+    q = (src >> (4 * (t % 4) + 16 * (j % 2))[None, :]) & 0xF
+    return (q - zeros).to(tl.float32).to(tl.bfloat16)
+
+
+@triton.jit
+def _int4_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, stride_xm, stride_om, blocks_per_split,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ASM: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    k_blocks = tl.cdiv(K, 128)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = offs_n % N  # out-of-range channels read channel n - N; dropped at the store
+    j = tl.arange(0, 16)
+    w_row = ((rn // 16) * k_blocks).to(tl.int64) * _TILE_WORDS + (rn % 16) * 16
+    if ASM:
+        w_ptrs = qw_ptr + w_row[:, None] + j[None, :]
+    else:
+        w_ptrs = qw_ptr + w_row[:, None] + (j - j % 2)[None, :]
+    x_rows = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
+    m_mask = offs_m[None, :] < M
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T
+    first = pid_k * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, k_blocks)
+    for b in range(first, last):
+        words = tl.load(w_ptrs + b * _TILE_WORDS)  # [BLOCK_N, 16] int32
+        words_odd = words
+        if not ASM:
+            words_odd = tl.load(w_ptrs + b * _TILE_WORDS + 1)
+        for g in tl.static_range(128 // GROUP):
+            grp = (b * (128 // GROUP) + g) * N
+            z = tl.load(z_ptr + grp + rn).to(tl.int32)[:, None]
+            if ASM:
+                z = tl.broadcast_to((z | 0x4300) * 0x10001, (BLOCK_N, 16))
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for t in tl.static_range(g * (GROUP // 16), (g + 1) * (GROUP // 16)):
+                w = _dequant_plane(words, words_odd, z, t, j, ASM)
+                k = b * 128 + t * 16 + j
+                if EVEN_K:
+                    xt = tl.load(x_rows + k[:, None], mask=m_mask, other=0.0)
+                else:
+                    xt = tl.load(x_rows + k[:, None], mask=m_mask & (k[:, None] < K), other=0.0)
+                part = mma(w, xt, part, UPCAST)
+            acc += tl.load(s_ptr + grp + rn).to(tl.float32)[:, None] * part
+
+    out_mask = (offs_n[:, None] < N) & m_mask
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    if SPLIT:
+        # Partials are [split_k, M, N] fp32; the last program of this tile sums them in
+        # split order (deterministic, whichever finished last).
+        split_k = tl.num_programs(1)
+        slot = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        tl.store(part_ptr + pid_k * M * N + slot, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        tile = pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == split_k - 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for p in range(split_k):
+                acc += tl.load(part_ptr + p * M * N + slot, mask=out_mask, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn).to(tl.float32)[:, None]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(count_ptr + tile, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@dataclass(frozen=True)
+class Int4GemmConfig:
+    block_n: int
+    block_m: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+def int4_gemm_config(m: int, n: int, k: int, sms: int) -> Int4GemmConfig:
+    """Tiles by batch size; K is split until there are about 3.5 programs per SM for
+    small batches (bandwidth needs many loads in flight), 1.5 for M = 64 (MMA-heavier).
+    Tuned with bench/kernels.py --sweep on an H100."""
+    block_m = max(16, min(64, triton.next_power_of_2(m)))
+    tiles = triton.cdiv(n, 128) * triton.cdiv(m, block_m)
+    k_blocks = triton.cdiv(k, K_BLOCK)
+    want = (7 * sms) // 2 if block_m < 64 else (3 * sms) // 2
+    split = max(1, min(k_blocks, round(want / tiles)))
+    split = triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty splits
+    warps, stages = (8, 4) if block_m == 64 else (4, 3)
+    return Int4GemmConfig(128, block_m, split, warps, 1 if INTERPRET else stages)
+
+
+@functools.cache
+def _use_asm(device: torch.device) -> bool:
+    """The inline-PTX dequantization needs bf16x2 arithmetic (sm_90)."""
+    return not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def int4_linear(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    bias: torch.Tensor | None,
+    config: Int4GemmConfig | None = None,
+) -> torch.Tensor:
+    """x [M, K] (bf16/fp16) -> [M, N] in x's dtype."""
+    assert weight.layout == "triton" and weight.zeros is not None, weight.layout
+    n, k, g = weight.out_features, weight.in_features, weight.group_size
+    k_blocks = triton.cdiv(k, K_BLOCK)
+    assert x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride(), k)
+    assert x.dtype in (torch.bfloat16, torch.float16), f"INT4 kernel takes bf16/fp16, got {x.dtype}"
+    assert weight.qweight.shape == (n // N_TILE, k_blocks, N_TILE, 16), weight.qweight.shape
+    assert weight.qweight.dtype == torch.int32 and weight.qweight.is_contiguous()
+    groups = k_blocks * K_BLOCK // g
+    assert weight.scales.shape == weight.zeros.shape == (groups, n), weight.scales.shape
+    assert weight.scales.dtype == weight.zeros.dtype == torch.bfloat16
+    assert weight.scales.is_contiguous() and weight.zeros.is_contiguous()
+    assert g in (64, 128), g
+    if bias is not None:
+        assert bias.shape == (n,) and bias.is_contiguous(), bias.shape
+    check_device(x, weight.qweight, weight.scales, weight.zeros)
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    cfg = config or int4_gemm_config(m, n, k, num_sms(x.device))
+    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k, triton.cdiv(m, cfg.block_m))
+    if cfg.split_k > 1:
+        partials = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+        counters = tile_counters(x.device, grid[0] * grid[2])
+    else:
+        partials = counters = out  # unused
+    _int4_gemm_kernel[grid](
+        x, weight.qweight, weight.scales, weight.zeros, out if bias is None else bias, out,
+        partials, counters,
+        m, n, k, x.stride(0), out.stride(0), triton.cdiv(k_blocks, cfg.split_k),
+        GROUP=g, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SPLIT=cfg.split_k > 1,
+        EVEN_K=k % K_BLOCK == 0, HAS_BIAS=bias is not None, ASM=_use_asm(x.device),
+        UPCAST=INTERPRET,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,151 @@
+"""The Ray Serve application: deployments `router` (ingress), `prefill`, `decode`.
+
+    app = build_app(config)          # ServingConfig
+    serve.run(app, name="baton")
+
+The deployment classes only build their injected parts from the config; the behaviour is
+in the plain classes (PrefillServer, DecodeServer, DisaggregatedPipeline, the API front
+ends), which tests also run without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from engine.async_engine import AsyncEngine
+from services.decode.server import DecodeServer
+from services.kv_bridge import KVBridge
+from services.kvstore.client import ClientConfig, KVStoreClient
+from services.prefill.server import PrefillServer
+from services.router.disaggregated import DisaggregatedPipeline
+from services.router.errors import NotReadyError
+from services.router.grpc_api import build_grpc_server
+from services.router.http_api import build_http_app
+from services.router.pipeline import Pipeline
+from services.router.pool_clients import RayDecodePool, RayPrefillPool, StorePrefixIndex
+from services.router.pool_metrics import render_pool_metrics
+from services.serving_config import PoolSection, ServingConfig
+
+log = logging.getLogger(__name__)
+METRICS_PERIOD_S = 1.0
+
+
+def _engine(config: ServingConfig, pool: PoolSection) -> AsyncEngine:
+    return AsyncEngine(config.engine_args(pool).create_engine())
+
+
+def _bridge(config: ServingConfig, engine: AsyncEngine) -> KVBridge:
+    kv = config.kvstore
+    return KVBridge(engine, kv.targets, kv.timeout_s, kv.lease_ttl_s)
+
+
+class PrefillDeployment(PrefillServer):
+    def __init__(self, config_json: str) -> None:
+        config = ServingConfig.model_validate_json(config_json)
+        engine = _engine(config, config.prefill)
+        super().__init__(engine, _bridge(config, engine), config.model.served_name)
+
+
+class DecodeDeployment(DecodeServer):
+    def __init__(self, config_json: str) -> None:
+        config = ServingConfig.model_validate_json(config_json)
+        pool = config.decode
+        engine = _engine(config, pool)
+        bridge = _bridge(config, engine) if config.mode == "disaggregated" else None
+        super().__init__(engine, bridge, config.model.served_name)
+
+
+# One pipeline per router replica process; the API front ends look it up per request.
+_pipeline: dict[str, Pipeline] = {}
+_metrics: dict[str, Any] = {}
+
+
+def _current_pipeline() -> Pipeline:
+    if "router" not in _pipeline:
+        raise NotReadyError("the router is still connecting to its pools")
+    return _pipeline["router"]
+
+
+def _render_metrics() -> str:
+    text: str = _metrics.get("text", "")
+    return text
+
+
+_http_app = build_http_app(_current_pipeline, metrics=_render_metrics)
+
+
+@serve.ingress(_http_app)
+class RouterDeployment:
+    async def __init__(  # type: ignore[misc]
+        self, config_json: str, decode: DeploymentHandle, prefill: DeploymentHandle | None
+    ) -> None:
+        config = ServingConfig.model_validate_json(config_json)
+        kv = config.kvstore
+        self.decode = RayDecodePool(decode)
+        self.prefill = None if prefill is None else RayPrefillPool(prefill)
+        decode_card = await decode.describe.remote()
+        prefill_card = decode_card if prefill is None else await prefill.describe.remote()
+        index = None
+        if self.prefill is not None:
+            client = KVStoreClient(
+                kv.targets,
+                prefill_card.fingerprint,
+                prefill_card.block_format,
+                ClientConfig(timeout_s=kv.timeout_s),
+            )
+            index = StorePrefixIndex(client)
+        self.pipeline = DisaggregatedPipeline(
+            prefill_card,
+            decode_card,
+            self.prefill,
+            self.decode,
+            index,
+            config.router.local_prefill_threshold,
+            config.router.request_timeout_s,
+            kv.timeout_s,
+        )
+        self.grpc = build_grpc_server(
+            _current_pipeline, config.router.grpc_port, config.router.host
+        )
+        await self.grpc.start()
+        _pipeline["router"] = self.pipeline
+        self._metrics_task = asyncio.create_task(self._refresh_metrics())
+
+    async def _refresh_metrics(self) -> None:
+        while True:
+            try:
+                pools = {"decode": await self.decode.stats()}
+                if self.prefill is not None:
+                    pools["prefill"] = await self.prefill.stats()
+                _metrics["text"] = render_pool_metrics(
+                    self.pipeline.model_id, pools, self.pipeline.local_prefills
+                )
+            except Exception as e:  # a replica restarting: keep the last figures
+                log.warning("reading pool stats failed: %s", e)
+            await asyncio.sleep(METRICS_PERIOD_S)
+
+
+def build_app(config: ServingConfig) -> Any:
+    """The bound application for `serve.run`."""
+    blob = config.model_dump_json()
+
+    def options(name: str, pool: PoolSection) -> dict[str, Any]:
+        return {
+            "name": name,
+            "num_replicas": pool.replicas,
+            "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
+            "max_ongoing_requests": pool.max_num_seqs * 4,
+        }
+
+    decode = serve.deployment(**options("decode", config.decode))(DecodeDeployment).bind(blob)
+    prefill = None
+    if config.mode == "disaggregated":
+        prefill_options = options("prefill", config.prefill)
+        prefill = serve.deployment(**prefill_options)(PrefillDeployment).bind(blob)
+    router = serve.deployment(name="router", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    return router(RouterDeployment).bind(blob, decode, prefill)

@@ -1,0 +1,79 @@
+"""DecodeServer: the `decode` deployment. INT4 GEMMs, continuous batching, the handoff's
+blocks pulled while other requests keep decoding, local prefill when a handoff fails."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from engine.hashing import KVFingerprint
+from engine.outputs import RequestOutput
+from services.pool_requests import DecodeRequest
+from services.pool_worker import PoolWorker
+
+log = logging.getLogger(__name__)
+
+
+class DecodeServer(PoolWorker):
+    pool = "decode"
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the request's tokens, starting with the handoff's first token if any."""
+        handoff = request.handoff
+        fingerprint: KVFingerprint | None = None
+        pinned: list[int] = []
+        prefix: list[int] = []
+        if handoff is not None:
+            prefix = [handoff.first_token]
+            pinned = await self._pull(request)
+            if pinned:
+                fingerprint = handoff.fingerprint
+        cached_override = handoff.num_cached_tokens if handoff is not None else None
+        async for out in self.engine.generate(
+            request.prompt_token_ids,
+            request.params,
+            request.request_id,
+            cache_salt=request.cache_salt,
+            kv_fingerprint=fingerprint,
+            output_prefix=prefix,
+            prefix_logprobs=[handoff.first_logprobs] if handoff is not None else [],
+            pinned_blocks=pinned,
+        ):
+            if cached_override is not None:
+                # Prefix-cache hits happened at prefill; decode's import is not a hit.
+                out.num_cached_tokens = cached_override
+            yield out
+
+    async def _pull(self, request: DecodeRequest) -> list[int]:
+        """The handoff's blocks, all of them pinned, or none (then decode recomputes the
+        prompt under its own fingerprint: a block chain never mixes two engines' KV)."""
+        handoff = request.handoff
+        assert handoff is not None
+        if not handoff.block_hashes or self.bridge is None:
+            if handoff.block_hashes:
+                self.fallbacks["no_kvstore"] += 1
+            return []
+        reason = None
+        pinned: list[int] = []
+        try:
+            pinned = await asyncio.wait_for(
+                self.bridge.fetch(handoff.fingerprint, handoff.block_hashes),
+                request.transfer_timeout_s,
+            )
+        except TimeoutError:
+            reason = "kv_timeout"
+        except Exception as e:  # corrupted, unreachable: recompute rather than fail
+            log.warning("request %s: KV fetch failed: %s", request.request_id, e)
+            reason = "kv_error"
+        finally:
+            if handoff.lease_id:
+                self.spawn(self.bridge.release(handoff.fingerprint, handoff.lease_id))
+        if reason is None and len(pinned) < len(handoff.block_hashes):
+            reason = "kv_miss"  # evicted or lost shard: only part of the prompt arrived
+        if reason is not None:
+            self.fallbacks[reason] += 1
+            port = self.engine.engine.port
+            self.engine.call(lambda _: port.release(pinned))
+            return []
+        return pinned

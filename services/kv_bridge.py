@@ -1,0 +1,132 @@
+"""Moves KV blocks between one engine's paged cache and the KV store.
+
+Prefill uses `fetch` to pull a cached prefix it lacks and `export` to publish the prompt's
+blocks under a lease; decode uses `fetch` to pull a handoff. Blocks travel straight
+between the store and their slots in the block-major cache: no staging copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from engine.async_engine import AsyncEngine
+from engine.hashing import KVFingerprint
+from services.kvstore.client import ClientConfig, KVStoreClient, Lease
+
+log = logging.getLogger(__name__)
+
+
+class KVBridge:
+    def __init__(
+        self, engine: AsyncEngine, targets: Sequence[str], timeout_s: float, lease_ttl_s: float
+    ) -> None:
+        self.engine = engine
+        self.targets = list(targets)
+        self.timeout_s = timeout_s
+        self.lease_ttl_s = lease_ttl_s
+        self.block_format = engine.engine.block_format
+        self._clients: dict[bytes, KVStoreClient] = {}
+        self.bytes: Counter[str] = Counter()  # by direction: "get" into the cache, "put" out
+        self.seconds = 0.0
+
+    def client(self, fingerprint: KVFingerprint) -> KVStoreClient:
+        """One client per fingerprint: it verifies every block it receives against it."""
+        if fingerprint.digest not in self._clients:
+            self._clients[fingerprint.digest] = KVStoreClient(
+                self.targets,
+                fingerprint,
+                self.block_format,
+                ClientConfig(timeout_s=self.timeout_s),
+            )
+        return self._clients[fingerprint.digest]
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+
+    async def cached_in_store(self, fingerprint: KVFingerprint, hashes: Sequence[bytes]) -> int:
+        """Length of the longest prefix of `hashes` the store holds."""
+        return len(await self.client(fingerprint).lookup(hashes))
+
+    async def fetch(self, fingerprint: KVFingerprint, hashes: Sequence[bytes]) -> list[int]:
+        """Pin the blocks of the longest prefix of `hashes` this engine can have: those it
+        caches already, then those the store serves, pulled into reserved slots. Returns
+        their slots, in order, pinned for `add_request(pinned_blocks=...)`.
+
+        Raises on transport or integrity errors, having released everything it pinned.
+        """
+        port = self.engine.engine.port
+        wanted = list(hashes)
+
+        def begin(_: object) -> tuple[list[int], list[int] | None]:
+            have = port.pin_cached(wanted)
+            return have, port.reserve(len(wanted) - len(have))
+
+        have, ids = self.engine.call(begin)
+        missing = wanted[len(have) :]
+        if not missing or ids is None:  # nothing to pull, or no room to pull it into
+            return have
+        n, ok = 0, False
+        t = time.perf_counter()
+        try:
+            n = await self.client(fingerprint).get_into(
+                missing, [port.block(i) for i in ids], timeout=self.timeout_s
+            )
+            ok = True
+        finally:
+
+            def settle(_: object) -> None:
+                port.publish(ids[:n], missing[:n])
+                port.release(ids[n:])
+                if not ok:
+                    port.release(have + ids[:n])
+
+            self.engine.call(settle)
+            self.seconds += time.perf_counter() - t
+            self.bytes["get"] += n * self.block_format.nbytes
+        return have + ids[:n]
+
+    async def export(
+        self, fingerprint: KVFingerprint, request_id: str, stored_prefix: int
+    ) -> Lease:
+        """Put a finished prefill's held prompt blocks the store lacks (all after the first
+        `stored_prefix`), pinning every block of the prompt under a new lease."""
+        port = self.engine.engine.port
+        held = self.engine.call(lambda _: port.held(request_id))
+        hashes = [h for h, _ in held]
+        client = self.client(fingerprint)
+        lease = Lease.new(self.lease_ttl_s)
+        t = time.perf_counter()
+        leased, _ = await asyncio.gather(
+            client.lease(hashes[:stored_prefix], lease, timeout=self.timeout_s),
+            client.put(
+                hashes[stored_prefix:],
+                [port.block(i) for _, i in held[stored_prefix:]],
+                lease=lease,
+                timeout=self.timeout_s,
+            ),
+        )
+        put = len(hashes) - stored_prefix
+        present = set(leased)
+        gone = [(h, i) for h, i in held[:stored_prefix] if h not in present]
+        if gone:
+            # Evicted since the lookup: put them again rather than hand over a gap.
+            await client.put(
+                [h for h, _ in gone],
+                [port.block(i) for _, i in gone],
+                lease=lease,
+                timeout=self.timeout_s,
+            )
+        self.seconds += time.perf_counter() - t
+        self.bytes["put"] += (put + len(gone)) * self.block_format.nbytes
+        return lease
+
+    async def release(self, fingerprint: KVFingerprint, lease_id: str) -> None:
+        try:
+            await self.client(fingerprint).release(lease_id, timeout=self.timeout_s)
+        except Exception as e:  # the lease expires on its own; never fail a request for it
+            log.warning("releasing lease %s failed: %s", lease_id, e)

@@ -1,0 +1,98 @@
+"""POST /v1/chat/completions answers: a started `ChoiceStream` as one `chat.completion`, or
+as `chat.completion.chunk`s: each choice's role first, then its content deltas, the last
+one with its finish reason, then (if asked) one chunk with the usage and no choices."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from services.router.choice_stream import ChoiceStream, SampledLogprob, TopLogprob
+from services.router.openai_responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    UsageInfo,
+)
+
+
+async def chat_response(stream: ChoiceStream) -> ChatCompletionResponse:
+    results = await stream.collect()
+    choices = []
+    for r in results:
+        assert r.finish_reason is not None, "collect() returns finished choices"
+        choices.append(
+            ChatChoice(
+                index=r.index,
+                message=ChatResponseMessage(content=r.text),
+                logprobs=None if r.logprobs is None else _logprobs(r.logprobs),
+                finish_reason=r.finish_reason,
+                stop_reason=r.stop_reason,
+            )
+        )
+    return ChatCompletionResponse(
+        id=stream.plan.request_id,
+        created=int(time.time()),
+        model=stream.plan.model,
+        choices=choices,
+        usage=UsageInfo.of(stream.usage),
+    )
+
+
+async def chat_chunks(
+    stream: ChoiceStream, include_usage: bool
+) -> AsyncIterator[ChatCompletionChunk]:
+    plan = stream.plan
+    created = int(time.time())
+
+    def chunk(*choices: ChatChunkChoice) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=plan.request_id, created=created, model=plan.model, choices=list(choices)
+        )
+
+    for index in range(plan.num_choices):
+        yield chunk(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
+    async for out in stream:
+        if not out.text and not out.logprobs and out.finish_reason is None:
+            continue  # text held back (a stop string may be forming) and nothing else to say
+        yield chunk(
+            ChatChunkChoice(
+                index=out.index,
+                delta=ChatDelta(content=out.text or None),
+                logprobs=None if out.logprobs is None else _logprobs(out.logprobs),
+                finish_reason=out.finish_reason,
+                stop_reason=out.stop_reason,
+            )
+        )
+    if include_usage:
+        usage_chunk = chunk()
+        usage_chunk.usage = UsageInfo.of(stream.usage)
+        yield usage_chunk
+
+
+def _logprobs(logprobs: list[SampledLogprob]) -> ChatLogprobs:
+    content = [
+        ChatTokenLogprob(
+            token=lp.token,
+            logprob=lp.logprob,
+            bytes=_utf8(lp.token),
+            top_logprobs=[_top(alt) for alt in lp.top],
+        )
+        for lp in logprobs
+    ]
+    return ChatLogprobs(content=content)
+
+
+def _top(lp: TopLogprob) -> ChatTopLogprob:
+    return ChatTopLogprob(token=lp.token, logprob=lp.logprob, bytes=_utf8(lp.token))
+
+
+def _utf8(token: str) -> list[int]:
+    # the token's text, so a token holding part of a character shows U+FFFD's bytes
+    return list(token.encode())

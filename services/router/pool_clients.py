@@ -1,0 +1,94 @@
+"""How the router reaches the pools: in-process workers, or Ray Serve deployment handles.
+
+Both satisfy the `PrefillPool`/`DecodePool` protocols of `services.router.disaggregated`,
+so the request path is the same code with and without Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine.handoff import Handoff
+from engine.outputs import RequestOutput
+from services.decode.server import DecodeServer
+from services.kvstore.client import KVStoreClient
+from services.pool_requests import DecodeRequest, PoolStats, PrefillRequest
+from services.prefill.server import PrefillServer
+
+
+class LocalPrefillPool:
+    def __init__(self, *servers: PrefillServer) -> None:
+        self.servers = servers
+        self._next = 0
+
+    async def prefill(self, request: PrefillRequest) -> Handoff:
+        server = self.servers[self._next % len(self.servers)]
+        self._next += 1
+        return await server.prefill(request)
+
+    async def stats(self) -> list[PoolStats]:
+        return [s.stats() for s in self.servers]
+
+
+class LocalDecodePool:
+    def __init__(self, *servers: DecodeServer) -> None:
+        self.servers = servers
+        self._next = 0
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
+        server = self.servers[self._next % len(self.servers)]
+        self._next += 1
+        async for out in server.generate(request):
+            yield out
+
+    async def stats(self) -> list[PoolStats]:
+        return [s.stats() for s in self.servers]
+
+
+class RayPrefillPool:
+    """A `prefill` deployment handle; its request router picks the replica."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def prefill(self, request: PrefillRequest) -> Handoff:
+        handoff: Handoff = await self.handle.prefill.remote(request)
+        return handoff
+
+    async def stats(self) -> list[PoolStats]:
+        return await _every_replica(self.handle, "stats")
+
+
+class RayDecodePool:
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
+        stream = self.handle.options(stream=True).generate.remote(request)
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                stream.cancel()  # the replica's generator is cancelled: it aborts the request
+
+    async def stats(self) -> list[PoolStats]:
+        return await _every_replica(self.handle, "stats")
+
+
+async def _every_replica(handle: Any, method: str) -> list[Any]:
+    results: list[Any] = await handle.broadcast(method).results_async(timeout_s=5)
+    return results
+
+
+class StorePrefixIndex:
+    """The KV store's prefix index, as the router asks it."""
+
+    def __init__(self, client: KVStoreClient) -> None:
+        self.client = client
+
+    async def stored_prefix(self, hashes: list[bytes]) -> int:
+        return len(await self.client.lookup(hashes))

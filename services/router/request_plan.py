@@ -1,0 +1,145 @@
+"""A client's request as the pipeline takes it: prompt token ids and one `SamplingParams`
+per choice.
+
+Both front ends come through here: HTTP once pydantic has parsed the JSON, gRPC once its
+message is mapped onto the same pydantic models. So a request is checked in one place,
+whichever protocol carried it.
+
+`model` may be left out: it means the one model this server serves (as vLLM allows);
+any other name is a 404, so a client aimed at the wrong server finds out at once.
+
+Choices are numbered prompt-major, as vLLM numbers them: choice `i` answers prompt
+`i // n`. With a seed, choice `i` of a prompt samples with `seed + i`, so the same request
+with the same seed gives the same texts, and the n choices still differ from each other.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+from services.router.errors import InvalidRequestError, ModelNotFoundError, NotReadyError
+from services.router.openai_protocol import (
+    MAX_N,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+)
+from services.router.pipeline import GenerationRequest, Pipeline
+
+MAX_CHOICES = MAX_N  # prompts x n, per request
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for completions
+SEED_LIMIT = 2**63
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    request_id: str  # "cmpl-…" or "chatcmpl-…"; choice i runs as f"{request_id}-{i}"
+    model: str
+    prompts: list[list[int]]
+    n: int
+    params: list[SamplingParams]  # one per choice, len(prompts) * n
+
+    def __post_init__(self) -> None:
+        assert len(self.params) == len(self.prompts) * self.n
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.params)
+
+    def prompt_of(self, choice: int) -> int:
+        return choice // self.n
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        return [
+            GenerationRequest(f"{self.request_id}-{i}", self.prompts[self.prompt_of(i)], params)
+            for i, params in enumerate(self.params)
+        ]
+
+
+def serving_pipeline(get_pipeline: Callable[[], Pipeline]) -> Pipeline:
+    """The pipeline, if it can take a request now; `get_pipeline` may raise NotReadyError."""
+    pipeline = get_pipeline()
+    if not pipeline.ready():
+        raise NotReadyError("the model is not ready to serve yet; retry shortly")
+    return pipeline
+
+
+def plan_completion(
+    request: CompletionRequest, pipeline: Pipeline, request_id: str | None = None
+) -> RequestPlan:
+    model = _served_model(request, pipeline)
+    prompts = [
+        pipeline.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in request.prompts
+    ]
+    max_tokens = request.max_tokens or DEFAULT_COMPLETION_TOKENS
+    params = _choice_params(request, len(prompts), max_tokens, request.logprobs)
+    return RequestPlan(request_id or _new_id("cmpl"), model, prompts, request.n, params)
+
+
+def plan_chat(
+    request: ChatCompletionRequest, pipeline: Pipeline, request_id: str | None = None
+) -> RequestPlan:
+    model = _served_model(request, pipeline)
+    messages = [{"role": m.role, "content": m.text} for m in request.messages]
+    try:
+        prompt = pipeline.tokenizer.encode_chat(messages)
+    except ValueError as e:  # no chat template, or the template rejected the conversation
+        raise InvalidRequestError(str(e), param="messages") from e
+    # Chat's default is the rest of the context window; at least 1, so a prompt that
+    # fills the window gets the engine's context-length error rather than this one's.
+    max_tokens = request.max_output_tokens or max(1, pipeline.max_model_len - len(prompt))
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    params = _choice_params(request, 1, max_tokens, logprobs)
+    return RequestPlan(request_id or _new_id("chatcmpl"), model, [prompt], request.n, params)
+
+
+def _served_model(request: SamplingRequest, pipeline: Pipeline) -> str:
+    if request.model is not None and request.model != pipeline.model_id:
+        raise ModelNotFoundError(
+            f"the model {request.model!r} does not exist here; this server serves "
+            f"{pipeline.model_id!r}",
+            param="model",
+        )
+    return pipeline.model_id
+
+
+def _choice_params(
+    request: SamplingRequest, num_prompts: int, max_tokens: int, logprobs: int | None
+) -> list[SamplingParams]:
+    if num_prompts * request.n > MAX_CHOICES:
+        raise InvalidRequestError(
+            f"n: {num_prompts} prompts x n={request.n} is {num_prompts * request.n} choices; "
+            f"at most {MAX_CHOICES} per request",
+            param="n",
+        )
+    if request.min_tokens > max_tokens:
+        raise InvalidRequestError(
+            f"min_tokens: {request.min_tokens} exceeds max_tokens ({max_tokens})",
+            param="min_tokens",
+        )
+    try:
+        return [
+            SamplingParams(
+                max_tokens=max_tokens,
+                min_tokens=request.min_tokens,
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                top_k=max(request.top_k or 0, 0),
+                seed=None if request.seed is None else (request.seed + i) % SEED_LIMIT,
+                stop=request.stop_strings,
+                stop_token_ids=tuple(request.stop_token_ids or ()),
+                ignore_eos=request.ignore_eos,
+                logprobs=logprobs,
+            )
+            for _ in range(num_prompts)
+            for i in range(request.n)
+        ]
+    except ValueError as e:  # a limit of the engine's that the request models do not state
+        raise InvalidRequestError(str(e)) from e
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

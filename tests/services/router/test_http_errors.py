@@ -1,0 +1,188 @@
+"""Errors in OpenAI's shape with the right status, and the non-generating endpoints."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+
+from services.router.http_api import build_http_app
+from services.router.pipeline import ColocatedPipeline
+
+from .conftest import MODEL_ID, SwitchedPipeline, serve_http
+
+
+def error_of(failure: pytest.ExceptionInfo[openai.APIStatusError]) -> dict[str, Any]:
+    """The `error` object of an OpenAI-shaped error response (the client unwraps it)."""
+    body = failure.value.body
+    assert isinstance(body, dict)
+    return body
+
+
+def bad_request(client: openai.OpenAI, **kwargs: Any) -> dict[str, Any]:
+    kwargs = {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 2, **kwargs}
+    with pytest.raises(openai.BadRequestError) as failure:
+        client.completions.create(**kwargs)
+    assert failure.value.status_code == 400
+    body = error_of(failure)
+    assert body["type"] == "invalid_request_error"
+    return body
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
+        ({"top_p": 0}, "top_p", "greater than 0"),
+        ({"n": 129}, "n", "less than or equal to 128"),
+        ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
+        ({"stop": [""]}, "stop[0]", "at least 1 character"),
+        ({"prompt": [5, -1]}, "prompt[1]", "greater than or equal to 0"),
+        ({"extra_body": {"min_tokens": 3}}, "min_tokens", "exceeds max_tokens (2)"),
+        ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+        ({"echo": True}, "echo", "not supported"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
+    ],
+)
+def test_invalid_fields_are_400_naming_the_field(
+    client: openai.OpenAI, fields: dict[str, Any], param: str, says: str
+) -> None:
+    body = bad_request(client, **fields)
+    assert body["param"] == param
+    assert body["message"].startswith(f"{param}: ") and says in body["message"]
+
+
+def test_chat_content_must_be_text(client: openai.OpenAI) -> None:
+    image: Any = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    with pytest.raises(openai.BadRequestError) as failure:
+        client.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": [image]}], max_tokens=2
+        )
+    assert error_of(failure) == {
+        "message": "messages[0].content[0]: only text content parts are supported, not 'image_url'",
+        "type": "invalid_request_error",
+        "param": "messages[0].content[0]",
+        "code": None,
+    }
+
+
+def test_a_prompt_over_the_context_window_is_400_with_the_engines_message(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    prompt = "hello " * 1030
+    body = bad_request(client, prompt=prompt, max_tokens=4)
+    n = len(pipeline.tokenizer.encode(prompt))
+    assert body["message"] == (
+        f"this model's context window is 1024 tokens, but the request needs {n + 4} ({n} in "
+        "the prompt, 4 for max_tokens); shorten the prompt or lower max_tokens"
+    )
+    with pytest.raises(openai.BadRequestError):  # streaming: still a status, not an event
+        client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4, stream=True)
+
+
+def test_an_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as failure:
+        client.completions.create(model="gpt-9", prompt="Hi", max_tokens=2)
+    assert error_of(failure) == {
+        "message": f"the model 'gpt-9' does not exist here; this server serves '{MODEL_ID}'",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+
+
+def test_malformed_json_is_400(base_url: str) -> None:
+    response = httpx2.post(
+        f"{base_url}/v1/chat/completions",
+        content=b'{"messages": [',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("malformed JSON body")
+
+
+def test_unknown_routes_answer_in_the_openai_shape(base_url: str) -> None:
+    response = httpx2.get(f"{base_url}/v1/embeddings")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI, base_url: str) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL_ID]
+    (card,) = httpx2.get(f"{base_url}/v1/models").json()["data"]
+    assert card["max_model_len"] == 1024 and card["owned_by"] == "baton"
+
+
+def test_health_and_requests_follow_readiness(pipeline: ColocatedPipeline) -> None:
+    switched = SwitchedPipeline(pipeline)
+    with serve_http(build_http_app(lambda: switched)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert httpx2.get(f"{url}/health").status_code == 200
+        switched.is_ready = False
+        health = httpx2.get(f"{url}/health")
+        assert health.status_code == 503
+        assert health.json()["error"]["type"] == "service_unavailable_error"
+        with pytest.raises(openai.InternalServerError) as failure:
+            client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=2)
+        assert failure.value.status_code == 503
+
+
+def test_full_queues_are_429_with_retry_after(pipeline: ColocatedPipeline) -> None:
+    switched = SwitchedPipeline(pipeline)
+    switched.full = True
+    with serve_http(build_http_app(lambda: switched)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.RateLimitError) as failure:
+                client.chat.completions.create(
+                    model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], stream=stream
+                )
+            assert failure.value.response.headers["retry-after"] == "3"
+            assert error_of(failure)["code"] == "overloaded"
+
+
+def test_api_keys_guard_the_v1_routes(pipeline: ColocatedPipeline) -> None:
+    app = build_http_app(lambda: pipeline, api_keys=["sk-right"])
+    with serve_http(app) as url:
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as failure:
+            wrong.models.list()
+        assert error_of(failure)["code"] == "invalid_api_key"
+        right = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-right", max_retries=0)
+        assert [m.id for m in right.models.list()] == [MODEL_ID]
+        assert httpx2.get(f"{url}/health").status_code == 200  # probes need no key
+
+
+def test_metrics_serves_the_hooks_text(pipeline: ColocatedPipeline, base_url: str) -> None:
+    text = "# TYPE baton_num_requests_running gauge\nbaton_num_requests_running 0\n"
+    with serve_http(build_http_app(lambda: pipeline, metrics=lambda: text)) as url:
+        response = httpx2.get(f"{url}/metrics")
+    assert response.status_code == 200 and response.text == text
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert httpx2.get(f"{base_url}/metrics").status_code == 404  # no hook, no route
+
+
+def test_a_pipeline_failing_mid_stream_ends_the_stream_with_an_error_event(
+    pipeline: ColocatedPipeline,
+) -> None:
+    switched = SwitchedPipeline(pipeline)
+    switched.fail_after = 2
+    body = {"prompt": "One, two,", "max_tokens": 6, "temperature": 0}
+    with serve_http(build_http_app(lambda: switched)) as url:
+        with httpx2.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line]
+        plain = httpx2.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and all(e.startswith("data: ") for e in events)
+    *chunks, error, done = (e.removeprefix("data: ") for e in events)
+    assert done == "[DONE]" and len(chunks) <= 2
+    assert json.loads(error)["error"] == {
+        "message": "generation failed: RuntimeError('decode replica lost')",
+        "type": "internal_error",
+        "param": None,
+        "code": None,
+    }
+    assert plain.status_code == 500
+    assert plain.json()["error"]["message"] == "internal error: RuntimeError('decode replica lost')"
