@@ -110,7 +110,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # Services parse their own flags: `baton <service> ...` hands them the rest of the line.
-_SERVICES = {"kvstore": "services.kvstore.main"}
+_SERVICES = {"kvstore": "services.kvstore.main", "operator": "operators.main"}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -143,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     sub.add_parser("kvstore", help="run a KV store shard (see `baton kvstore --help`)")
+    sub.add_parser("operator", help="run the CapacityPolicy operator (`baton operator --help`)")
     return parser
 
 

@@ -7,6 +7,7 @@ HTTP and gRPC; prints the URLs; on Ctrl-C or SIGTERM stops everything it started
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from types import FrameType
 from services.serving_config import ServingConfig
 
 READY_TIMEOUT_S = 300.0
+PR_SET_PDEATHSIG = 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,7 +66,13 @@ def start_kvstore(config: ServingConfig) -> subprocess.Popen[bytes]:
     ]
     if config.kvstore.redis_url:
         cmd += ["--redis-url", config.kvstore.redis_url]
-    return subprocess.Popen(cmd, start_new_session=True)
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    # Linux: the shard gets SIGTERM if `baton serve` dies without cleaning up (SIGKILL).
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_http_ready(url: str, deadline: float, children: list[subprocess.Popen[bytes]]) -> None:
@@ -95,8 +103,6 @@ def run(config: ServingConfig) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     r = config.router
     try:
         if config.mode == "disaggregated":
@@ -108,6 +114,9 @@ def run(config: ServingConfig) -> int:
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
+        # After ray.init, which installs handlers of its own that end the process at once.
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
         serve.start(http_options={"host": r.host, "port": r.http_port})
         serve.run(build_app(config), name="baton", route_prefix="/", blocking=False)
         base = f"http://{r.host}:{r.http_port}"

@@ -2,9 +2,10 @@
 # (@triton.jit functions take and return Triton values, which have no Python annotations)
 """FP8 linear for prefill, Triton: per-token activation quantization and the FP8 GEMM.
 
-Semantics are `kernels.fp8_linear` (the torch reference). The GEMM multiplies an fp8
-activation tile by an fp8 weight tile on tensor cores (both K-major, as FP8 wgmma needs)
-and applies both scales, the bias and the bf16 cast in its epilogue:
+Semantics are `kernels.fp8_linear` (the torch reference). The GEMM is persistent (one
+program per SM walks the output tiles in grouped order), loads fp8 tiles with TMA,
+multiplies them on tensor cores (both operands K-major, as FP8 wgmma needs) and applies
+both scales, the bias and the bf16 cast in its epilogue:
 
     C[m, n] = (sum_k A8[m, k] W8[n, k]) * sa[m] * sw[n] (+ bias[n])
 
@@ -84,16 +85,17 @@ def _fp8_gemm_kernel(
     a_desc, b_desc, c_desc, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Persistent: each program walks tiles NUM_PROGRAMS apart; TMA loads and stores."""
+    """Persistent: each program walks the tiles a grid apart; TMA loads and stores."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    programs = tl.num_programs(0)
     # The epilogue keeps its own tile counter so that the flattened loop can overlap one
     # tile's epilogue with the next tile's first loads.
-    tile_c = tl.program_id(0) - NUM_PROGRAMS
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+    tile_c = tl.program_id(0) - programs
+    for tile in tl.range(tl.program_id(0), num_m * num_n, programs, flatten=True):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
@@ -101,7 +103,7 @@ def _fp8_gemm_kernel(
             b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
             acc = mma(a, b.T, acc, UPCAST)
 
-        tile_c += NUM_PROGRAMS
+        tile_c += programs
         pid_m, pid_n = _tile_coords(tile_c, num_m, num_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,7 +185,7 @@ def fp8_gemm(
         a_desc, b_desc, c_desc, x_scale, ws, ws if bias is None else bias, m, n, k,
         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_EPILOGUE=cfg.split_epilogue,
-        NUM_PROGRAMS=programs, UPCAST=INTERPRET,
+        UPCAST=INTERPRET,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -3,6 +3,9 @@
 Timer-driven, so every pass reconciles from scratch and a missed watch event costs
 nothing; the interval is a setting (`--interval`). Deleting a policy stops its timer
 (kopf holds a finalizer until it has), so nothing scales the target afterwards.
+The timer writes `patch.status` rather than returning a value: a return value would land
+under `status.<handler id>`, and the CRD's status fields (and printer columns) are
+top-level.
 
 `build_registry` takes an `OperatorConfig` so that tests can hand in the emulator's
 connection and a clock they advance by hand.

@@ -91,7 +91,15 @@ class Reconciler:
         except TargetUnavailable as e:
             able = Condition(ConditionType.ABLE_TO_SCALE, False, e.reason, e.message)
             kept = tuple(c for c in conditions if c.type is not ConditionType.ABLE_TO_SCALE)
-            return Outcome(PolicyStatus(generation, (*kept, able), current))
+            failed = PolicyStatus(
+                generation,
+                (*kept, able),
+                current,
+                decision.desired_replicas,
+                seen,
+                decision.signals,
+            )
+            return Outcome(failed)
         memory.history = decision.applied(self._clock())
         limited = decision.condition(ConditionType.SCALING_LIMITED)
         why = ", ".join(f"{s.name} {s.observed:g}/{s.target:g}" for s in decision.signals)

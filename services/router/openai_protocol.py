@@ -56,6 +56,12 @@ class SamplingRequest(BaseModel):
     min_tokens: int = Field(0, ge=0, description="Extension: no stop before this many tokens.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past EOS.")
     user: str | None = None
+    cache_salt: str | None = Field(
+        None,
+        max_length=256,
+        description="Extension: prefix-cache namespace; requests with different salts never "
+        "share cached KV (and so cannot observe each other's prompts through cached_tokens).",
+    )
     presence_penalty: float | None = Field(None, description="Unsupported: only 0.")
     frequency_penalty: float | None = Field(None, description="Unsupported: only 0.")
     logit_bias: dict[str, float] | None = Field(None, description="Unsupported: only empty.")

@@ -41,6 +41,7 @@ class RequestPlan:
     prompts: list[list[int]]
     n: int
     params: list[SamplingParams]  # one per choice, len(prompts) * n
+    cache_salt: bytes = b""
 
     def __post_init__(self) -> None:
         assert len(self.params) == len(self.prompts) * self.n
@@ -54,7 +55,12 @@ class RequestPlan:
 
     def generation_requests(self) -> list[GenerationRequest]:
         return [
-            GenerationRequest(f"{self.request_id}-{i}", self.prompts[self.prompt_of(i)], params)
+            GenerationRequest(
+                f"{self.request_id}-{i}",
+                self.prompts[self.prompt_of(i)],
+                params,
+                cache_salt=self.cache_salt,
+            )
             for i, params in enumerate(self.params)
         ]
 
@@ -76,7 +82,9 @@ def plan_completion(
     ]
     max_tokens = request.max_tokens or DEFAULT_COMPLETION_TOKENS
     params = _choice_params(request, len(prompts), max_tokens, request.logprobs)
-    return RequestPlan(request_id or _new_id("cmpl"), model, prompts, request.n, params)
+    return RequestPlan(
+        request_id or _new_id("cmpl"), model, prompts, request.n, params, _salt(request)
+    )
 
 
 def plan_chat(
@@ -93,7 +101,13 @@ def plan_chat(
     max_tokens = request.max_output_tokens or max(1, pipeline.max_model_len - len(prompt))
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     params = _choice_params(request, 1, max_tokens, logprobs)
-    return RequestPlan(request_id or _new_id("chatcmpl"), model, [prompt], request.n, params)
+    return RequestPlan(
+        request_id or _new_id("chatcmpl"), model, [prompt], request.n, params, _salt(request)
+    )
+
+
+def _salt(request: SamplingRequest) -> bytes:
+    return (request.cache_salt or "").encode()
 
 
 def _served_model(request: SamplingRequest, pipeline: Pipeline) -> str:

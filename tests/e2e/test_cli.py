@@ -26,8 +26,14 @@ def test_generate_streams_a_completion() -> None:
 
 
 def test_chat_answers_and_exits_on_eof() -> None:
-    r = run("chat", "--max-tokens", "24", "--threads", "2",
-            stdin="What is the capital of France?\n/exit\n")
+    r = run(
+        "chat",
+        "--max-tokens",
+        "24",
+        "--threads",
+        "2",
+        stdin="What is the capital of France?\n/exit\n",
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
 

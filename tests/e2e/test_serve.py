@@ -1,0 +1,268 @@
+"""`baton serve` as a user runs it: local Ray, a KV store shard, FP8 prefill and INT4 decode
+pools, the OpenAI HTTP API and gRPC, driven by the official `openai` client.
+
+One server for the module (start-up is most of the cost on 2 cores), in fp32 with
+batch-invariant pools so every request's tokens can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+import yaml
+
+from engine.disaggregated import InProcessDisaggregation
+from engine.engine_args import EngineArgs
+from engine.loaders import LoadedCheckpoint
+from engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = (
+    "You are a meticulous assistant for the public library of a small coastal town. You "
+    "answer questions about opening hours, borrowing rules, reading rooms and weekend "
+    "events, briefly and politely, and you never invent a rule the library does not have."
+)
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "Explain photosynthesis in simple terms.",
+    "1, 1, 2, 3, 5, 8,",
+    "The meaning of life is",
+    "Translate to French: Good morning, how are you?",
+    "List three primary colors:",
+]
+POOL = {"kv_cache_bytes": 64 * 2**20, "batch_invariant": True}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[str], config: dict, log: Path) -> None:
+        self.proc = proc
+        self.config = config
+        self.log = log
+        self.http = f"http://127.0.0.1:{config['router']['http_port']}"
+        self.grpc = f"127.0.0.1:{config['router']['grpc_port']}"
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("serve")
+    config = {
+        "model": {"max_model_len": 1024, "dtype": "float32"},
+        "prefill": {"replicas": 1, "linear": "fp8", **POOL},
+        "decode": {"replicas": 1, "linear": "int4", **POOL},
+        "kvstore": {"targets": [f"127.0.0.1:{free_port()}"], "capacity": "256MiB"},
+        # Every prompt takes the remote prefill path, however short, so outputs compare
+        # with the in-process FP8-prefill/INT4-decode pipeline.
+        "router": {
+            "http_port": free_port(),
+            "grpc_port": free_port(),
+            "local_prefill_threshold": 0,
+        },
+    }
+    (tmp / "serving.yaml").write_text(yaml.safe_dump(config))
+    log = tmp / "serve.log"
+    baton = str(Path(sys.executable).parent / "baton")
+    proc = subprocess.Popen(
+        [baton, "serve", "--config", str(tmp / "serving.yaml")],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    srv = Server(proc, config, log)
+    deadline = time.monotonic() + 420
+    while "Ctrl-C stops everything" not in log.read_text():
+        assert proc.poll() is None, f"baton serve exited:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"baton serve not ready:\n{log.read_text()[-3000:]}"
+        time.sleep(1)
+    yield srv
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.http}/v1", api_key="unused", max_retries=0)
+
+
+def test_prints_its_urls(server: Server) -> None:
+    text = server.log.read_text()
+    assert f"OpenAI HTTP  {server.http}/v1" in text
+    assert f"gRPC         {server.grpc}" in text
+
+
+def test_chat_and_completions_with_exact_usage(server: Server, client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
+    )
+    assert "Paris" in (chat.choices[0].message.content or "")
+    assert chat.usage is not None and chat.usage.completion_tokens >= 1
+    comp = client.completions.create(
+        model="smollm2-135m-instruct", prompt="1, 2, 3, 4,", max_tokens=6, temperature=0
+    )
+    assert comp.usage is not None
+    assert comp.usage.prompt_tokens == 8 and comp.usage.completion_tokens == 6
+    assert comp.usage.total_tokens == 14 and comp.choices[0].finish_reason == "length"
+    chunks = list(
+        client.completions.create(
+            model="smollm2-135m-instruct",
+            prompt="1, 2, 3, 4,",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == comp.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+
+
+def test_stop_n_and_seed(client: openai.OpenAI) -> None:
+    base = client.completions.create(
+        model="smollm2-135m-instruct", prompt=PROMPTS[2], max_tokens=24, temperature=0
+    )
+    stop = base.choices[0].text.split()[3]
+    cut = client.completions.create(
+        model="smollm2-135m-instruct",
+        prompt=PROMPTS[2],
+        max_tokens=24,
+        temperature=0,
+        stop=[stop],
+    )
+    assert cut.choices[0].text == base.choices[0].text[: base.choices[0].text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    kwargs = dict(
+        model="smollm2-135m-instruct",
+        prompt=PROMPTS[0],
+        max_tokens=12,
+        temperature=1.0,
+        n=3,
+        seed=42,
+    )
+    a = client.completions.create(**kwargs)  # type: ignore[call-overload]
+    b = client.completions.create(**kwargs)  # type: ignore[call-overload]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1 and sorted(c.index for c in a.choices) == [0, 1, 2]
+
+
+def test_matches_the_in_process_pipeline(
+    client: openai.OpenAI, default_checkpoint: LoadedCheckpoint
+) -> None:
+    def engine(linear: str):  # type: ignore[no-untyped-def]
+        return EngineArgs(dtype="float32", linear=linear, max_model_len=1024, **POOL).create_engine(
+            default_checkpoint
+        )
+
+    local = InProcessDisaggregation(engine("fp8"), engine("int4"))
+    params = SamplingParams(max_tokens=24, min_tokens=24, temperature=0)
+    tok = local.decode_engine.tokenizer
+    # Long enough for several full blocks to travel through the KV store; the shared
+    # opening makes later prompts reuse cached blocks, in the same order on both sides.
+    for text in (f"{SYSTEM}\n{p}" for p in PROMPTS):
+        want = local.generate([tok.encode(text)], params)[0]
+        got = client.completions.create(
+            model="smollm2-135m-instruct",
+            prompt=text,
+            max_tokens=24,
+            temperature=0,
+            extra_body={"min_tokens": 24, "cache_salt": "parity"},
+        )
+        assert got.choices[0].text == want.text, text
+
+
+def test_repeated_system_prompt_is_served_from_the_cache(
+    server: Server, client: openai.OpenAI
+) -> None:
+    def ask(question: str) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+            max_tokens=4,
+            temperature=0,
+        )
+
+    ask("When do you open on Saturdays?")
+    time.sleep(2.5)  # /metrics reflects the pools as of its last refresh (1 s period)
+    before = server.metrics()
+    second = ask("Can I renew a book by phone?")
+    time.sleep(2.5)
+    after = server.metrics()
+    shared_blocks = 4  # the system prompt's part of the chat template fills 4+ blocks
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens or 0
+    assert cached >= 16 * shared_blocks and cached % 16 == 0
+
+    def delta(name: str) -> float:
+        key = f'{name}{{pool="prefill",model="smollm2-135m-instruct"}}'
+        return after[key] - before[key]
+
+    computed = delta("baton_prompt_tokens_total") - delta("baton_prefix_cache_hit_tokens_total")
+    assert delta("baton_prompt_tokens_total") == second.usage.prompt_tokens
+    assert computed == second.usage.prompt_tokens - cached
+
+
+def test_concurrent_streams_equal_their_solo_runs(client: openai.OpenAI) -> None:
+    # Distinct from the first token, so no request shares cached blocks with another.
+    prompts = [f"[{i}] {SYSTEM}\nQuestion: {p}" for i, p in enumerate(PROMPTS * 2)]
+
+    def run(prompt: str, salt: str) -> str:
+        stream = client.completions.create(
+            model="smollm2-135m-instruct",
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            extra_body={"cache_salt": salt},
+        )
+        return "".join(c.choices[0].text for c in stream if c.choices)
+
+    # Each phase starts cache-cold (its own salt): the same arithmetic, batched or not.
+    solo = [run(p, "solo") for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(run, prompts, ["together"] * len(prompts)))
+    assert together == solo
+
+
+def test_ctrl_c_stops_every_process(server: Server) -> None:
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    assert children, "baton serve should have started Ray and a KV store shard"
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(timeout=120) == 0
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    assert re.search(r"shutting down", server.log.read_text())
