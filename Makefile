@@ -22,7 +22,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 install: $(STAMP)
 
 serve: install
-	$(BIN)/baton chat
+	$(BIN)/baton serve
 
 redis:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }

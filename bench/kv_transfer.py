@@ -285,7 +285,11 @@ async def bench_lookup(samples: int) -> None:
             ping = redis.Redis.from_url(url)
             assert len(await index.lookup(hashes)) == LOOKUP_BLOCKS
             assert len(await client.lookup(hashes)) == LOOKUP_BLOCKS
-            rows = {"PING (round-trip floor)": [], "redis index (one MGET)": [], "Lookup RPC": []}
+            rows: dict[str, list[float]] = {
+                "PING (round-trip floor)": [],
+                "redis index (one MGET)": [],
+                "Lookup RPC": [],
+            }
             for _ in range(10):  # interleaved, so a burst of load hits every row alike
                 rows["PING (round-trip floor)"] += await latencies(ping.ping, samples // 10)
                 rows["redis index (one MGET)"] += await latencies(

@@ -6,8 +6,9 @@ The packed layout and the arithmetic identity are in `kernels.int4_linear`'s doc
 The product is computed transposed, out^T = W · x^T, so that the dequantized weight tile
 is the *first* tensor-core operand: on Hopper it then stays in registers (wgmma takes A
 from registers) and only the small activation tile goes through shared memory. M (the
-batch of tokens, 1 to 64 in decode) becomes the MMA's narrow N side. (An mma.sync variant
-with the weight as the B operand measured the same at M = 1 and up to 2x slower at M >= 16.)
+batch of tokens, 1 to 64 in decode) becomes the MMA's narrow N side; larger M (a decode
+replica prefilling a short prompt) runs in 64-row tiles. (An mma.sync variant with the
+weight as the B operand measured the same at M = 1 and up to 2x slower at M >= 16.)
 
 Per 128-wide K block a program loads one [BLOCK_N, 16] int32 tile (16-byte loads, 512
 contiguous bytes a warp), and for each nibble plane t:
@@ -161,7 +162,7 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int) -> Int4GemmConfig:
     want = (7 * sms) // 2 if block_m < 64 else (3 * sms) // 2
     split = max(1, min(k_blocks, round(want / tiles)))
     split = triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty splits
-    warps, stages = (8, 4) if block_m == 64 else (4, 3)
+    warps, stages = (8, 3) if block_m == 64 else (4, 3)
     return Int4GemmConfig(128, block_m, split, warps, 1 if INTERPRET else stages)
 
 

@@ -9,8 +9,10 @@ into a contiguous copy.
 
 Decode (one query per sequence) is split-KV "flash decoding": program (seq, kv head,
 split) attends all `GQA` query heads of its KV head (padded to 16 rows for the tensor
-cores) over its slice of the context, and a second kernel merges the splits by their
-log-sum-exp. The split count is chosen per step so that the grid fills the GPU.
+cores) over its slice of the context. The split count is chosen per step so that the grid
+fills the GPU; the splits merge by log-sum-exp in the last split program to finish (an
+acq_rel counter, as in the INT4 split-K) or, past MERGE_IN_KERNEL_MAX splits, in a second
+kernel. FP8 caches widen to fp16 (one instruction per pair) and multiply in fp16.
 
 Prefill is flash attention over a ragged batch: program (query tile, head) streams key
 tiles from position 0 (the cached prefix) up to its diagonal; only the tiles that cross

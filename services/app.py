@@ -33,6 +33,7 @@ from services.serving_config import PoolSection, ServingConfig
 
 log = logging.getLogger(__name__)
 METRICS_PERIOD_S = 1.0
+ROUTING_STATS_PERIOD_S = 1.0
 
 
 def _engine(config: ServingConfig, pool: PoolSection) -> AsyncEngine:
@@ -134,18 +135,29 @@ def build_app(config: ServingConfig) -> Any:
     """The bound application for `serve.run`."""
     blob = config.model_dump_json()
 
-    def options(name: str, pool: PoolSection) -> dict[str, Any]:
+    def options(name: str, pool: PoolSection, router: str) -> dict[str, Any]:
         return {
             "name": name,
             "num_replicas": pool.replicas,
             "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
             "max_ongoing_requests": pool.max_num_seqs * 4,
+            "request_router_config": {
+                "request_router_class": f"services.router.ray_request_routers:{router}",
+                "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+            },
         }
 
-    decode = serve.deployment(**options("decode", config.decode))(DecodeDeployment).bind(blob)
+    decode_options = options("decode", config.decode, "DecodeRequestRouter")
+    decode = serve.deployment(**decode_options)(DecodeDeployment).bind(blob)
     prefill = None
     if config.mode == "disaggregated":
-        prefill_options = options("prefill", config.prefill)
+        prefill_options = options("prefill", config.prefill, "PrefillRequestRouter")
         prefill = serve.deployment(**prefill_options)(PrefillDeployment).bind(blob)
     router = serve.deployment(name="router", num_replicas=1, ray_actor_options={"num_cpus": 0})
     return router(RouterDeployment).bind(blob, decode, prefill)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder: KubeRay's `serveConfigV2` names
+    `services.app:app_builder` with the ServingConfig as `args` (the Helm chart writes it)."""
+    return build_app(ServingConfig.model_validate(args))

@@ -11,6 +11,7 @@ from typing import Any
 from engine.async_engine import AsyncEngine
 from services.kv_bridge import KVBridge
 from services.pool_requests import ModelCard, PoolStats
+from services.router.replica_choice import prefix_key
 
 
 class PoolWorker:
@@ -61,15 +62,22 @@ class PoolWorker:
 
         return self.engine.call(read)
 
-    def record_routing_stats(self) -> dict[str, float]:
-        """Ray Serve calls this periodically; the pools' request routers read it."""
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve calls this periodically; the pools' request routers read it
+        (services.router.replica_choice)."""
         s = self.stats()
-        return {
+        out: dict[str, Any] = {
             "running": s.running,
             "waiting": s.waiting,
             "free_blocks": s.free_blocks,
             "total_blocks": s.total_blocks,
         }
+        if self.pool == "prefill":
+            pool = self.engine.engine.pool
+            out["cached_prefixes"] = self.engine.call(
+                lambda _: frozenset(prefix_key(h) for h in pool.cached)
+            )
+        return out
 
     async def shutdown(self) -> None:
         if self.bridge is not None:

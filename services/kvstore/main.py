@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import re
 import signal
@@ -13,6 +11,7 @@ import socket
 from pathlib import Path
 
 from services.kvstore.codec import MESSAGE_BYTES
+from services.kvstore.malloc_tuning import tune_malloc
 from services.kvstore.server import DEFAULT_PORT, KVStoreServer, ServerConfig
 
 _UNITS = {
@@ -39,21 +38,6 @@ def parse_size(text: str) -> int:
             f"({', '.join(u for u in ('KiB', 'MiB', 'GiB', 'TiB', 'KB', 'MB', 'GB'))})"
         )
     return int(float(match.group(1)) * _UNITS[unit or ""])
-
-
-def tune_malloc() -> None:
-    """Keeps glibc from returning multi-MiB message buffers to the kernel after each gRPC
-    message: every fresh 4 MiB buffer would otherwise be page-faulted in again, which costs
-    more than the copy into it (bench/kv_transfer.py). No-op off glibc."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
-    libc = ctypes.CDLL(libc_name)
-    if not hasattr(libc, "mallopt"):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 64 * 2**20)
-    libc.mallopt(m_trim_threshold, 1024 * 2**20)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from itertools import repeat
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import redis.asyncio as redis
@@ -121,7 +121,7 @@ class RedisPrefixIndex(PrefixIndex):
             if hit == 0:
                 return []
             # entries are "{shard id} {size} {checksum hex} {last access ms}"
-            fields = b" ".join(entries[:hit]).split(b" ")
+            fields = b" ".join(cast(list[bytes], entries[:hit])).split(b" ")
             owners = fields[0::4]
             if known and not set(owners) <= set(shard_ids):
                 continue  # a shard this client has not seen yet: learn the shards, retry
@@ -141,6 +141,7 @@ class RedisPrefixIndex(PrefixIndex):
                         map(live.__getitem__, owners),
                         map(int, fields[1::4]),
                         map(int, fields[2::4], repeat(16)),
+                        strict=False,  # owners may stop short, at a dead shard
                     ),
                 )
             )

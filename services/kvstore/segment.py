@@ -45,6 +45,7 @@ def copy_hashed(dest: memoryview, source: memoryview, *, hash_dest: bool) -> int
         hasher.update(hashed[start:stop])  # just copied: still in cache
     return hasher.intdigest()
 
+
 class SharedSegment:
     """A mapped region: a shared-memory file, or anonymous memory when sharing is off."""
 

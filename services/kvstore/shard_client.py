@@ -142,10 +142,7 @@ class ShardClient:
         parts = max(1, min(self._streams, total // self._stream_min_bytes, len(blocks)))
         groups = _split(blocks, parts)
         results = await asyncio.gather(
-            *(
-                self._put_bytes(start, [blocks[i] for i in g], new_meta, timeout)
-                for g in groups
-            )
+            *(self._put_bytes(start, [blocks[i] for i in g], new_meta, timeout) for g in groups)
         )
         return pb.PutResponse(
             stored=sum(r.stored for r in results),
@@ -257,6 +254,7 @@ class ShardClient:
             assert slots is not grpc.aio.EOF, "PutShared ended without answering reserve"
             checksums: list[int] = []
             batch_bytes = 0
+            announcing: asyncio.Future[None] | None = None
             for (_, view), offset in zip(blocks, slots.slots.offsets, strict=True):
                 if not offset:  # 0: the shard already holds this block
                     continue
@@ -264,17 +262,32 @@ class ShardClient:
                 checksums.append(copy_hashed(slot, view, hash_dest=False))
                 batch_bytes += len(view)
                 if batch_bytes >= WRITTEN_BATCH_BYTES:
-                    written = pb.PutSharedWritten(checksums=checksums)
-                    await call.write(pb.PutSharedRequest(written=written))
+                    announcing = await self._announce(call, checksums, announcing)
                     checksums, batch_bytes = [], 0
             if checksums:
-                written = pb.PutSharedWritten(checksums=checksums)
-                await call.write(pb.PutSharedRequest(written=written))
+                announcing = await self._announce(call, checksums, announcing)
+            if announcing is not None:
+                await announcing
             await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
             await call.done_writing()
             result = await call.read()
             assert result is not grpc.aio.EOF, "PutShared ended without a result"
         return result.result
+
+    @staticmethod
+    async def _announce(
+        call: grpc.aio.StreamStreamCall,
+        checksums: list[int],
+        previous: asyncio.Future[None] | None,
+    ) -> asyncio.Future[None]:
+        """Sends `written` without waiting for gRPC to finish sending it: the copies of the
+        next batch proceed meanwhile (a call has one write in flight at a time)."""
+        if previous is not None:
+            await previous
+        request = pb.PutSharedRequest(written=pb.PutSharedWritten(checksums=checksums))
+        sending = asyncio.ensure_future(call.write(request))
+        await asyncio.sleep(0)  # lets the write hand its message to gRPC's own threads
+        return sending
 
     async def _get_shared(
         self,

@@ -123,7 +123,10 @@ def test_prints_its_urls(server: Server) -> None:
     assert f"gRPC         {server.grpc}" in text
 
 
-def test_chat_and_completions_with_exact_usage(server: Server, client: openai.OpenAI) -> None:
+def test_chat_and_completions_with_exact_usage(
+    client: openai.OpenAI, default_checkpoint: LoadedCheckpoint
+) -> None:
+    tok = default_checkpoint.tokenizer
     chat = client.chat.completions.create(
         model="smollm2-135m-instruct",
         messages=[{"role": "user", "content": "What is the capital of France?"}],
@@ -132,12 +135,16 @@ def test_chat_and_completions_with_exact_usage(server: Server, client: openai.Op
     )
     assert "Paris" in (chat.choices[0].message.content or "")
     assert chat.usage is not None and chat.usage.completion_tokens >= 1
+    chat_prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    assert chat.usage.prompt_tokens == len(chat_prompt)
+    assert chat.usage.total_tokens == len(chat_prompt) + chat.usage.completion_tokens
     comp = client.completions.create(
         model="smollm2-135m-instruct", prompt="1, 2, 3, 4,", max_tokens=6, temperature=0
     )
     assert comp.usage is not None
-    assert comp.usage.prompt_tokens == 8 and comp.usage.completion_tokens == 6
-    assert comp.usage.total_tokens == 14 and comp.choices[0].finish_reason == "length"
+    n_prompt = len(tok.encode("1, 2, 3, 4,"))
+    assert comp.usage.prompt_tokens == n_prompt and comp.usage.completion_tokens == 6
+    assert comp.usage.total_tokens == n_prompt + 6 and comp.choices[0].finish_reason == "length"
     chunks = list(
         client.completions.create(
             model="smollm2-135m-instruct",
@@ -206,8 +213,18 @@ def test_matches_the_in_process_pipeline(
 
 
 def test_repeated_system_prompt_is_served_from_the_cache(
-    server: Server, client: openai.OpenAI
+    server: Server, client: openai.OpenAI, default_checkpoint: LoadedCheckpoint
 ) -> None:
+    questions = ("When do you open on Saturdays?", "Can I renew a book by phone?")
+    tok = default_checkpoint.tokenizer
+    first, second_ids = (
+        tok.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+        for q in questions
+    )
+    common = next(i for i, (a, b) in enumerate(zip(first, second_ids, strict=False)) if a != b)
+    shared_blocks = common // 16
+    assert shared_blocks >= 3
+
     def ask(question: str) -> openai.types.chat.ChatCompletion:
         return client.chat.completions.create(
             model="smollm2-135m-instruct",
@@ -216,13 +233,12 @@ def test_repeated_system_prompt_is_served_from_the_cache(
             temperature=0,
         )
 
-    ask("When do you open on Saturdays?")
+    ask(questions[0])
     time.sleep(2.5)  # /metrics reflects the pools as of its last refresh (1 s period)
     before = server.metrics()
-    second = ask("Can I renew a book by phone?")
+    second = ask(questions[1])
     time.sleep(2.5)
     after = server.metrics()
-    shared_blocks = 4  # the system prompt's part of the chat template fills 4+ blocks
     assert second.usage is not None and second.usage.prompt_tokens_details is not None
     cached = second.usage.prompt_tokens_details.cached_tokens or 0
     assert cached >= 16 * shared_blocks and cached % 16 == 0
