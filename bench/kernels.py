@@ -136,8 +136,8 @@ def bench_fp8(device: torch.device, m: int, smoke: bool, sweep: bool) -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     configs = [fp8_linear_triton.fp8_gemm_config(m, 4096, 4096)]
     if sweep and not smoke:
-        cfg = fp8_linear_triton.Fp8GemmConfig
-        configs += [cfg(128, 256, 128, 4, 8, 3, True), cfg(128, 256, 128, 8, 8, 4, True)]
+        config = fp8_linear_triton.Fp8GemmConfig
+        configs += [config(128, 256, 128, 4, 8, 3, True), config(128, 256, 128, 8, 8, 4, True)]
     for name, (k, n) in SHAPES.items():
         if name not in ARGS.shapes:
             continue
@@ -155,6 +155,8 @@ def bench_fp8(device: torch.device, m: int, smoke: bool, sweep: bool) -> None:
             for _ in range(n_sets)
         ]
         norm_w = torch.rand(k, device=device, generator=gen).to(torch.bfloat16) + 0.5
+        produce_fp8: Callable[[int], tuple[torch.Tensor, ...]]
+        produce_bf16: Callable[[int], object]
         if name in ("qkv", "gate_up"):
             produce_fp8 = lambda i: rmsnorm_triton.rms_norm_fp8(xs[i], norm_w, 1e-5)  # noqa: E731
             produce_bf16 = lambda i: rmsnorm_triton.rms_norm(xs[i], norm_w, 1e-5)  # noqa: E731
@@ -178,9 +180,7 @@ def bench_fp8(device: torch.device, m: int, smoke: bool, sweep: bool) -> None:
         best_us, best_cfg = math.inf, configs[0]
         for cfg in configs:
             us = time_us(
-                lambda i, c=cfg: fp8_linear_triton.fp8_gemm(
-                    *q_sets[i], weight, bias, torch.bfloat16, c
-                ),
+                lambda i: fp8_linear_triton.fp8_gemm(*q_sets[i], weight, bias, torch.bfloat16, cfg),
                 n_sets,
                 smoke,
             )
@@ -196,13 +196,13 @@ def bench_fp8(device: torch.device, m: int, smoke: bool, sweep: bool) -> None:
             )
             check(f"cublas {name} fast={fast}", rel_err(out, ref), 8e-3)
             peers[fast] = time_us(
-                lambda i, f=fast: torch._scaled_mm(
+                lambda i: torch._scaled_mm(
                     q_sets[i][0],
                     weight.data.T,
                     q_sets[i][1],
                     w_scale_row,
                     out_dtype=torch.bfloat16,
-                    use_fast_accum=f,
+                    use_fast_accum=fast,
                 ),
                 n_sets,
                 smoke,
@@ -282,7 +282,7 @@ def bench_int4(device: torch.device, smoke: bool, sweep: bool) -> None:
         for m in ms:
             x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16)
             ref = x.double() @ w_ref.T
-            configs = [None]
+            configs: list[int4_linear_triton.Int4GemmConfig | None] = [None]
             if sweep and not smoke and m in (1, 16, 64):
                 base = int4_linear_triton.int4_gemm_config(m, n, k, 132)
                 splits = sorted({max(1, base.split_k // 2), base.split_k, 2 * base.split_k})
@@ -292,12 +292,12 @@ def bench_int4(device: torch.device, smoke: bool, sweep: bool) -> None:
                     for sk in splits
                     for st in (3, 4)
                 ]
-            times = {}
+            times: dict[int4_linear_triton.Int4GemmConfig | None, float] = {}
             for cfg in configs:
                 out = int4_linear_triton.int4_linear(x, weights[0], None, cfg)
                 check(f"int4 {name} m={m} {cfg or 'default'}", rel_err(out, ref), 4e-3)
                 times[cfg] = time_us(
-                    lambda i, c=cfg: int4_linear_triton.int4_linear(x, weights[i], None, c),
+                    lambda i: int4_linear_triton.int4_linear(x, weights[i], None, cfg),
                     n_sets,
                     smoke,
                 )
@@ -332,7 +332,13 @@ def bench_int4(device: torch.device, smoke: bool, sweep: bool) -> None:
 
 
 def _paged_cache(
-    device: torch.device, batch: int, ctx: int, hk: int, d: int, dtype: torch.dtype, gen
+    device: torch.device,
+    batch: int,
+    ctx: int,
+    hk: int,
+    d: int,
+    dtype: torch.dtype,
+    gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-layer block-major cache (layer 0 used), pages shuffled: (kv_layer, block_table)."""
     page = 16
@@ -394,7 +400,7 @@ def bench_decode(device: torch.device, copy_tbps: float, smoke: bool) -> None:
             for b in {0, batch - 1}:
                 k, v = _dense_kv(kv, bt, b, ctx)
                 k, v = k.double(), v.double()
-                if fp8:
+                if scales is not None:
                     k, v = k * scales[0, :, None, None], v * scales[1, :, None, None]
                 k, v = k.repeat_interleave(hq // hk, 0), v.repeat_interleave(hq // hk, 0)
                 p = torch.softmax((q[b].double()[:, None] @ k.transpose(1, 2)) * d**-0.5, -1)

@@ -59,7 +59,12 @@ class Runner:
         self, model: LlamaModel, chunks: list[tuple[int, list[int], int]], decodes: int
     ) -> torch.Tensor:
         """chunks: (sequence, new token ids, first position); decodes first. Hidden states."""
-        ids, pos, slots, q_lens, s_lens, starts = [], [], [], [], [], [0]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        q_lens: list[int] = []
+        s_lens: list[int] = []
+        starts = [0]
         tables = []
         for seq, tokens, start in chunks:
             base = seq * self.per_seq

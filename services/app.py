@@ -107,8 +107,9 @@ class RouterDeployment:
             self.decode,
             index,
             config.router.local_prefill_threshold,
-            config.router.request_timeout_s,
+            config.router.prefill_timeout_s,
             kv.timeout_s,
+            config.router.max_inflight_requests,
         )
         self.grpc = build_grpc_server(
             _current_pipeline, config.router.grpc_port, config.router.host

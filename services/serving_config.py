@@ -72,6 +72,12 @@ class RouterSection(_Strict):
         description="prompts with at most this many uncached tokens skip remote prefill",
     )
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of a whole request")
+    prefill_timeout_s: float = Field(
+        30.0, gt=0, description="a prefill slower than this is abandoned; decode prefills"
+    )
+    max_inflight_requests: int = Field(
+        256, ge=1, description="requests in flight beyond which the router answers 429"
+    )
 
 
 class ServingConfig(_Strict):

@@ -25,6 +25,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TypeVar
 
 import grpc
@@ -35,7 +36,7 @@ from engine.kv_format import KVBlockFormat
 from proto.baton.v1 import kvstore_pb2 as pb
 from services.kvstore.block_meta import BlockMeta, fingerprint_to_proto
 from services.kvstore.codec import MAX_MESSAGE_BYTES, MESSAGE_BYTES
-from services.kvstore.errors import BlockFormatError, KVStoreError
+from services.kvstore.errors import BlockFormatError, KVStoreError, MalformedMessageError
 from services.kvstore.index import Location, ShardInfo
 from services.kvstore.malloc_tuning import tune_malloc
 from services.kvstore.placement import rendezvous_owner
@@ -171,10 +172,26 @@ class KVStoreClient:
         response = await self._any_shard(
             lambda c: c.stub.Lookup(request, timeout=self._timeout(timeout))
         )
-        return [
-            Location(ShardInfo(loc.shard_id, loc.address), loc.size, loc.checksum)
-            for loc in response.locations
-        ]
+        shards = [ShardInfo(s.shard_id, s.address) for s in response.shards]
+        hit = len(response.shard_index)
+        if (len(response.sizes), len(response.checksums)) != (hit, hit) or (
+            hit and max(response.shard_index) >= len(shards)
+        ):
+            raise MalformedMessageError(
+                "Lookup answered columns of different lengths or an unknown shard index"
+            )
+        return list(
+            map(
+                tuple.__new__,
+                repeat(Location),
+                zip(
+                    map(shards.__getitem__, response.shard_index),
+                    response.sizes,
+                    response.checksums,
+                    strict=True,
+                ),
+            )
+        )
 
     async def put(
         self,

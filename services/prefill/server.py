@@ -3,6 +3,7 @@ prompt it holds, cached prefixes pulled from the KV store, new full blocks pushe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from engine.handoff import Handoff, prefill_params
@@ -23,40 +24,42 @@ class PrefillServer(PoolWorker):
         """
         engine = self.engine.engine
         fingerprint = engine.fingerprint
-        hashes = request.block_hashes
+        port = engine.port
+        rid = request.request_id
         pinned: list[int] = []
         if self.bridge is not None and request.stored_prefix:
-            pinned = await self._fetch(hashes[: request.stored_prefix])
+            pinned = await self._fetch(request.block_hashes[: request.stored_prefix])
         last = None
-        async for out in self.engine.generate(
-            request.prompt_token_ids,
-            prefill_params(request.params),
-            request.request_id,
-            cache_salt=request.cache_salt,
-            pinned_blocks=pinned,
-            hold_prompt_blocks=True,
-        ):
-            last = out
-        assert last is not None and last.finished
-        port = engine.port
         lease_id = ""
-        block_hashes = [h for h, _ in self.engine.call(lambda _: port.held(request.request_id))]
         try:
-            if self.bridge is not None and block_hashes:
-                lease = await self.bridge.export(
-                    fingerprint, request.request_id, request.stored_prefix
-                )
-                lease_id = lease.lease_id
-        except Exception as e:  # the KV store is an optimization: never fail a request on it
-            log.warning("request %s: KV export failed: %s", request.request_id, e)
-            self.fallbacks["kv_export"] += 1
-            block_hashes = []
+            async for out in self.engine.generate(
+                request.prompt_token_ids,
+                prefill_params(request.params),
+                rid,
+                cache_salt=request.cache_salt,
+                pinned_blocks=pinned,
+                hold_prompt_blocks=True,
+            ):
+                last = out
+            assert last is not None and last.finished
+            block_hashes = [h for h, _ in self.engine.call(lambda _: port.held(rid))]
+            if self.bridge is None:
+                block_hashes = []
+            elif block_hashes:
+                lease_id = await self._export(rid, request.stored_prefix)
+                if not lease_id:
+                    block_hashes = []
+        except asyncio.CancelledError:
+            # The router gave up (deadline): hand nothing over, pin nothing in the store.
+            if lease_id and self.bridge is not None:
+                self.spawn(self.bridge.release(fingerprint, lease_id))
+            raise
         finally:
-            self.engine.call(lambda _: port.release_held(request.request_id))
-        if self.bridge is None:
-            block_hashes = []
+            # Whether the request finished, failed or was cancelled mid-way: a request that
+            # finished before its output was read still holds its prompt blocks.
+            self.engine.call(lambda _: port.release_held(rid))
         return Handoff(
-            request_id=request.request_id,
+            request_id=rid,
             prompt_token_ids=request.prompt_token_ids,
             first_token=last.new_token_ids[0],
             first_logprobs=last.logprobs[0] if last.logprobs else None,
@@ -65,6 +68,19 @@ class PrefillServer(PoolWorker):
             num_cached_tokens=last.num_cached_tokens,
             lease_id=lease_id,
         )
+
+    async def _export(self, request_id: str, stored_prefix: int) -> str:
+        """The lease pinning the prompt's blocks in the store, or "" if the store failed."""
+        assert self.bridge is not None
+        try:
+            lease = await self.bridge.export(
+                self.engine.engine.fingerprint, request_id, stored_prefix
+            )
+            return lease.lease_id
+        except Exception as e:  # the KV store is an optimization: never fail a request on it
+            log.warning("request %s: KV export failed: %s", request_id, e)
+            self.fallbacks["kv_export"] += 1
+            return ""
 
     async def _fetch(self, hashes: list[bytes]) -> list[int]:
         assert self.bridge is not None

@@ -23,9 +23,11 @@ from engine.handoff import Handoff
 from engine.hashing import block_hashes
 from engine.outputs import RequestOutput
 from services.pool_requests import DecodeRequest, ModelCard, PoolStats, PrefillRequest
+from services.router.errors import OverloadedError
 from services.router.pipeline import GenerationRequest, Pipeline
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1.0
 
 
 class PrefillPool(Protocol):
@@ -53,6 +55,7 @@ class DisaggregatedPipeline(Pipeline):
         local_prefill_threshold: int,
         prefill_timeout_s: float,
         transfer_timeout_s: float,
+        max_inflight: int = 256,
     ) -> None:
         if prefill_card.model_id != decode_card.model_id:
             raise ValueError(
@@ -71,11 +74,26 @@ class DisaggregatedPipeline(Pipeline):
         self.prefill_timeout_s = prefill_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self.local_prefills: Counter[str] = Counter()  # why decode prefilled locally
+        self.max_inflight = max_inflight
+        self.inflight = 0
 
     def ready(self) -> bool:
         return True
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        if self.inflight >= self.max_inflight:
+            raise OverloadedError(
+                f"the server is at its limit of {self.max_inflight} requests in flight",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        self.inflight += 1
+        try:
+            async for out in self._generate(request):
+                yield out
+        finally:
+            self.inflight -= 1
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         prompt = request.prompt_token_ids
         needed = len(prompt) + request.params.max_tokens
         if needed > self.max_model_len:

@@ -188,7 +188,7 @@ def test_stop_n_and_seed(client: openai.OpenAI) -> None:
 
 
 def test_matches_the_in_process_pipeline(
-    client: openai.OpenAI, default_checkpoint: LoadedCheckpoint
+    server: Server, client: openai.OpenAI, default_checkpoint: LoadedCheckpoint
 ) -> None:
     def engine(linear: str):  # type: ignore[no-untyped-def]
         return EngineArgs(dtype="float32", linear=linear, max_model_len=1024, **POOL).create_engine(
@@ -210,6 +210,14 @@ def test_matches_the_in_process_pipeline(
             extra_body={"min_tokens": 24, "cache_salt": "parity"},
         )
         assert got.choices[0].text == want.text, text
+    time.sleep(2.5)  # one metrics refresh
+    metrics = server.metrics()
+    moved = (
+        'baton_kv_transfer_bytes_total{pool="decode",model="smollm2-135m-instruct",direction="get"}'
+    )
+    assert metrics[moved] > 0, "decode never pulled KV from the store"
+    fallbacks = {k: v for k, v in metrics.items() if "fallback" in k and v}
+    assert not fallbacks, fallbacks
 
 
 def test_repeated_system_prompt_is_served_from_the_cache(

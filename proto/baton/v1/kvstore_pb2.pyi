@@ -90,23 +90,17 @@ class LookupRequest(_message.Message):
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
-class BlockLocation(_message.Message):
-    __slots__ = ("shard_id", "address", "size", "checksum")
-    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
-    ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
-    shard_id: str
-    address: str
-    size: int
-    checksum: int
-    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
-
 class LookupResponse(_message.Message):
-    __slots__ = ("locations",)
-    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
-    locations: _containers.RepeatedCompositeFieldContainer[BlockLocation]
-    def __init__(self, locations: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ...) -> None: ...
+    __slots__ = ("shards", "shard_index", "sizes", "checksums")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[Shard]
+    shard_index: _containers.RepeatedScalarFieldContainer[int]
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., shard_index: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
     __slots__ = ("lease_id", "block_hashes", "ttl_ms")

@@ -3,6 +3,7 @@
 import asyncio
 import random
 
+import hiredis
 import torch
 
 from services.kvstore.index import IndexEntry, Location, ShardInfo, open_index
@@ -40,6 +41,28 @@ async def test_lookup_is_the_longest_live_prefix(redis_server: RedisProcess) -> 
     assert len(await index.lookup(hashes)) == 2
     assert await index.live_shards() == [A]
     await index.close()
+
+
+async def test_lookup_learns_shards_that_announced_after_it_last_looked(
+    redis_server: RedisProcess,
+) -> None:
+    reader, writer = RedisPrefixIndex(redis_server.url), RedisPrefixIndex(redis_server.url)
+    hashes = make_hashes(4)
+    await writer.heartbeat(A, 5)
+    await writer.update("a", entries(hashes[:2]), [])
+    assert [loc.shard for loc in await reader.lookup(hashes)] == [A, A]
+    await writer.heartbeat(B, 5)  # b joins after the reader's last lookup
+    await writer.update("b", entries(hashes[2:]), [])
+    assert [loc.shard for loc in await reader.lookup(hashes)] == [A, A, B, B]
+    await writer.close()
+    await reader.close()
+
+
+def test_lookup_packs_one_mget_exactly_as_hiredis_would() -> None:
+    index = RedisPrefixIndex("redis://127.0.0.1:1/0", key_prefix="p:")
+    hashes = make_hashes(3)
+    keys = [b"p:block:" + h.hex().encode() for h in hashes] + [b"p:shard:a", b"p:shard:bb"]
+    assert index._pack_lookup(hashes, [b"a", b"bb"]) == hiredis.pack_command((b"MGET", *keys))
 
 
 async def test_removal_only_deletes_the_removers_entry(redis_server: RedisProcess) -> None:
@@ -145,6 +168,7 @@ async def test_two_shards_survive_a_redis_restart_with_32_clients(
         for h, loc in zip(hashes, locations, strict=True):
             assert h in held[loc.shard.shard_id]  # each found where it is
             assert loc.shard.shard_id == rendezvous_owner(h, ["a", "b"])
+        assert await clients[1].lookup(hashes) == locations  # the same through Lookup
         out = torch.zeros_like(blocks)
         assert await clients[0].get_into(hashes, list(out)) == len(hashes)
         assert torch.equal(out.view(torch.uint8), blocks.view(torch.uint8))  # none mixed up

@@ -15,11 +15,12 @@ from engine.hashing import KVFingerprint, block_hashes
 from engine.kv_format import KVBlockFormat
 from proto.baton.v1 import kvstore_pb2 as pb
 from proto.baton.v1 import kvstore_pb2_grpc as pb_grpc
+from services.kvstore import shard_client as shard_client_module
 from services.kvstore.block_meta import BlockMeta, fingerprint_to_proto
-from services.kvstore.client import ClientConfig, KVStoreClient, Lease
+from services.kvstore.client import ClientConfig, KVStoreClient, Lease, PutSummary
 from services.kvstore.codec import MAX_MESSAGE_BYTES
 from services.kvstore.errors import BlockFormatError
-from services.kvstore.server import KVStoreServer
+from services.kvstore.server import KVStoreServer, ServerConfig
 
 from .conftest import (
     BLOCK,
@@ -302,6 +303,87 @@ async def test_shared_memory_put_must_announce_each_slot_once(
         assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error in (failure.value.details() or "")
         assert nothing_stored(server)
+
+
+async def test_shared_memory_put_verifies_written_batches_as_they_arrive(
+    shard: ShardFactory,
+) -> None:
+    blocks, hashes = make_blocks(4), make_hashes(4)
+    payloads = [as_bytes(b) for b in blocks]
+    async with shard() as server, client_for(server) as client:
+        shard_client = client._client(f"127.0.0.1:{server.port}")
+        segment = await shard_client.shared_segment()
+        assert segment is not None
+        call = shard_client.stub.PutShared(timeout=30)
+        headers = [header(h, p, checksum=0) for h, p in zip(hashes, payloads, strict=True)]
+        await call.write(
+            pb.PutSharedRequest(
+                reserve=pb.PutSharedReserve(start=START, headers=headers, token=segment.token)
+            )
+        )
+        offsets = (await call.read()).slots.offsets
+        checksums = [xxhash.xxh3_64_intdigest(p) for p in payloads]
+        for batch in (slice(0, 1), slice(1, 4)):
+            for offset, payload in zip(offsets[batch], payloads[batch], strict=True):
+                segment.view[offset : offset + len(payload)] = payload
+            written = pb.PutSharedWritten(checksums=checksums[batch])
+            await call.write(pb.PutSharedRequest(written=written))
+        await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
+        result = await call.read()
+        assert result.result == pb.PutResponse(stored=4, deduplicated=0)
+        stored = {b.meta.hash: b.meta.checksum for b in server.store.arena}
+        assert stored == dict(zip(hashes, checksums, strict=True))  # the verified checksums
+        out = torch.zeros_like(blocks)
+        assert await client.get_into(hashes, list(out)) == 4
+        assert as_bytes(out) == as_bytes(blocks)
+
+
+async def test_client_announces_shared_memory_writes_in_batches(
+    shard: ShardFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shard_client_module, "WRITTEN_BATCH_BYTES", 3 * BLOCK)
+    announced: list[int] = []
+    original = shard_client_module.ShardClient._announce
+
+    async def counting(call: object, checksums: list[int], previous: object) -> object:
+        announced.append(len(checksums))
+        return await original(call, checksums, previous)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shard_client_module.ShardClient, "_announce", staticmethod(counting))
+    blocks, hashes = make_blocks(8), make_hashes(8)
+    async with shard() as server, client_for(server) as client:
+        await client.put(hashes[:2], list(blocks[:2]))  # held already: skipped, not announced
+        announced.clear()
+        assert await client.put(hashes, list(blocks)) == PutSummary(stored=6, deduplicated=2)
+        assert announced == [3, 3]
+        out = torch.zeros_like(blocks)
+        assert await client.get_into(hashes, list(out)) == 8
+    assert as_bytes(out) == as_bytes(blocks)
+
+
+async def test_get_messages_are_packed_to_the_configured_size(shard: ShardFactory) -> None:
+    blocks, hashes = make_blocks(40), make_hashes(40)  # 160 KiB
+    message_bytes = 64 * 1024
+    async with shard(message_bytes=message_bytes) as server, client_for(server) as client:
+        await client.put(hashes, list(blocks))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            get = channel.unary_stream(
+                "/baton.v1.KVStore/Get", request_serializer=pb.GetRequest.SerializeToString
+            )
+            sizes = [len(raw) async for raw in get(pb.GetRequest(block_hashes=hashes))]
+    assert all(size <= message_bytes for size in sizes)
+    assert len(sizes) == 3  # 40 blocks of 4 KiB plus headers need three 64 KiB messages
+    assert sum(sizes) > 40 * BLOCK
+
+
+@pytest.mark.parametrize("message_bytes", [4095, MAX_MESSAGE_BYTES + 1])
+def test_message_size_outside_the_limits_is_refused(message_bytes: int) -> None:
+    with pytest.raises(
+        ValueError, match=f"message_bytes must be in \\[4096, {MAX_MESSAGE_BYTES}\\]"
+    ):
+        ClientConfig(message_bytes=message_bytes)
+    with pytest.raises(ValueError, match="message_bytes must be in"):
+        ServerConfig(shard_id="s", capacity_bytes=BLOCK, message_bytes=message_bytes)
 
 
 async def test_stale_shared_memory_token_is_failed_precondition(shard: ShardFactory) -> None:

@@ -1,0 +1,96 @@
+"""The RayService's serveConfigV2 is a Serve config Ray accepts, its application's args are a
+valid ServingConfig, and each Serve deployment can only be placed on its own worker group."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+import pytest
+from ray.serve.schema import ServeDeploySchema
+
+from services.serving_config import ServingConfig
+from tests.chart.chart import VALUE_SETS, Release, render
+
+value_sets = pytest.mark.parametrize("value_set", list(VALUE_SETS))
+
+
+def offered_resources(group: dict[str, Any]) -> dict[str, float]:
+    """The custom resources a worker group's `ray start` advertises."""
+    (word,) = shlex.split(f"--resources={group['rayStartParams']['resources']}")
+    resources: dict[str, float] = json.loads(word.removeprefix("--resources="))
+    return resources
+
+
+def deployments(release: Release) -> dict[str, dict[str, Any]]:
+    (app,) = release.serve_config["applications"]
+    return {d["name"]: d for d in app["deployments"]}
+
+
+@value_sets
+def test_ray_accepts_the_serve_config(value_set: str) -> None:
+    config = ServeDeploySchema.model_validate(render(value_set).serve_config)
+    (app,) = config.applications
+    assert app.import_path == "services.app:app_builder"
+    assert app.route_prefix == "/"
+    assert config.http_options.host == "0.0.0.0"
+    assert config.http_options.port == 8000
+
+
+@value_sets
+def test_args_are_a_serving_config(value_set: str) -> None:
+    release = render(value_set)
+    config = ServingConfig.model_validate(release.serving_config)
+    values = VALUE_SETS[value_set].values
+    assert config.mode == values.get("mode", "disaggregated")
+    assert config.model.served_name == values.get("model", {}).get(
+        "servedName", "smollm2-135m-instruct"
+    )
+    assert config.router.host == "0.0.0.0"
+    for name, deployment in deployments(release).items():
+        if name != "router":
+            pool = getattr(config, name)
+            assert deployment["num_replicas"] == pool.replicas
+            actor = deployment["ray_actor_options"]
+            assert (actor["num_cpus"], actor["num_gpus"]) == (pool.num_cpus, pool.num_gpus)
+
+
+def test_args_follow_the_values() -> None:
+    config = ServingConfig.model_validate(render("gpu-pools").serving_config)
+    assert config.model.path == "/models/Llama-3.1-8B-Instruct"
+    assert (config.model.kernel_backend, config.model.device) == ("triton", "cuda")
+    assert config.model.max_model_len == 8192
+    assert (config.prefill.linear, config.decode.linear) == ("fp8", "int4")
+    assert (config.prefill.replicas, config.decode.replicas) == (2, 4)
+    assert config.decode.kv_cache_bytes == 512 * 2**20
+    default = ServingConfig.model_validate(render("default").serving_config)
+    assert default.model.path is None  # the embedded SmolLM2-135M-Instruct
+    assert default.kvstore.redis_url == "redis://llm-baton-redis.serving.svc.cluster.local:6379/0"
+    assert (default.kvstore.lease_ttl_s, default.kvstore.timeout_s) == (30, 10)
+
+
+@value_sets
+def test_each_deployment_is_pinned_to_its_worker_group(value_set: str) -> None:
+    """A replica needs one unit of `baton_<group>`, which only its group's pods offer, one
+    unit each: so replicas land on their own group's pods, one per pod, and Ray's autoscaler
+    knows which group to grow for a pending replica."""
+    release = render(value_set)
+    groups = release.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    offers = {g["groupName"]: offered_resources(g) for g in groups}
+    assert offers == {name: {f"baton_{name}": 1} for name in offers}
+    placed = deployments(release)
+    assert placed.keys() == offers.keys()
+    for name, deployment in placed.items():
+        actor = deployment["ray_actor_options"]
+        assert actor["resources"] == {f"baton_{name}": 1}
+        group = release.worker_group(name)
+        assert int(group["rayStartParams"]["num-cpus"]) >= actor["num_cpus"]
+        assert int(group["rayStartParams"]["num-gpus"]) == actor["num_gpus"]
+        assert group["minReplicas"] <= deployment["num_replicas"] <= group["maxReplicas"]
+        assert group["replicas"] == deployment["num_replicas"]
+
+
+def test_head_runs_no_replica() -> None:
+    head = render("default").rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-cpus": "0"}
