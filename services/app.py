@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 from ray import serve
@@ -77,7 +78,12 @@ def _render_metrics() -> str:
     return text
 
 
-_http_app = build_http_app(_current_pipeline, metrics=_render_metrics)
+def _api_keys() -> list[str]:
+    """BATON_API_KEYS (comma-separated; the Helm chart mounts it from a Secret)."""
+    return [k.strip() for k in os.environ.get("BATON_API_KEYS", "").split(",") if k.strip()]
+
+
+_http_app = build_http_app(_current_pipeline, api_keys=_api_keys, metrics=_render_metrics)
 
 
 @serve.ingress(_http_app)

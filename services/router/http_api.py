@@ -50,17 +50,21 @@ class _ClientGone(Exception):
 
 def build_http_app(
     get_pipeline: Callable[[], Pipeline],
-    api_keys: Collection[str] = (),
+    api_keys: Collection[str] | Callable[[], Collection[str]] = (),
     metrics: Callable[[], str] | None = None,
 ) -> FastAPI:
     """The app. `get_pipeline` is called per request and may raise NotReadyError (503);
     with `api_keys`, /v1 routes need `Authorization: Bearer <key>`; `metrics` renders the
     Prometheus text for GET /metrics (absent without it)."""
     app = FastAPI(title="Baton", summary="OpenAI-compatible LLM serving")
-    keys = [key.encode() for key in api_keys]
+    def current_keys() -> list[bytes]:
+        # A callable is read per request: a replica takes its keys from its own environment.
+        keys = api_keys() if callable(api_keys) else api_keys
+        return [key.encode() for key in keys]
     started = int(time.time())
 
     def authorize(authorization: str | None = Header(None)) -> None:
+        keys = current_keys()
         if not keys:
             return
         scheme, _, key = (authorization or "").partition(" ")

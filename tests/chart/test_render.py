@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import textwrap
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -478,3 +479,34 @@ def test_notes_check_for_kuberay() -> None:
     # Offline, the RayService CRD lookup finds nothing, as on a cluster without KubeRay.
     assert "KubeRay's RayService CRD (rayservices.ray.io, version v1) was not found" in notes
     assert f"kubectl port-forward -n {NAMESPACE} svc/{FULLNAME}-router 8000 50051" in notes
+
+
+def test_readme_gpu_example_installs() -> None:
+    """The values file shown in README.md's "Install on Kubernetes" renders and is admitted."""
+    readme = (CHART_DIR.parents[1] / "README.md").read_text()
+    section = readme.split("## Install on Kubernetes", 1)[1]
+    block = section.split("# gpu.yaml", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    release = render_values(yaml.safe_load(textwrap.dedent(block)))
+    assert release.worker_group("decode")["rayStartParams"]["num-gpus"] == "1"
+    assert release.get("StatefulSet", f"{FULLNAME}-kvstore")["spec"]["replicas"] == 3
+    assert [e for o in release.objects for e in admission_errors(o)] == []
+
+
+def test_operator_watches_extra_namespaces_with_a_role_in_each() -> None:
+    release = render_values({"operator": {"watchNamespaces": ["llm-canary", NAMESPACE]}})
+    roles = {
+        (r["kind"], r["metadata"]["namespace"]) for r in release.objects if "Role" in r["kind"]
+    }
+    assert roles == {
+        (kind, namespace)
+        for kind in ("Role", "RoleBinding")
+        for namespace in (NAMESPACE, "llm-canary")
+    }
+    args = _container(release.get("Deployment", f"{FULLNAME}-operator"))["args"]
+    assert [a for a in args if a.startswith("--namespace")] == [
+        f"--namespace={NAMESPACE}",
+        "--namespace=llm-canary",
+    ]
+    for binding in release.of_kind("RoleBinding"):
+        assert binding["subjects"][0]["namespace"] == NAMESPACE
+    assert [e for o in release.objects for e in admission_errors(o)] == []

@@ -8,6 +8,7 @@ import shlex
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 from ray.serve.schema import ServeDeploySchema
 
 from services.serving_config import ServingConfig
@@ -54,6 +55,32 @@ def test_args_are_a_serving_config(value_set: str) -> None:
             assert deployment["num_replicas"] == pool.replicas
             actor = deployment["ray_actor_options"]
             assert (actor["num_cpus"], actor["num_gpus"]) == (pool.num_cpus, pool.num_gpus)
+
+
+def fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted names of a pydantic model's leaf fields."""
+    found = set()
+    for name, info in model.model_fields.items():
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            found |= fields(sub, f"{prefix}{name}.")
+        else:
+            found.add(prefix + name)
+    return found
+
+
+def test_chart_writes_every_serving_config_field() -> None:
+    """A field the chart leaves out would silently take its code default in the cluster;
+    a new ServingConfig field fails here until values.yaml exposes it. kvstore.capacity
+    sizes the shard `baton serve` starts; the chart sizes its shards by memory limit."""
+    args = render("default").serving_config
+    written = {
+        f"{section}.{key}"
+        for section, value in args.items()
+        if isinstance(value, dict)
+        for key in value
+    } | {key for key, value in args.items() if not isinstance(value, dict)}
+    assert written == fields(ServingConfig) - {"kvstore.capacity"}
 
 
 def test_args_follow_the_values() -> None:

@@ -29,6 +29,8 @@ router:
   grpc_port: {{ int .Values.router.grpcPort }}
   local_prefill_threshold: {{ int .Values.router.localPrefillThreshold }}
   request_timeout_s: {{ .Values.router.requestTimeoutSeconds | toJson }}
+  prefill_timeout_s: {{ .Values.router.prefillTimeoutSeconds | toJson }}
+  max_inflight_requests: {{ int .Values.router.maxInflightRequests }}
 {{- end }}
 
 {{/* One pool's ServingConfig section, as a JSON object. */}}
