@@ -5,9 +5,11 @@
 Starts one kvstore shard (a separate process, in-process index) and, for each total size,
 puts and gets that many bytes of Llama-3-8B-shaped bf16 blocks (2 MiB each) over
 (a) gRPC bytes and (b) the shared-memory path, measured beside a raw loopback TCP copy
-(sendall -> recv_into a preallocated buffer, receiver in another process) and a memcpy of
-the same bytes. Each repeat measures every path and peer once, in turn, so load from
-other processes on a shared machine lands on both sides of a ratio alike. Then starts
+(sendall -> recv_into a preallocated buffer, receiver in another process), a memcpy of
+the same bytes, and grpcio itself moving the same messages between two processes with no
+work on either side (the ceiling of any gRPC bytes path in Python). Each repeat measures
+every path and peer once, in turn, so load from other processes on a shared machine
+lands on both sides of a ratio alike. Then starts
 redis-server and a Redis-indexed shard and times a 256-block prefix lookup, straight
 against Redis and through the Lookup RPC, beside a PING (the round-trip floor).
 Throughputs are medians over --repeats, in GB/s (1e9 bytes).
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -44,7 +46,10 @@ from proto.baton.v1 import kvstore_pb2 as pb
 from proto.baton.v1 import kvstore_pb2_grpc as pb_grpc
 from services.kvstore.client import ClientConfig, KVStoreClient
 from services.kvstore.codec import MESSAGE_BYTES
+from services.kvstore.malloc_tuning import tune_malloc
 from services.kvstore.redis_index import RedisPrefixIndex
+from services.kvstore.server import GRPC_OPTIONS
+from services.kvstore.shard_client import CHANNEL_OPTIONS
 
 FORMAT = KVBlockFormat(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bf16")
 FINGERPRINT = KVFingerprint("bench/llama-3-8b-shape", "bench", "bf16", 1, "fp8", 16)
@@ -100,6 +105,72 @@ class SocketPeer:
 
     def close(self) -> None:
         self.receiver.join()
+
+
+async def _noop_put(requests: AsyncIterator[bytes], context: object) -> bytes:
+    async for _ in requests:
+        pass
+    return b""
+
+
+def _grpc_noop_server(port: int, message_bytes: int, ready: mp.synchronize.Event) -> None:
+    tune_malloc()  # as a shard does
+    payload = os.urandom(message_bytes)
+
+    async def get(request: bytes, context: object) -> AsyncIterator[bytes]:
+        for _ in range(int.from_bytes(request, "little")):
+            yield payload
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        handlers = {
+            "Put": grpc.stream_unary_rpc_method_handler(_noop_put),
+            "Get": grpc.unary_stream_rpc_method_handler(get),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("noop", handlers),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+class GrpcCeiling:
+    """grpcio streaming `nbytes` in messages of `message_bytes` between this process and
+    another one, doing nothing with them: what any gRPC bytes path in Python can reach."""
+
+    def __init__(self, message_bytes: int) -> None:
+        port = free_port()
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        self.server = ctx.Process(target=_grpc_noop_server, args=(port, message_bytes, ready))
+        self.server.start()
+        ready.wait()
+        self.message = os.urandom(message_bytes)
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        self._put = self.channel.stream_unary("/noop/Put")
+        self._get = self.channel.unary_stream("/noop/Get")
+
+    async def put(self, nbytes: int) -> float:
+        async def messages() -> AsyncIterator[bytes]:
+            for _ in range(-(-nbytes // len(self.message))):
+                yield self.message
+
+        return await timed(lambda: self._put(messages()))
+
+    async def get(self, nbytes: int) -> float:
+        async def drain() -> None:
+            count = -(-nbytes // len(self.message))
+            async for _ in self._get(count.to_bytes(8, "little")):
+                pass
+
+        return await timed(drain)
+
+    async def close(self) -> None:
+        await self.channel.close()
+        self.server.terminate()
+        self.server.join()
 
 
 def memcpy(source: np.ndarray, dest: np.ndarray) -> float:
@@ -193,13 +264,10 @@ async def bench_transfers(sizes_mib: list[int], repeats: int, config: ClientConf
         streams=config.streams,
         message_bytes=config.message_bytes,
     )
+    ceiling = GrpcCeiling(config.message_bytes)
     try:
         await shard.ready()
-        print(
-            f"\n{'size':>8} | {'memcpy':>7} | {'shm put':>7} {'shm get':>7} | {'% memcpy':>9} "
-            f"| {'socket':>7} | {'grpc put':>8} {'grpc get':>8} | {'% socket':>9}"
-        )
-        print("-" * 100)
+        print(f"\n{TABLE_HEADER}")
         for mib in sizes_mib:
             n = mib * 2**20 // FORMAT.nbytes
             nbytes = n * FORMAT.nbytes
@@ -215,9 +283,13 @@ async def bench_transfers(sizes_mib: list[int], repeats: int, config: ClientConf
             ):
                 for client in (shm, rpc):  # connect, negotiate shared memory, warm up
                     await put_get(client, blocks[:2], out[:2])
+                await ceiling.put(FORMAT.nbytes)
+                await ceiling.get(FORMAT.nbytes)
                 for _ in range(repeats):
                     times["memcpy"].append(memcpy(src, dst))
                     times["socket"].append(peer.copy(memoryview(src.data)))
+                    times["grpcio put"].append(await ceiling.put(nbytes))
+                    times["grpcio get"].append(await ceiling.get(nbytes))
                     for name, client in (("shm", shm), ("grpc", rpc)):
                         put, get = await put_get(client, blocks, out)
                         times[f"{name} put"].append(put)
@@ -225,20 +297,34 @@ async def bench_transfers(sizes_mib: list[int], repeats: int, config: ClientConf
                 assert await transport_bytes(shm, "shm") > 0, "shared memory was not used"
                 assert await transport_bytes(rpc, "grpc") > 0, "gRPC bytes were not used"
             peer.close()
-            rate = {name: gbps(nbytes, t) for name, t in times.items()}
-            shm_rates = (rate["shm put"], rate["shm get"])
-            rpc_rates = (rate["grpc put"], rate["grpc get"])
-            copy, sock = rate["memcpy"], rate["socket"]
-            print(
-                f"{mib:>5}MiB | {copy:7.2f} | {shm_rates[0]:7.2f} {shm_rates[1]:7.2f} | "
-                f"{100 * min(shm_rates) / copy:4.0f}-{100 * max(shm_rates) / copy:3.0f}% | "
-                f"{sock:7.2f} | {rpc_rates[0]:8.2f} {rpc_rates[1]:8.2f} | "
-                f"{100 * min(rpc_rates) / sock:4.0f}-{100 * max(rpc_rates) / sock:3.0f}%",
-                flush=True,
-            )
+            print(row(mib, {name: gbps(nbytes, t) for name, t in times.items()}), flush=True)
             del blocks, out, src, dst
     finally:
+        await ceiling.close()
         shard.stop()
+
+
+def row(mib: int, rate: dict[str, float]) -> str:
+    def span(a: float, b: float, peer: float) -> str:
+        return f"{100 * min(a, b) / peer:4.0f}-{100 * max(a, b) / peer:3.0f}%"
+
+    copy, sock = rate["memcpy"], rate["socket"]
+    shm, rpc, noop = (
+        (rate[f"{name} put"], rate[f"{name} get"]) for name in ("shm", "grpc", "grpcio")
+    )
+    return (
+        f"{mib:>5}MiB | {copy:6.2f} | {shm[0]:5.2f} {shm[1]:5.2f} | {span(*shm, copy)} | "
+        f"{sock:6.2f} | {rpc[0]:5.2f} {rpc[1]:5.2f} | {span(*rpc, sock)} | "
+        f"{noop[0]:5.2f} {noop[1]:5.2f} | {span(*noop, sock)}"
+    )
+
+
+TABLE_HEADER = (
+    f"{'':>8} | {'':>6} | {'shm':^11} | {'shm /':>9} | {'':>6} | {'grpc':^11} | "
+    f"{'grpc /':>9} | {'grpcio no-op':^11} | {'no-op /':>9}\n"
+    f"{'size':>8} | {'memcpy':>6} | {'put':>5} {'get':>5} | {'memcpy':>9} | {'socket':>6} | "
+    f"{'put':>5} {'get':>5} | {'socket':>9} | {'put':>5} {'get':>5} | {'socket':>9}\n" + "-" * 106
+)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -25,8 +25,10 @@ class LinearFormat(ABC):
     """Quantization scheme recorded in KV fingerprints when this format computes prefill."""
 
     @abstractmethod
-    def prepare(self, weight: torch.Tensor, dtype: torch.dtype, device: str) -> Any:
-        """Convert a full-precision [out, in] weight into this format's stored form."""
+    def prepare(
+        self, weight: torch.Tensor, dtype: torch.dtype, device: str, ops: KernelBackend
+    ) -> Any:
+        """Convert a full-precision [out, in] weight into the stored form `ops` multiplies."""
 
     @abstractmethod
     def apply(
@@ -41,7 +43,9 @@ class DenseFormat(LinearFormat):
     name = "dense"
     scheme = "none"
 
-    def prepare(self, weight: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
+    def prepare(
+        self, weight: torch.Tensor, dtype: torch.dtype, device: str, ops: KernelBackend
+    ) -> torch.Tensor:
         return weight.to(device=device, dtype=dtype).contiguous()
 
     def apply(
@@ -52,6 +56,16 @@ class DenseFormat(LinearFormat):
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
         return ops.dense_linear(x, stored, bias)
+
+
+def check_activation_dtype(fmt: LinearFormat, dtype: torch.dtype, ops: KernelBackend) -> None:
+    """Quantized formats refuse, at load, an activation dtype their backend cannot take."""
+    if dtype not in ops.quantized_activation_dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in ops.quantized_activation_dtypes)
+        raise ValueError(
+            f"the {ops.name} backend's {fmt.name} kernels take {allowed} activations, not "
+            f"{str(dtype).removeprefix('torch.')}; change dtype or the kernel backend"
+        )
 
 
 _FORMATS: dict[str, Callable[[], LinearFormat]] = {"dense": DenseFormat}
@@ -97,7 +111,7 @@ class Linear:
         self.batch_invariant = batch_invariant
         self.fmt = fmt
         self.ops = ops
-        self.stored = fmt.prepare(weight, dtype, device)
+        self.stored = fmt.prepare(weight, dtype, device, ops)
         self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,14 @@ class KernelBackend(ABC):
     """
 
     name: ClassVar[str]
+    quantized_activation_dtypes: ClassVar[tuple[torch.dtype, ...]] = (
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+    )
+    """Activation dtypes `fp8_linear` and `int4_linear` take."""
+    int4_layout: ClassVar[str | None] = None
+    """The INT4 packing `int4_linear` needs (kernels.int4_linear), or None: either works."""
 
     @abstractmethod
     def rms_norm(

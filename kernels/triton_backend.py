@@ -16,6 +16,8 @@ from kernels.rope_triton import apply_rope
 
 class TritonBackend(KernelBackend):
     name = "triton"
+    int4_layout = "triton"
+    quantized_activation_dtypes = (torch.bfloat16, torch.float16)
 
     def rms_norm(
         self,

@@ -7,10 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from engine.loaders import LoadedCheckpoint, default_model_path, load_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers references read local files only
+
+if not torch.cuda.is_available():
+    # `triton.jit` picks compiling or interpreting when a kernel is defined; without CUDA
+    # the interpreter is the only way any test (kernels, the Triton stack e2e) can run one.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

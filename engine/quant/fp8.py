@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from engine.linear import LinearFormat, register_format
+from engine.linear import LinearFormat, check_activation_dtype, register_format
 from kernels.backend import KernelBackend
 from kernels.fp8_linear import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, Fp8Weight, make_fp8_weight
 
@@ -27,7 +27,10 @@ class Fp8Format(LinearFormat):
     name = "fp8"
     scheme: ClassVar[str] = "fp8-e4m3-w-channel-a-token"
 
-    def prepare(self, weight: torch.Tensor, dtype: torch.dtype, device: str) -> Fp8Weight:
+    def prepare(
+        self, weight: torch.Tensor, dtype: torch.dtype, device: str, ops: KernelBackend
+    ) -> Fp8Weight:
+        check_activation_dtype(self, dtype, ops)
         return make_fp8_weight(*quantize_fp8_per_channel(weight), device)
 
     def apply(

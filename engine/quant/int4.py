@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from engine.linear import LinearFormat, register_format
+from engine.linear import LinearFormat, check_activation_dtype, register_format
 from kernels.backend import KernelBackend
 from kernels.int4_linear import Int4Weight, dequantize_int4, int4_group_size, pack_int4
 
@@ -58,9 +58,12 @@ class Int4Format(LinearFormat):
     name = "int4"
     scheme: ClassVar[str] = "int4-w4a16-asym"
 
-    def prepare(self, weight: torch.Tensor, dtype: torch.dtype, device: str) -> Int4Weight:
+    def prepare(
+        self, weight: torch.Tensor, dtype: torch.dtype, device: str, ops: KernelBackend
+    ) -> Int4Weight:
+        check_activation_dtype(self, dtype, ops)
         groups = quantize_int4(weight)
-        layout = "triton" if torch.device(device).type == "cuda" else "cpu"
+        layout = ops.int4_layout or ("cpu" if torch.device(device).type == "cpu" else "triton")
         return pack_int4(groups.q, groups.scales, groups.zeros, groups.group_size, layout, device)
 
     def apply(

@@ -224,25 +224,28 @@ class KVStoreServicer:
             yield pb.PutSharedResponse(slots=pb.SharedSlots(offsets=[o or 0 for o in offsets]))
             slots = [(m, o) for m, o in zip(metas, offsets, strict=True) if o is not None]
             written = 0
+            # A bad batch is reported when the client commits: one that is still writing
+            # would only see its next write fail, without the reason.
+            failure: KVStoreError | None = None
             async for request in requests:
                 step = request.WhichOneof("step")
                 if step == "commit":
                     break
                 if step != "written":
                     raise MalformedMessageError(f"PutShared got `{step}` after `reserve`")
-                # verified now, while the client writes the next batch on the other core
                 checksums = request.written.checksums
-                if written + len(checksums) > len(slots):
-                    raise MalformedMessageError(
-                        f"`written` announces {written + len(checksums)} slots; "
-                        f"{len(slots)} were reserved"
-                    )
-                for (meta, offset), checksum in zip(slots[written:], checksums, strict=False):
-                    self._verify_slot(meta, offset, checksum)
-                    txn.set_checksum(meta.hash, checksum)
                 written += len(checksums)
+                if failure is not None:
+                    continue
+                try:
+                    # verified now, while the client copies the next batch on another core
+                    self._verify_written(txn, slots[written - len(checksums) :], checksums)
+                except KVStoreError as exc:
+                    failure = exc
             else:
                 return  # the client gave up before committing: nothing is stored
+            if failure is not None:
+                raise failure
             if written != len(slots):
                 raise MalformedMessageError(
                     f"commit after {written} of {len(slots)} reserved slots were written"
@@ -308,13 +311,23 @@ class KVStoreServicer:
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
 
-    def _verify_slot(self, meta: BlockMeta, offset: int, checksum: int) -> None:
-        actual = xxhash.xxh3_64_intdigest(self._store.arena.view(offset, meta.size))
-        if actual != checksum:
-            raise ChecksumError(
-                f"block {meta.hash.hex()}: its slot holds checksum {actual:016x}, the client "
-                f"announced {checksum:016x}; the write was incomplete or went to the wrong slot"
+    def _verify_written(
+        self, txn: PutTransaction, slots: Sequence[tuple[BlockMeta, int]], checksums: Sequence[int]
+    ) -> None:
+        """Checks the slots a `written` announces against their checksums, and records them."""
+        if len(checksums) > len(slots):
+            raise MalformedMessageError(
+                f"`written` announces {len(checksums)} slots; {len(slots)} reserved slots are left"
             )
+        for (meta, offset), checksum in zip(slots, checksums, strict=False):
+            actual = xxhash.xxh3_64_intdigest(self._store.arena.view(offset, meta.size))
+            if actual != checksum:
+                raise ChecksumError(
+                    f"block {meta.hash.hex()}: its slot holds checksum {actual:016x}, the "
+                    f"client announced {checksum:016x}; the write was incomplete or went to "
+                    "the wrong slot"
+                )
+            txn.set_checksum(meta.hash, checksum)
 
     def _require_shared_memory(self) -> None:
         if self._store.arena.segment.path is None:

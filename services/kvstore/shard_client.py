@@ -255,19 +255,23 @@ class ShardClient:
             checksums: list[int] = []
             batch_bytes = 0
             announcing: asyncio.Future[None] | None = None
-            for (_, view), offset in zip(blocks, slots.slots.offsets, strict=True):
-                if not offset:  # 0: the shard already holds this block
-                    continue
-                slot = segment.view[offset : offset + len(view)]
-                checksums.append(copy_hashed(slot, view, hash_dest=False))
-                batch_bytes += len(view)
-                if batch_bytes >= WRITTEN_BATCH_BYTES:
+            try:
+                for (_, view), offset in zip(blocks, slots.slots.offsets, strict=True):
+                    if not offset:  # 0: the shard already holds this block
+                        continue
+                    slot = segment.view[offset : offset + len(view)]
+                    checksums.append(copy_hashed(slot, view, hash_dest=False))
+                    batch_bytes += len(view)
+                    if batch_bytes >= WRITTEN_BATCH_BYTES:
+                        announcing = await self._announce(call, checksums, announcing)
+                        checksums, batch_bytes = [], 0
+                if checksums:
                     announcing = await self._announce(call, checksums, announcing)
-                    checksums, batch_bytes = [], 0
-            if checksums:
-                announcing = await self._announce(call, checksums, announcing)
-            if announcing is not None:
-                await announcing
+                if announcing is not None:
+                    await announcing
+            except BaseException:
+                call.cancel()  # the shard frees the reserved slots at once
+                raise
             await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
             await call.done_writing()
             result = await call.read()
@@ -286,6 +290,8 @@ class ShardClient:
             await previous
         request = pb.PutSharedRequest(written=pb.PutSharedWritten(checksums=checksums))
         sending = asyncio.ensure_future(call.write(request))
+        # a failed write surfaces through the call; this keeps asyncio from also logging it
+        sending.add_done_callback(lambda f: f.cancelled() or f.exception())
         await asyncio.sleep(0)  # lets the write hand its message to gRPC's own threads
         return sending
 

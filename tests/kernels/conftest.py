@@ -4,10 +4,9 @@ Each test runs twice: `interp` (CPU tensors through Triton's interpreter, small 
 CI runs) and `cuda` (compiled for the GPU, larger shapes; marked `gpu`, run with
 `pytest -m gpu tests/kernels` on a GPU machine).
 
-`triton.jit` chooses between compiling and interpreting when a kernel is *defined*, so on
-a machine without CUDA this conftest sets TRITON_INTERPRET=1 before any test module can
-import a kernel module. The variable stays set for the rest of the process; nothing else
-in the suite runs Triton on the CPU, and the interpreter is the only way it could.
+`triton.jit` chooses between compiling and interpreting when a kernel is *defined*; on a
+machine without CUDA the root conftest sets TRITON_INTERPRET=1 before any test module can
+import a kernel module.
 """
 
 from __future__ import annotations
@@ -22,12 +21,13 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     _runtime = sys.modules.get("kernels.triton_runtime")
-    if _runtime is not None and not _runtime.INTERPRET:
+    if os.environ.get("TRITON_INTERPRET") != "1" or (
+        _runtime is not None and not _runtime.INTERPRET
+    ):
         raise pytest.UsageError(
-            "Triton kernels were imported for a GPU before tests/kernels/conftest.py could "
-            "set TRITON_INTERPRET=1; set it in the environment or run tests/kernels first"
+            "without CUDA, Triton kernels need TRITON_INTERPRET=1 before they are imported "
+            "(tests/conftest.py sets it)"
         )
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(

@@ -4,9 +4,6 @@ misses its deadline, a full router."""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,122 +11,16 @@ from collections.abc import Iterator
 import httpx2 as httpx
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.engine_args import EngineArgs
 from engine.loaders import LoadedCheckpoint
-from services.decode.server import DecodeServer
-from services.kv_bridge import KVBridge
-from services.kvstore.client import ClientConfig, KVStoreClient
-from services.prefill.server import PrefillServer
-from services.router.disaggregated import DisaggregatedPipeline
 from services.router.http_api import build_http_app
-from services.router.pool_clients import LocalDecodePool, LocalPrefillPool, StorePrefixIndex
-from tests.services.router.conftest import free_port, serve_http
+from tests.services.router.conftest import serve_http
+from tests.services.stack import MODEL, Shard, Stack
 
-MODEL = "smollm2-135m-instruct"
 LONG = (
     "You are a meticulous assistant for the public library of a small coastal town. You "
     "answer questions about opening hours, borrowing rules, reading rooms and weekend "
     "events, briefly and politely. Question: when do you open?"
 )
-
-
-class Shard:
-    def __init__(self) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
-        host, port = self.address.split(":")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.kvstore.main",
-                "--host",
-                host,
-                "--port",
-                port,
-                "--capacity",
-                "128MiB",
-                "--shard-id",
-                "test-0",
-                "--no-shared-memory",
-            ],
-        )
-        deadline = time.monotonic() + 60
-        while not self._up():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "shard down"
-            time.sleep(0.2)
-
-    def _up(self) -> bool:
-        import socket
-
-        host, port = self.address.split(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-
-class Stack:
-    """Pools, pipeline and HTTP front end, on one background event loop thread."""
-
-    def __init__(self, checkpoint: LoadedCheckpoint, shard: Shard) -> None:
-        def engine(linear: str) -> AsyncEngine:
-            args = EngineArgs(linear=linear, max_model_len=512, kv_cache_bytes=32 * 2**20)
-            return AsyncEngine(args.create_engine(checkpoint))
-
-        self.prefill_engine, self.decode_engine = engine("fp8"), engine("int4")
-        self.prefill = PrefillServer(
-            self.prefill_engine, KVBridge(self.prefill_engine, [shard.address], 5, 30), MODEL
-        )
-        self.decode = DecodeServer(
-            self.decode_engine, KVBridge(self.decode_engine, [shard.address], 5, 30), MODEL
-        )
-        card = self.decode.describe()
-        index = KVStoreClient(
-            [shard.address], card.fingerprint, card.block_format, ClientConfig(timeout_s=5)
-        )
-        self.pipeline = DisaggregatedPipeline(
-            self.prefill.describe(),
-            card,
-            LocalPrefillPool(self.prefill),
-            LocalDecodePool(self.decode),
-            StorePrefixIndex(index),
-            local_prefill_threshold=16,
-            prefill_timeout_s=60,
-            transfer_timeout_s=5,
-            max_inflight=8,
-        )
-        self.shard = shard
-
-    def idle(self) -> bool:
-        def check(e: object) -> bool:
-            eng = e  # type: ignore[assignment]
-            return (
-                not eng.has_unfinished  # type: ignore[attr-defined]
-                and eng.pool.num_free_blocks == eng.pool.num_blocks  # type: ignore[attr-defined]
-                and eng.port.num_held == 0  # type: ignore[attr-defined]
-            )
-
-        return all(e.call(check) for e in (self.prefill_engine, self.decode_engine))
-
-    def store_leases(self) -> float:
-        card = self.decode.describe()
-        client = KVStoreClient([self.shard.address], card.fingerprint, card.block_format)
-
-        async def read() -> float:
-            try:
-                stats = await client.stats()
-                return sum(s.get("baton_kv_store_leases", 0.0) for s in stats.values())
-            finally:
-                await client.close()
-
-        return asyncio.run(read())
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +34,7 @@ def shard() -> Iterator[Shard]:
 def stack(default_checkpoint: LoadedCheckpoint, shard: Shard) -> Iterator[Stack]:
     stack = Stack(default_checkpoint, shard)
     yield stack
-    stack.prefill_engine.shutdown()
-    stack.decode_engine.shutdown()
+    stack.shutdown()
 
 
 @pytest.fixture(scope="module")

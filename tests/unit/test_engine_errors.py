@@ -83,3 +83,12 @@ def test_unknown_formats_name_the_choices(default_checkpoint) -> None:  # type: 
         EngineArgs(kernel_backend="cuda", max_model_len=64).create_engine(default_checkpoint)
     with pytest.raises(ValueError, match="unknown dtype 'fp64'"):
         EngineArgs(dtype="fp64", max_model_len=64).create_engine(default_checkpoint)
+
+
+def test_quantized_kernels_refuse_an_activation_dtype_at_load(default_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    from engine.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match="triton backend's int4 kernels take bfloat16, float16"):
+        EngineArgs(
+            kernel_backend="triton", linear="int4", dtype="float32", max_model_len=64
+        ).create_engine(default_checkpoint)

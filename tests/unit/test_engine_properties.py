@@ -27,7 +27,7 @@ def tiny(default_checkpoint: LoadedCheckpoint) -> LoadedCheckpoint:
 
 
 def new_engine(checkpoint: LoadedCheckpoint, batch_invariant: bool = False) -> LLMEngine:
-    block_bytes = 2 * 2 * 16 * 2 * 8 * 4  # layers, K|V, tokens, kv heads, head dim, fp32
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers, K|V, tokens, kv heads, head dim, fp32
     return EngineArgs(
         dtype="float32",
         max_model_len=MAX_LEN,

@@ -19,7 +19,7 @@ from services.kvstore import shard_client as shard_client_module
 from services.kvstore.block_meta import BlockMeta, fingerprint_to_proto
 from services.kvstore.client import ClientConfig, KVStoreClient, Lease, PutSummary
 from services.kvstore.codec import MAX_MESSAGE_BYTES
-from services.kvstore.errors import BlockFormatError
+from services.kvstore.errors import BlockFormatError, KVStoreError
 from services.kvstore.server import KVStoreServer, ServerConfig
 
 from .conftest import (
@@ -256,6 +256,7 @@ async def test_shared_memory_written_with_wrong_bytes_is_data_loss(shard: ShardF
         await call.read()  # the client announces the slot but never writes it
         checksums = [xxhash.xxh3_64_intdigest(payload)]
         await call.write(pb.PutSharedRequest(written=pb.PutSharedWritten(checksums=checksums)))
+        await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await call.read()
         assert failure.value.code() == grpc.StatusCode.DATA_LOSS
@@ -269,7 +270,7 @@ async def test_shared_memory_written_with_wrong_bytes_is_data_loss(shard: ShardF
     ("announced", "error"),
     [
         (0, "commit after 0 of 2 reserved slots were written"),
-        (3, "`written` announces 3 slots; 2 were reserved"),
+        (3, "`written` announces 3 slots; 2 reserved slots are left"),
     ],
     ids=["commit-early", "too-many"],
 )
@@ -292,12 +293,11 @@ async def test_shared_memory_put_must_announce_each_slot_once(
         offsets = (await call.read()).slots.offsets
         for offset, payload in zip(offsets, payloads, strict=True):
             segment.view[offset : offset + len(payload)] = payload
-        if announced:  # refused at once: the shard ends the call before any commit
+        if announced:
             checksums = [xxhash.xxh3_64_intdigest(p) for p in payloads] * 2
             written = pb.PutSharedWritten(checksums=checksums[:announced])
             await call.write(pb.PutSharedRequest(written=written))
-        else:
-            await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
+        await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await call.read()
         assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -359,6 +359,29 @@ async def test_client_announces_shared_memory_writes_in_batches(
         out = torch.zeros_like(blocks)
         assert await client.get_into(hashes, list(out)) == 8
     assert as_bytes(out) == as_bytes(blocks)
+
+
+async def test_shared_memory_put_of_a_bad_batch_fails_and_stores_nothing(
+    shard: ShardFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shard_client_module, "WRITTEN_BATCH_BYTES", 2 * BLOCK)
+    copy_hashed = shard_client_module.copy_hashed
+    copies = 0
+
+    def third_copy_misreported(dest: memoryview, source: memoryview, *, hash_dest: bool) -> int:
+        nonlocal copies
+        copies += 1
+        return copy_hashed(dest, source, hash_dest=hash_dest) ^ (copies == 3)
+
+    monkeypatch.setattr(shard_client_module, "copy_hashed", third_copy_misreported)
+    blocks, hashes = make_blocks(8), make_hashes(8)
+    async with shard() as server, client_for(server) as client:
+        with pytest.raises(KVStoreError) as failure:
+            await client.put(hashes, list(blocks))
+        assert failure.value.code == grpc.StatusCode.DATA_LOSS
+        assert f"block {hashes[2].hex()}: its slot holds checksum" in str(failure.value)
+        await eventually(lambda: server.store.arena.used_bytes == 0)
+        assert nothing_stored(server)
 
 
 async def test_get_messages_are_packed_to_the_configured_size(shard: ShardFactory) -> None:
