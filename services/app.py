@@ -10,7 +10,6 @@ ends), which tests also run without Ray.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from typing import Any
@@ -27,13 +26,15 @@ from services.router.disaggregated import DisaggregatedPipeline
 from services.router.errors import NotReadyError
 from services.router.grpc_api import build_grpc_server
 from services.router.http_api import build_http_app
+from services.router.instrumented_pipeline import InstrumentedPipeline
+from services.router.metrics_page import MetricsPage, pipeline_readings
 from services.router.pipeline import Pipeline
 from services.router.pool_clients import RayDecodePool, RayPrefillPool, StorePrefixIndex
-from services.router.pool_metrics import render_pool_metrics
 from services.serving_config import PoolSection, ServingConfig
+from services.telemetry import Telemetry
+from services.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
-METRICS_PERIOD_S = 1.0
 ROUTING_STATS_PERIOD_S = 1.0
 
 
@@ -48,6 +49,7 @@ def _bridge(config: ServingConfig, engine: AsyncEngine) -> KVBridge:
 
 class PrefillDeployment(PrefillServer):
     def __init__(self, config_json: str) -> None:
+        configure_tracing("baton-prefill")
         config = ServingConfig.model_validate_json(config_json)
         engine = _engine(config, config.prefill)
         super().__init__(engine, _bridge(config, engine), config.model.served_name)
@@ -55,6 +57,7 @@ class PrefillDeployment(PrefillServer):
 
 class DecodeDeployment(DecodeServer):
     def __init__(self, config_json: str) -> None:
+        configure_tracing("baton-decode")
         config = ServingConfig.model_validate_json(config_json)
         pool = config.decode
         engine = _engine(config, pool)
@@ -62,9 +65,10 @@ class DecodeDeployment(DecodeServer):
         super().__init__(engine, bridge, config.model.served_name)
 
 
-# One pipeline per router replica process; the API front ends look it up per request.
+# One pipeline and metrics page per router replica process; the API front ends look them
+# up per request.
 _pipeline: dict[str, Pipeline] = {}
-_metrics: dict[str, Any] = {}
+_metrics: dict[str, MetricsPage] = {}
 
 
 def _current_pipeline() -> Pipeline:
@@ -73,9 +77,10 @@ def _current_pipeline() -> Pipeline:
     return _pipeline["router"]
 
 
-def _render_metrics() -> str:
-    text: str = _metrics.get("text", "")
-    return text
+async def _render_metrics() -> str:
+    if "router" not in _metrics:
+        raise NotReadyError("the router is still connecting to its pools")
+    return await _metrics["router"].render()
 
 
 def _api_keys() -> list[str]:
@@ -91,6 +96,7 @@ class RouterDeployment:
     async def __init__(  # type: ignore[misc]
         self, config_json: str, decode: DeploymentHandle, prefill: DeploymentHandle | None
     ) -> None:
+        configure_tracing("baton-router")
         config = ServingConfig.model_validate_json(config_json)
         kv = config.kvstore
         self.decode = RayDecodePool(decode)
@@ -117,25 +123,16 @@ class RouterDeployment:
             kv.timeout_s,
             config.router.max_inflight_requests,
         )
+        telemetry = Telemetry("router", self.pipeline.model_id)
+        telemetry.observe(lambda: pipeline_readings(self.pipeline))
+        pools = [self.decode.metrics] + ([self.prefill.metrics] if self.prefill else [])
         self.grpc = build_grpc_server(
             _current_pipeline, config.router.grpc_port, config.router.host
         )
         await self.grpc.start()
-        _pipeline["router"] = self.pipeline
-        self._metrics_task = asyncio.create_task(self._refresh_metrics())
-
-    async def _refresh_metrics(self) -> None:
-        while True:
-            try:
-                pools = {"decode": await self.decode.stats()}
-                if self.prefill is not None:
-                    pools["prefill"] = await self.prefill.stats()
-                _metrics["text"] = render_pool_metrics(
-                    self.pipeline.model_id, pools, self.pipeline.local_prefills
-                )
-            except Exception as e:  # a replica restarting: keep the last figures
-                log.warning("reading pool stats failed: %s", e)
-            await asyncio.sleep(METRICS_PERIOD_S)
+        first_token_pool = "decode" if self.prefill is None else "prefill"
+        _pipeline["router"] = InstrumentedPipeline(self.pipeline, telemetry, first_token_pool)
+        _metrics["router"] = MetricsPage(telemetry, pools)
 
 
 def build_app(config: ServingConfig) -> Any:

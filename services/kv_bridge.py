@@ -3,6 +3,9 @@
 Prefill uses `fetch` to pull a cached prefix it lacks and `export` to publish the prompt's
 blocks under a lease; decode uses `fetch` to pull a handoff. Blocks travel straight
 between the store and their slots in the block-major cache: no staging copies.
+
+Each transfer is a span ("kv get", "kv put") of the request's trace and an observation of
+`baton_kv_transfer_seconds` on the owning worker's telemetry; `bytes` counts what moved.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
+from opentelemetry import trace
+
 from engine.async_engine import AsyncEngine
 from engine.hashing import KVFingerprint
 from services.kvstore.client import ClientConfig, KVStoreClient, Lease
+from services.telemetry import KV_TRANSFER_SECONDS, Telemetry
+from services.tracing import tracer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +38,7 @@ class KVBridge:
         self.block_format = engine.engine.block_format
         self._clients: dict[bytes, KVStoreClient] = {}
         self.bytes: Counter[str] = Counter()  # by direction: "get" into the cache, "put" out
-        self.seconds = 0.0
+        self.telemetry: Telemetry | None = None  # the worker's: transfer durations go there
 
     def client(self, fingerprint: KVFingerprint) -> KVStoreClient:
         """One client per fingerprint: it verifies every block it receives against it."""
@@ -72,22 +79,24 @@ class KVBridge:
             return have
         n, ok = 0, False
         t = time.perf_counter()
-        try:
-            n = await self.client(fingerprint).get_into(
-                missing, [port.block(i) for i in ids], timeout=self.timeout_s
-            )
-            ok = True
-        finally:
+        with tracer.start_as_current_span("kv get", kind=trace.SpanKind.CLIENT) as span:
+            span.set_attributes({"baton.kv.blocks": len(missing), "baton.kv.cached": len(have)})
+            try:
+                n = await self.client(fingerprint).get_into(
+                    missing, [port.block(i) for i in ids], timeout=self.timeout_s
+                )
+                ok = True
+            finally:
 
-            def settle(_: object) -> None:
-                port.publish(ids[:n], missing[:n])
-                port.release(ids[n:])
-                if not ok:
-                    port.release(have + ids[:n])
+                def settle(_: object) -> None:
+                    port.publish(ids[:n], missing[:n])
+                    port.release(ids[n:])
+                    if not ok:
+                        port.release(have + ids[:n])
 
-            self.engine.call(settle)
-            self.seconds += time.perf_counter() - t
-            self.bytes["get"] += n * self.block_format.nbytes
+                self.engine.call(settle)
+                self._moved("get", n, time.perf_counter() - t)
+                span.set_attribute("baton.kv.received_blocks", n)
         return have + ids[:n]
 
     async def export(
@@ -97,6 +106,14 @@ class KVBridge:
         `stored_prefix`), pinning every block of the prompt under a new lease."""
         port = self.engine.engine.port
         held = self.engine.call(lambda _: port.held(request_id))
+        with tracer.start_as_current_span("kv put", kind=trace.SpanKind.CLIENT) as span:
+            span.set_attributes({"baton.kv.blocks": len(held), "baton.kv.leased": stored_prefix})
+            return await self._export(fingerprint, held, stored_prefix)
+
+    async def _export(
+        self, fingerprint: KVFingerprint, held: list[tuple[bytes, int]], stored_prefix: int
+    ) -> Lease:
+        port = self.engine.engine.port
         hashes = [h for h, _ in held]
         client = self.client(fingerprint)
         lease = Lease.new(self.lease_ttl_s)
@@ -121,9 +138,13 @@ class KVBridge:
                 lease=lease,
                 timeout=self.timeout_s,
             )
-        self.seconds += time.perf_counter() - t
-        self.bytes["put"] += (put + len(gone)) * self.block_format.nbytes
+        self._moved("put", put + len(gone), time.perf_counter() - t)
         return lease
+
+    def _moved(self, direction: str, blocks: int, seconds: float) -> None:
+        self.bytes[direction] += blocks * self.block_format.nbytes
+        if self.telemetry is not None:
+            self.telemetry.record(KV_TRANSFER_SECONDS, seconds, direction=direction)
 
     async def release(self, fingerprint: KVFingerprint, lease_id: str) -> None:
         try:

@@ -2,10 +2,15 @@
 
 These cross Ray Serve handles (pickled between Baton's own processes, never from a
 client): plain dataclasses of token ids, sampling parameters and the handoff.
+
+A request made inside a traced span carries that span's context (`trace_context`, W3C
+headers) so the pool's span joins the request's trace; `sent_at` (wall clock: the pool
+may be on another host) measures how long it waited for a replica to take it up.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from engine.handoff import Handoff
@@ -13,6 +18,7 @@ from engine.hashing import KVFingerprint
 from engine.kv_format import KVBlockFormat
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from services.tracing import inject
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,8 @@ class PrefillRequest:
     cache_salt: bytes = b""
     block_hashes: list[bytes] = field(default_factory=list)  # as the router computed them
     stored_prefix: int = 0  # leading blocks the router found in the KV store
+    trace_context: dict[str, str] = field(default_factory=inject)
+    sent_at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,8 @@ class DecodeRequest:
     cache_salt: bytes = b""
     handoff: Handoff | None = None  # None: decode prefills the prompt itself
     transfer_timeout_s: float = 10.0
+    trace_context: dict[str, str] = field(default_factory=inject)
+    sent_at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,7 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class PoolStats:
-    """A replica's load, for routing and for /metrics."""
+    """A replica's load and running totals, for routing and for /metrics."""
 
     pool: str
     running: int
@@ -62,4 +72,3 @@ class PoolStats:
     generated_tokens: int
     fallbacks: dict[str, int] = field(default_factory=dict)
     kv_transfer_bytes: dict[str, int] = field(default_factory=dict)
-    kv_transfer_seconds: float = 0.0

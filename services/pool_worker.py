@@ -1,17 +1,36 @@
-"""What prefill and decode replicas share: an engine on its thread, a KV store bridge, and
-the counters routing and /metrics read."""
+"""What prefill and decode replicas share: an engine on its thread, a KV store bridge, the
+counters routing and /metrics read, and each request's span on this pool."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
+from opentelemetry import trace
+
 from engine.async_engine import AsyncEngine
 from services.kv_bridge import KVBridge
-from services.pool_requests import ModelCard, PoolStats
+from services.pool_requests import DecodeRequest, ModelCard, PoolStats, PrefillRequest
 from services.router.replica_choice import prefix_key
+from services.telemetry import (
+    FALLBACKS,
+    GENERATION_TOKENS,
+    KV_TRANSFER_BYTES,
+    KV_USAGE,
+    PREFIX_HIT,
+    PREFIX_QUERIED,
+    PROMPT_TOKENS,
+    QUEUE_TIME,
+    RUNNING,
+    WAITING,
+    Reading,
+    Snapshot,
+    Telemetry,
+)
+from services.tracing import extract, request_attributes, tracer
 
 
 class PoolWorker:
@@ -23,12 +42,31 @@ class PoolWorker:
         self.model_id = model_id
         self.fallbacks: Counter[str] = Counter()
         self._background: set[asyncio.Task[None]] = set()
+        self.telemetry = Telemetry(self.pool, model_id)
+        self.telemetry.observe(self._readings)
+        if bridge is not None:
+            bridge.telemetry = self.telemetry
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run housekeeping (lease releases) without making the request wait for it."""
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def begin(self, request: PrefillRequest | DecodeRequest) -> trace.Span:
+        """This pool's span of the request's trace, a child of the router's; it is not made
+        current (a streaming caller chooses where). Records how long the request waited for
+        this replica to take it up."""
+        self.telemetry.record(QUEUE_TIME, max(0.0, time.time() - request.sent_at))
+        attributes = request_attributes(
+            self.model_id, request.request_id, request.params, len(request.prompt_token_ids)
+        )
+        return tracer.start_span(
+            self.pool,
+            context=extract(request.trace_context),
+            kind=trace.SpanKind.SERVER,
+            attributes=attributes,
+        )
 
     def describe(self) -> ModelCard:
         e = self.engine.engine
@@ -57,10 +95,36 @@ class PoolWorker:
                 generated_tokens=s.generated_tokens,
                 fallbacks=dict(self.fallbacks),
                 kv_transfer_bytes=dict(self.bridge.bytes) if self.bridge else {},
-                kv_transfer_seconds=self.bridge.seconds if self.bridge else 0.0,
             )
 
         return self.engine.call(read)
+
+    def metrics(self) -> Snapshot:
+        """This replica's series; the router merges every replica's into its /metrics."""
+        return self.telemetry.snapshot()
+
+    def _readings(self) -> list[Reading]:
+        s = self.stats()
+        used = 1 - s.free_blocks / s.total_blocks if s.total_blocks else 0.0
+        readings = [
+            Reading(RUNNING, s.running),
+            Reading(WAITING, s.waiting),
+            Reading(KV_USAGE, used),
+            Reading(PROMPT_TOKENS, s.prompt_tokens),
+            Reading(PREFIX_QUERIED, s.prompt_tokens),
+            Reading(PREFIX_HIT, s.cached_prompt_tokens),
+            Reading(GENERATION_TOKENS, s.generated_tokens),
+        ]
+        # Whichever pool noticed it, a fallback means decode prefilled the prompt itself.
+        readings += [
+            Reading(FALLBACKS, n, {"pool": "decode", "reason": reason})
+            for reason, n in sorted(s.fallbacks.items())
+        ]
+        readings += [
+            Reading(KV_TRANSFER_BYTES, n, {"direction": direction})
+            for direction, n in sorted(s.kv_transfer_bytes.items())
+        ]
+        return readings
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve calls this periodically; the pools' request routers read it

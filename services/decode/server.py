@@ -7,6 +7,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from opentelemetry import trace
+
 from engine.hashing import KVFingerprint
 from engine.outputs import RequestOutput
 from services.pool_requests import DecodeRequest
@@ -20,13 +22,32 @@ class DecodeServer(PoolWorker):
 
     async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request's tokens, starting with the handoff's first token if any."""
+        span = self.begin(request)
+        last: RequestOutput | None = None
+        try:
+            async for out in self._generate(request, span):
+                last = out
+                yield out
+        except Exception as e:
+            span.record_exception(e)
+            span.set_status(trace.StatusCode.ERROR, repr(e))
+            raise
+        finally:
+            if last is not None:
+                span.set_attribute("gen_ai.usage.output_tokens", last.num_output_tokens)
+            span.end()
+
+    async def _generate(
+        self, request: DecodeRequest, span: trace.Span
+    ) -> AsyncIterator[RequestOutput]:
         handoff = request.handoff
         fingerprint: KVFingerprint | None = None
         pinned: list[int] = []
         prefix: list[int] = []
         if handoff is not None:
             prefix = [handoff.first_token]
-            pinned = await self._pull(request)
+            with trace.use_span(span):  # current for the pull only: this generator yields
+                pinned = await self._pull(request)
             if pinned:
                 fingerprint = handoff.fingerprint
         cached_override = handoff.num_cached_tokens if handoff is not None else None

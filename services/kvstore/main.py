@@ -12,7 +12,9 @@ from pathlib import Path
 
 from services.kvstore.codec import MESSAGE_BYTES
 from services.kvstore.malloc_tuning import tune_malloc
+from services.kvstore.metrics_endpoint import MetricsEndpoint
 from services.kvstore.server import DEFAULT_PORT, KVStoreServer, ServerConfig
+from services.tracing import configure_tracing
 
 _UNITS = {
     "": 1,
@@ -86,18 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"size of the bulk messages Get streams are packed into, at most 4MiB "
         f"(default {MESSAGE_BYTES // 2**20}MiB)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port at /metrics (default: none)",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, metrics_port: int | None = None) -> None:
     server = KVStoreServer(config)
     await server.start()
+    endpoint = None
+    if metrics_port is not None:
+        endpoint = MetricsEndpoint(server.store, config.host, metrics_port)
+        await endpoint.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if endpoint is not None:
+        await endpoint.stop()
     await server.stop()
 
 
@@ -120,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         build_parser().error(str(exc))
     tune_malloc()
-    asyncio.run(serve(config))
+    configure_tracing("baton-kvstore")
+    asyncio.run(serve(config, args.metrics_port))
     return 0
 
 

@@ -1,17 +1,45 @@
 """KVStoreMetrics: a shard's counters, under the metric names of DESIGN.md "Telemetry".
 
-The Stats RPC returns `samples()`; the telemetry exporter publishes the same samples.
-Every sample carries `pool="kvstore"`.
+The Stats RPC returns `samples()`; the shard's /metrics page (services.kvstore.
+metrics_endpoint) publishes the same samples through `readings`, and each transfer's
+duration as a histogram. Every sample carries `pool="kvstore"`.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from proto.baton.v1 import kvstore_pb2 as pb
+from services.telemetry import (
+    KV_TRANSFER_BYTES,
+    KV_TRANSFER_SECONDS,
+    KV_USAGE,
+    Metric,
+    Reading,
+)
 
 POOL = "kvstore"
+
+SHARD_METRICS = (
+    Metric("baton_kv_store_blocks", "gauge", "Blocks the shard holds."),
+    Metric("baton_kv_store_bytes", "gauge", "Bytes of the blocks the shard holds.", "By"),
+    Metric("baton_kv_store_capacity_bytes", "gauge", "Bytes the shard's arena holds.", "By"),
+    Metric("baton_kv_store_leases", "gauge", "Live leases."),
+    Metric("baton_kv_store_leased_blocks", "gauge", "Blocks pinned by a lease."),
+    Metric("baton_kv_store_hits_total", "counter", "Blocks a Get asked for and found."),
+    Metric("baton_kv_store_misses_total", "counter", "Blocks a Get asked for and missed."),
+    Metric("baton_prefix_cache_queried_blocks_total", "counter", "Blocks looked up in the index."),
+    Metric("baton_prefix_cache_hit_blocks_total", "counter", "Blocks the index lookups found."),
+    Metric("baton_kv_store_evictions_total", "counter", "Blocks evicted for room."),
+    Metric("baton_kv_store_lease_expiries_total", "counter", "Leases that ran out."),
+    Metric("baton_kv_store_index_errors_total", "counter", "Failed prefix index updates."),
+)
+PUBLISHED = (KV_USAGE, KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, *SHARD_METRICS)
+"""A shard's /metrics: DESIGN.md's KV cache use and transfers, and the shard's own."""
+
+_READ = {m.name: m for m in PUBLISHED if m.kind != "histogram"}
 
 
 @dataclass
@@ -30,6 +58,8 @@ class KVStoreMetrics:
         default_factory=lambda: defaultdict(float)
     )
     transfers: Counter[tuple[str, str]] = field(default_factory=Counter)
+    transfer_observers: list[Callable[[str, str, float], None]] = field(default_factory=list)
+    """Called with (direction, transport, seconds) after each transfer."""
 
     def record_transfer(self, direction: str, transport: str, nbytes: int, seconds: float) -> None:
         """One finished put (`direction="put"`) or get over `transport` ("grpc" | "shm")."""
@@ -37,6 +67,8 @@ class KVStoreMetrics:
         self.transfer_bytes[key] += nbytes
         self.transfer_seconds[key] += seconds
         self.transfers[key] += 1
+        for observe in self.transfer_observers:
+            observe(direction, transport, seconds)
 
     def samples(
         self,
@@ -79,3 +111,13 @@ class KVStoreMetrics:
             pb.MetricSample(name=name, labels={"pool": POOL, **labels}, value=float(value))
             for name, labels, value in values
         ]
+
+
+def readings(samples: Iterable[pb.MetricSample]) -> list[Reading]:
+    """`samples` as telemetry readings (the transfer seconds' sum and count are left out:
+    the page has the histogram itself)."""
+    return [
+        Reading(_READ[s.name], s.value, {k: v for k, v in s.labels.items() if k != "pool"})
+        for s in samples
+        if s.name in _READ
+    ]

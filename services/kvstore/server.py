@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from proto.baton.v1 import kvstore_pb2 as pb
+from services.grpc_tracing import server_interceptors
 from services.kvstore.codec import MAX_MESSAGE_BYTES, MESSAGE_BYTES
 from services.kvstore.index import PrefixIndex, ShardInfo, open_index
 from services.kvstore.index_sync import IndexSync
@@ -75,7 +76,7 @@ class KVStoreServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self._index: PrefixIndex = open_index(config.index_url)
-        self._server = grpc.aio.server(options=GRPC_OPTIONS)
+        self._server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=server_interceptors())
         self._health = health.aio.HealthServicer()
         self._upkeep: asyncio.Task[None] | None = None
         try:

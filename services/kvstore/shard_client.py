@@ -16,6 +16,7 @@ import xxhash
 
 from proto.baton.v1 import kvstore_pb2 as pb
 from proto.baton.v1 import kvstore_pb2_grpc as pb_grpc
+from services.grpc_tracing import client_interceptors
 from services.kvstore.assembler import BlockAssembler
 from services.kvstore.block_meta import BlockMeta
 from services.kvstore.codec import (
@@ -84,7 +85,9 @@ class ShardClient:
         self._want_shared_memory = shared_memory
         self._segment: SharedSegment | object | None = _NOT_NEGOTIATED
         self._negotiation = asyncio.Lock()
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(
+            address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
+        )
         self.stub = pb_grpc.KVStoreStub(self.channel)
         # Put and Get skip protobuf objects for payloads: raw bytes through `codec`
         self._put = self.channel.stream_unary(

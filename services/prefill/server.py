@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from opentelemetry import trace
+
 from engine.handoff import Handoff, prefill_params
 from services.pool_requests import PrefillRequest
 from services.pool_worker import PoolWorker
@@ -22,6 +24,18 @@ class PrefillServer(PoolWorker):
         Raises ValueError for prompts the model cannot take. KV store trouble never fails
         the request: the handoff then names no blocks and decode recomputes the prompt.
         """
+        with trace.use_span(self.begin(request), end_on_exit=True) as span:
+            handoff = await self._prefill(request)
+            span.set_attributes(
+                {
+                    "gen_ai.usage.output_tokens": 1,
+                    "baton.cached_tokens": handoff.num_cached_tokens,
+                    "baton.kv.handoff_blocks": len(handoff.block_hashes),
+                }
+            )
+            return handoff
+
+    async def _prefill(self, request: PrefillRequest) -> Handoff:
         engine = self.engine.engine
         fingerprint = engine.fingerprint
         port = engine.port

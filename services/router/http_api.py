@@ -51,16 +51,18 @@ class _ClientGone(Exception):
 def build_http_app(
     get_pipeline: Callable[[], Pipeline],
     api_keys: Collection[str] | Callable[[], Collection[str]] = (),
-    metrics: Callable[[], str] | None = None,
+    metrics: Callable[[], Awaitable[str]] | None = None,
 ) -> FastAPI:
     """The app. `get_pipeline` is called per request and may raise NotReadyError (503);
     with `api_keys`, /v1 routes need `Authorization: Bearer <key>`; `metrics` renders the
     Prometheus text for GET /metrics (absent without it)."""
     app = FastAPI(title="Baton", summary="OpenAI-compatible LLM serving")
+
     def current_keys() -> list[bytes]:
         # A callable is read per request: a replica takes its keys from its own environment.
         keys = api_keys() if callable(api_keys) else api_keys
         return [key.encode() for key in keys]
+
     started = int(time.time())
 
     def authorize(authorization: str | None = Header(None)) -> None:
@@ -113,7 +115,7 @@ def build_http_app(
 
         @app.get("/metrics")
         async def prometheus_metrics() -> Response:
-            return Response(render(), media_type=PROMETHEUS_TEXT)
+            return Response(await render(), media_type=PROMETHEUS_TEXT)
 
     _add_error_handlers(app)
     return app

@@ -15,6 +15,7 @@ from services.decode.server import DecodeServer
 from services.kvstore.client import KVStoreClient
 from services.pool_requests import DecodeRequest, PoolStats, PrefillRequest
 from services.prefill.server import PrefillServer
+from services.telemetry import Snapshot
 
 
 class LocalPrefillPool:
@@ -29,6 +30,9 @@ class LocalPrefillPool:
 
     async def stats(self) -> list[PoolStats]:
         return [s.stats() for s in self.servers]
+
+    async def metrics(self) -> list[Snapshot]:
+        return [s.metrics() for s in self.servers]
 
 
 class LocalDecodePool:
@@ -45,6 +49,9 @@ class LocalDecodePool:
     async def stats(self) -> list[PoolStats]:
         return [s.stats() for s in self.servers]
 
+    async def metrics(self) -> list[Snapshot]:
+        return [s.metrics() for s in self.servers]
+
 
 class RayPrefillPool:
     """A `prefill` deployment handle; its request router picks the replica."""
@@ -58,6 +65,9 @@ class RayPrefillPool:
 
     async def stats(self) -> list[PoolStats]:
         return await _every_replica(self.handle, "stats")
+
+    async def metrics(self) -> list[Snapshot]:
+        return await _every_replica(self.handle, "metrics")
 
 
 class RayDecodePool:
@@ -77,6 +87,9 @@ class RayDecodePool:
 
     async def stats(self) -> list[PoolStats]:
         return await _every_replica(self.handle, "stats")
+
+    async def metrics(self) -> list[Snapshot]:
+        return await _every_replica(self.handle, "metrics")
 
 
 async def _every_replica(handle: Any, method: str) -> list[Any]:

@@ -336,12 +336,19 @@ def test_three_kvstore_shards() -> None:
     assert "--shard-id=$(POD_NAME)" in args
     domain = f"{FULLNAME}-kvstore.{NAMESPACE}.svc.cluster.local"
     assert f"--advertise-address=$(POD_NAME).{domain}:50052" in args
+    assert "--metrics-port=9090" in args
+    ports = {p["name"]: p["containerPort"] for p in _container(kvstore)["ports"]}
+    assert ports == {"grpc": 50052, "metrics": 9090}
     # What each shard advertises is exactly what the ServingConfig's clients dial.
     assert release.serving_config["kvstore"]["targets"] == [
         f"{FULLNAME}-kvstore-{ordinal}.{domain}:50052" for ordinal in range(3)
     ]
     headless = release.get("Service", f"{FULLNAME}-kvstore")
     assert headless["spec"]["clusterIP"] == "None"
+    assert [(p["name"], p["port"]) for p in headless["spec"]["ports"]] == [
+        ("grpc", 50052),
+        ("metrics", 9090),
+    ]
 
 
 def test_colocated_mode_has_no_prefill_pool_and_no_kv_store() -> None:

@@ -105,8 +105,8 @@ def test_engine_invariants_under_random_traffic(tiny: LoadedCheckpoint) -> None:
             assert_idle(self.engine)
 
     EngineMachine.TestCase.settings = settings(
-        max_examples=40,
-        stateful_step_count=40,
+        max_examples=25,
+        stateful_step_count=30,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
