@@ -114,9 +114,11 @@ _SERVICES = {"kvstore": "services.kvstore.main", "operator": "operators.main"}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from baton.serve import load_config, run
+    from baton.serve import load_config, load_policies, run
 
-    return run(load_config(args))
+    config = load_config(args)
+    policies = load_policies(args.policy, config) if args.policy else {}
+    return run(config, policies, args.policy_interval)
 
 
 def _parser() -> argparse.ArgumentParser:

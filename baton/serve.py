@@ -1,7 +1,8 @@
 """`baton serve`: the whole platform on one machine.
 
 Starts a KV store shard (disaggregated mode), local Ray, and the Serve application on
-HTTP and gRPC; prints the URLs; on Ctrl-C or SIGTERM stops everything it started.
+HTTP and gRPC; prints the URLs; with `--policy`, sizes the pools to CapacityPolicies
+(baton.local_autoscaler); on Ctrl-C or SIGTERM stops everything it started.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
+from operators.policy_spec import load_policy_file
+from operators.pool_policy import Pool, PoolPolicy
 from services.serving_config import ServingConfig
 
 READY_TIMEOUT_S = 300.0
+APP = "baton"
 PR_SET_PDEATHSIG = 1
 
 
@@ -32,6 +37,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF folder")
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None)
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="CapacityPolicy YAML (docs/capacitypolicy.md): scale the prefill/decode pools",
+    )
+    p.add_argument(
+        "--policy-interval",
+        type=float,
+        default=15.0,
+        help="seconds between two autoscaling decisions (default 15)",
+    )
 
 
 def load_config(args: argparse.Namespace) -> ServingConfig:
@@ -90,7 +107,19 @@ def wait_http_ready(url: str, deadline: float, children: list[subprocess.Popen[b
     raise TimeoutError(f"{url} did not become ready in {READY_TIMEOUT_S:.0f} s")
 
 
-def run(config: ServingConfig) -> int:
+def load_policies(path: Path, config: ServingConfig) -> dict[Pool, PoolPolicy]:
+    """The policy file's pools, each of which this config must serve."""
+    policies = load_policy_file(path)
+    if Pool.PREFILL in policies and config.mode == "colocated":
+        raise ValueError(f"{path}: a policy sizes the prefill pool, but colocated mode has none")
+    return policies
+
+
+def run(
+    config: ServingConfig,
+    policies: Mapping[Pool, PoolPolicy] | None = None,
+    interval_s: float = 15.0,
+) -> int:
     import ray
     from ray import serve
 
@@ -118,13 +147,24 @@ def run(config: ServingConfig) -> int:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         serve.start(http_options={"host": r.host, "port": r.http_port})
-        serve.run(build_app(config), name="baton", route_prefix="/", blocking=False)
+        serve.run(
+            build_app(config),
+            name=APP,
+            route_prefix="/",
+            blocking=False,
+            external_scaler_enabled=bool(policies),
+        )
         base = f"http://{r.host}:{r.http_port}"
         wait_http_ready(f"{base}/health", time.monotonic() + READY_TIMEOUT_S, children)
+        if policies:
+            start_autoscaler(config, policies, f"{base}/metrics", interval_s, stop)
         print(f"Baton is serving {config.model.served_name} ({config.mode})", flush=True)
         print(f"  OpenAI HTTP  {base}/v1", flush=True)
         print(f"  gRPC         {r.host}:{r.grpc_port}  (baton.v1.Inference)", flush=True)
         print(f"  metrics      {base}/metrics", flush=True)
+        if policies:
+            pools = ", ".join(sorted(policies))
+            print(f"  autoscaling  {pools} every {interval_s:g} s", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         while not stop.is_set():
             for child in children:
@@ -147,3 +187,27 @@ def run(config: ServingConfig) -> int:
                     child.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     child.kill()
+
+
+def start_autoscaler(
+    config: ServingConfig,
+    policies: Mapping[Pool, PoolPolicy],
+    metrics_url: str,
+    interval_s: float,
+    stop: threading.Event,
+) -> threading.Thread:
+    from baton.local_autoscaler import LocalAutoscaler, ServeReplicas
+
+    sizes = {Pool.PREFILL: config.prefill.replicas, Pool.DECODE: config.decode.replicas}
+    autoscaler = LocalAutoscaler(
+        policies,
+        metrics_url,
+        config.model.served_name,
+        ServeReplicas(APP),
+        {pool: sizes[pool] for pool in policies},
+        interval_s,
+        report=lambda line: print(line, flush=True),
+    )
+    thread = threading.Thread(target=autoscaler.run, args=(stop,), name="autoscaler", daemon=True)
+    thread.start()
+    return thread

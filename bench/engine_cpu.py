@@ -1,6 +1,6 @@
 """Engine throughput on CPU: Baton against Hugging Face transformers on the same model.
 
-    python bench/engine_cpu.py [--threads 1] [--repeats 3] [--baton-linear dense int4]
+    python -m bench.engine_cpu [--threads 1] [--repeats 3] [--baton-linear dense int4]
 
 Prints prefill tokens/s (one 512-token prompt) and decode tokens/s at batch 1 and 8
 (greedy, 64 new tokens, EOS ignored) for each Baton weight format and for transformers

@@ -134,8 +134,15 @@ def format_ticks(ticks: Sequence[Tick]) -> str:
 
 TRACES: dict[str, list[Traffic]] = {
     "step": [Traffic(0, 2, 1000, 200), Traffic(120, 12, 1000, 200), Traffic(480, 2, 1000, 200)],
-    "ramp": [Traffic(float(t), 1 + t / 60, 1000, 200) for t in range(0, 600, 60)],
+    # 1 -> 10 req/s in 10 minutes, and back down in the next 10
+    "ramp": [Traffic(float(t), 1 + min(t, 1200 - t) / 60, 1000, 200) for t in range(0, 1260, 60)],
     "mix": [Traffic(0, 6, 400, 400), Traffic(300, 6, 3000, 50)],
+    # a 2 req/s floor with a one-minute burst to 10 req/s every 15 minutes
+    "bursty": [
+        Traffic(float(t + dt), rate, 1000, 200)
+        for t in range(0, 3600, 900)
+        for dt, rate in ((0, 2), (600, 10), (660, 2))
+    ],
 }
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any
 
+import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -39,6 +40,8 @@ ROUTING_STATS_PERIOD_S = 1.0
 
 
 def _engine(config: ServingConfig, pool: PoolSection) -> AsyncEngine:
+    if pool.torch_threads:
+        torch.set_num_threads(pool.torch_threads)
     return AsyncEngine(config.engine_args(pool).create_engine())
 
 

@@ -25,21 +25,23 @@ from services.tracing import extract, inject, tracer, tracing_enabled
 _TRACE_HEADERS = ("traceparent", "tracestate")
 
 
-class _InjectTraceContext(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+# grpc.aio files each interceptor under the first call type it implements: one class each.
+class _InjectUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_with_trace_context(details), request)
 
+
+class _InjectUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_with_trace_context(details), request)
 
+
+class _InjectStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(_with_trace_context(details), requests)
 
+
+class _InjectStreamStream(grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(_with_trace_context(details), requests)
 
@@ -67,7 +69,9 @@ class _ServeInCallerSpan(grpc.aio.ServerInterceptor):
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    return [_InjectTraceContext()] if tracing_enabled() else []
+    if not tracing_enabled():
+        return []
+    return [_InjectUnaryUnary(), _InjectUnaryStream(), _InjectStreamUnary(), _InjectStreamStream()]
 
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:

@@ -63,7 +63,7 @@ class PoolWorker:
         )
         return tracer.start_span(
             self.pool,
-            context=extract(request.trace_context),
+            context=extract(request.trace_context) if request.trace_context else None,
             kind=trace.SpanKind.SERVER,
             attributes=attributes,
         )

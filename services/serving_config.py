@@ -49,6 +49,9 @@ class PoolSection(_Strict):
         False, description="bit-identical results whatever the batch (slower)"
     )
     num_cpus: float = Field(0, ge=0, description="Ray CPUs per replica (0 on a laptop)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for the replica's kernels; null: torch's default"
+    )
     num_gpus: float = Field(0, ge=0)
 
 

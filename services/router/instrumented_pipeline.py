@@ -1,9 +1,10 @@
 """InstrumentedPipeline: any pipeline, with each request measured and traced at the router.
 
-Every request gets the root span of its trace ("router", continuing a caller's context in
-`GenerationRequest.trace_context` if it brought one); pool requests made under it carry
-its context on (services.pool_requests). Latencies are the client's, as the router sees
-its stream:
+Every request gets a "router" span: the child of the context in
+`GenerationRequest.trace_context` if the front end put one there, else of the current span
+(the HTTP server span FastAPI makes from the client's `traceparent`), else a new trace's
+root. Pool requests made under it carry its context on (services.pool_requests).
+Latencies are the client's, as the router sees its stream:
 
     TTFT  arrival -> first token      labelled with the pool that serves first tokens
     ITL   gap between later tokens    per token, pool="decode"
@@ -45,7 +46,7 @@ class InstrumentedPipeline(Pipeline):
         )
         span = tracer.start_span(
             "router",
-            context=extract(request.trace_context),
+            context=extract(request.trace_context) if request.trace_context else None,
             kind=trace.SpanKind.SERVER,
             attributes=attributes,
         )

@@ -42,6 +42,7 @@ router:
   "max_num_seqs" (int .maxNumSeqs)
   "max_num_batched_tokens" (int .maxNumBatchedTokens)
   "batch_invariant" .batchInvariant
+  "torch_threads" .torchThreads
   "num_cpus" .cpus
   "num_gpus" .gpus) }}
 {{- end }}

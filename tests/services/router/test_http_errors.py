@@ -158,7 +158,11 @@ def test_api_keys_guard_the_v1_routes(pipeline: ColocatedPipeline) -> None:
 
 def test_metrics_serves_the_hooks_text(pipeline: ColocatedPipeline, base_url: str) -> None:
     text = "# TYPE baton_num_requests_running gauge\nbaton_num_requests_running 0\n"
-    with serve_http(build_http_app(lambda: pipeline, metrics=lambda: text)) as url:
+
+    async def render() -> str:  # the router's page asks its replicas, so the hook awaits
+        return text
+
+    with serve_http(build_http_app(lambda: pipeline, metrics=render)) as url:
         response = httpx2.get(f"{url}/metrics")
     assert response.status_code == 200 and response.text == text
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")

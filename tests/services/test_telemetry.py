@@ -1,0 +1,96 @@
+"""Telemetry's page: exact text, how replicas' series merge, and what the router keeps of
+a replica that went away. The operator's parser reads the page the way it reads a pool's."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+from operators.exposition import Exposition
+from operators.pool_policy import Pool
+from services.router.metrics_page import MetricsPage
+from services.telemetry import (
+    FALLBACKS,
+    ITL,
+    KV_USAGE,
+    PROMPT_TOKENS,
+    RUNNING,
+    TTFT,
+    WAITING,
+    Reading,
+    Snapshot,
+    Telemetry,
+    render,
+)
+
+
+def replica(running: int, usage: float, prompt_tokens: int, ttft: float) -> Telemetry:
+    t = Telemetry("decode", "m")
+    t.observe(
+        lambda: [
+            Reading(RUNNING, running),
+            Reading(KV_USAGE, usage),
+            Reading(PROMPT_TOKENS, prompt_tokens),
+        ]
+    )
+    t.record(TTFT, ttft)
+    return t
+
+
+def test_page_text_labels_and_vllm_aliases() -> None:
+    t = Telemetry("decode", "m")
+    t.observe(lambda: [Reading(WAITING, 3), Reading(FALLBACKS, 2, {"reason": "kv_miss"})])
+    t.record(ITL, 0.03)
+    text = render(t.collect())
+    assert text.splitlines() == [
+        "# HELP baton_inter_token_latency_seconds "
+        "Time between two tokens of a request's stream, as the router receives them.",
+        "# TYPE baton_inter_token_latency_seconds histogram",
+        *(
+            f'baton_inter_token_latency_seconds_bucket{{pool="decode",model="m",le="{le}"}} '
+            f"{int(le != '0.01' and le != '0.025')}"
+            for le in (
+                *("0.01", "0.025", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3", "0.4", "0.5"),
+                *("0.75", "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0", "+Inf"),
+            )
+        ),
+        'baton_inter_token_latency_seconds_count{pool="decode",model="m"} 1',
+        'baton_inter_token_latency_seconds_sum{pool="decode",model="m"} 0.03',
+        "# HELP baton_num_requests_waiting Requests queued for a batch.",
+        "# TYPE baton_num_requests_waiting gauge",
+        'baton_num_requests_waiting{pool="decode",model="m"} 3.0',
+        "# HELP vllm:num_requests_waiting Requests queued for a batch.",
+        "# TYPE vllm:num_requests_waiting gauge",
+        'vllm:num_requests_waiting{pool="decode",model="m"} 3.0',
+        "# HELP baton_local_prefill_fallback_total "
+        "Requests the decode pool prefilled itself, by reason.",
+        "# TYPE baton_local_prefill_fallback_total counter",
+        'baton_local_prefill_fallback_total{pool="decode",model="m",reason="kv_miss"} 2.0',
+    ]
+
+
+def test_replicas_merge_per_pool_and_the_operator_reads_them() -> None:
+    a, b = replica(2, 0.5, 100, 0.03), replica(1, 0.25, 40, 0.3)
+    page = render([*a.collect(), *b.collect()])
+    decode = Exposition.parse(page, "m").of(Pool.DECODE)
+    assert decode.gauges == {"num_requests_running": (3.0,), "kv_cache_usage_ratio": (0.375,)}
+    assert decode.counters == {"prompt_tokens_total": 140.0}
+    ttft = decode.histograms["time_to_first_token_seconds"]
+    assert ttft.count == 2 and dict(ttft.buckets)[0.04] == 1 and dict(ttft.buckets)[0.5] == 2
+
+
+def test_the_router_keeps_a_gone_replicas_totals_not_its_gauges() -> None:
+    a, b = replica(2, 0.5, 100, 0.03), replica(1, 0.25, 40, 0.3)
+    live = [a, b]
+
+    async def replicas() -> list[Snapshot]:
+        # they cross Ray pickled
+        return [pickle.loads(pickle.dumps(t.snapshot())) for t in live]
+
+    page = MetricsPage(Telemetry("router", "m"), [replicas])
+    first = Exposition.parse(asyncio.run(page.render()), "m").of(Pool.DECODE)
+    live.remove(b)  # scaled away
+    after = Exposition.parse(asyncio.run(page.render()), "m").of(Pool.DECODE)
+    assert first.counters == after.counters == {"prompt_tokens_total": 140.0}
+    assert after.histograms["time_to_first_token_seconds"].count == 2
+    assert after.gauges == {"num_requests_running": (2.0,), "kv_cache_usage_ratio": (0.5,)}
