@@ -126,6 +126,10 @@ def run(
     from services.app import build_app
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # On a busy laptop a replica can take longer than Ray's 0.1 s default to report its
+    # queue length; routing then retries in a loop instead of sending the request.
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+    os.environ.setdefault("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "5.0")
     children: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
 

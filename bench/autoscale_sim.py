@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 from operators.pool_policy import (
@@ -94,7 +95,11 @@ def slo_met(tick: Tick) -> bool:
 
 
 def fixed(size: dict[Pool, int]) -> dict[Pool, PoolPolicy]:
-    return {pool: replace(p, min_replicas=size[pool], max_replicas=size[pool]) for pool, p in POLICIES.items()}
+    """The policies, pinned at `size`: a static pool."""
+    return {
+        pool: replace(policy, min_replicas=size[pool], max_replicas=size[pool])
+        for pool, policy in POLICIES.items()
+    }
 
 
 def replica_seconds(ticks: Sequence[Tick]) -> float:
@@ -122,7 +127,7 @@ def run(trace: str, duration_s: float, policies: dict[Pool, PoolPolicy]) -> list
 def direction_changes(ticks: Sequence[Tick], pool: Pool) -> list[float]:
     """Times at which `pool` started moving the other way."""
     changes, last = [], 0
-    for before, after in zip(ticks, ticks[1:], strict=False):
+    for before, after in pairwise(ticks):
         step = after.replicas[pool] - before.replicas[pool]
         if step and last and (step > 0) != (last > 0):
             changes.append(after.at)
@@ -136,7 +141,7 @@ def evaluate(trace: str, duration_s: float) -> tuple[Outcome, list[Tick]]:
     feasible = [t for t, b in zip(ticks, best, strict=True) if slo_met(b)]
     static = static_peak_size(trace, duration_s)
     changes = {pool: direction_changes(ticks, pool) for pool in POLICIES}
-    gaps = [b - a for times in changes.values() for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for times in changes.values() for a, b in pairwise(times)]
     outcome = Outcome(
         trace=trace,
         slo_met=sum(slo_met(t) for t in feasible),

@@ -107,9 +107,10 @@ class KVStoreServicer:
         metrics.lookup_queried_blocks += len(request.block_hashes)
         metrics.lookup_hit_blocks += len(locations)
         shards: dict[ShardInfo, int] = {}
+        shard_index = [shards.setdefault(loc.shard, len(shards)) for loc in locations]
         return pb.LookupResponse(
-            shard_index=[shards.setdefault(loc.shard, len(shards)) for loc in locations],
             shards=[pb.Shard(shard_id=s.shard_id, address=s.address) for s in shards],
+            shard_index=shard_index,
             sizes=[loc.size for loc in locations],
             checksums=[loc.checksum for loc in locations],
         )

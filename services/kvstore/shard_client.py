@@ -257,7 +257,6 @@ class ShardClient:
             assert slots is not grpc.aio.EOF, "PutShared ended without answering reserve"
             checksums: list[int] = []
             batch_bytes = 0
-            announcing: asyncio.Future[None] | None = None
             try:
                 for (_, view), offset in zip(blocks, slots.slots.offsets, strict=True):
                     if not offset:  # 0: the shard already holds this block
@@ -266,12 +265,10 @@ class ShardClient:
                     checksums.append(copy_hashed(slot, view, hash_dest=False))
                     batch_bytes += len(view)
                     if batch_bytes >= WRITTEN_BATCH_BYTES:
-                        announcing = await self._announce(call, checksums, announcing)
+                        await self._announce(call, checksums)
                         checksums, batch_bytes = [], 0
                 if checksums:
-                    announcing = await self._announce(call, checksums, announcing)
-                if announcing is not None:
-                    await announcing
+                    await self._announce(call, checksums)
             except BaseException:
                 call.cancel()  # the shard frees the reserved slots at once
                 raise
@@ -282,21 +279,10 @@ class ShardClient:
         return result.result
 
     @staticmethod
-    async def _announce(
-        call: grpc.aio.StreamStreamCall,
-        checksums: list[int],
-        previous: asyncio.Future[None] | None,
-    ) -> asyncio.Future[None]:
-        """Sends `written` without waiting for gRPC to finish sending it: the copies of the
-        next batch proceed meanwhile (a call has one write in flight at a time)."""
-        if previous is not None:
-            await previous
-        request = pb.PutSharedRequest(written=pb.PutSharedWritten(checksums=checksums))
-        sending = asyncio.ensure_future(call.write(request))
-        # a failed write surfaces through the call; this keeps asyncio from also logging it
-        sending.add_done_callback(lambda f: f.cancelled() or f.exception())
-        await asyncio.sleep(0)  # lets the write hand its message to gRPC's own threads
-        return sending
+    async def _announce(call: grpc.aio.StreamStreamCall, checksums: list[int]) -> None:
+        """Tells the shard which slots are written, so it verifies them while the next
+        batch is copied."""
+        await call.write(pb.PutSharedRequest(written=pb.PutSharedWritten(checksums=checksums)))
 
     async def _get_shared(
         self,

@@ -345,9 +345,9 @@ async def test_client_announces_shared_memory_writes_in_batches(
     announced: list[int] = []
     original = shard_client_module.ShardClient._announce
 
-    async def counting(call: object, checksums: list[int], previous: object) -> object:
+    async def counting(call: grpc.aio.StreamStreamCall, checksums: list[int]) -> None:
         announced.append(len(checksums))
-        return await original(call, checksums, previous)  # type: ignore[arg-type]
+        await original(call, checksums)
 
     monkeypatch.setattr(shard_client_module.ShardClient, "_announce", staticmethod(counting))
     blocks, hashes = make_blocks(8), make_hashes(8)
