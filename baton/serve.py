@@ -83,10 +83,10 @@ def start_kvstore(config: ServingConfig) -> subprocess.Popen[bytes]:
     ]
     if config.kvstore.redis_url:
         cmd += ["--redis-url", config.kvstore.redis_url]
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Linux: the shard gets SIGTERM if `baton serve` dies without cleaning up (SIGKILL).
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

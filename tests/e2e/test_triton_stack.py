@@ -20,18 +20,20 @@ from tests.unit.tiny_model import tiny_checkpoint
 @pytest.fixture(scope="module")
 def stack(default_checkpoint: LoadedCheckpoint) -> Iterator[Stack]:
     shard = Shard()
-    stack = Stack(
-        tiny_checkpoint(default_checkpoint),
-        shard,
-        kernel_backend="triton",
-        dtype="bfloat16",  # the Triton FP8 and INT4 kernels take bf16 activations
-        max_model_len=128,
-        kv_cache_bytes=2**20,
-        max_num_batched_tokens=64,
-    )
-    yield stack
-    stack.shutdown()
-    shard.stop()
+    try:
+        stack = Stack(
+            tiny_checkpoint(default_checkpoint),
+            shard,
+            kernel_backend="triton",
+            dtype="bfloat16",  # the Triton FP8 and INT4 kernels take bf16 activations
+            max_model_len=128,
+            kv_cache_bytes=2**20,
+            max_num_batched_tokens=64,
+        )
+        yield stack
+        stack.shutdown()
+    finally:
+        shard.stop()
 
 
 def test_triton_kernels_serve_a_disaggregated_request(stack: Stack) -> None:
