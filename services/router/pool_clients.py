@@ -6,8 +6,14 @@ so the request path is the same code with and without Ray.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+from ray.serve import context as serve_context
 
 from engine.handoff import Handoff
 from engine.outputs import RequestOutput
@@ -60,7 +66,13 @@ class RayPrefillPool:
         self.handle = handle
 
     async def prefill(self, request: PrefillRequest) -> Handoff:
-        handoff: Handoff = await self.handle.prefill.remote(request)
+        with _own_call_id():
+            response = self.handle.prefill.remote(request)
+        try:
+            handoff: Handoff = await response
+        except asyncio.CancelledError:  # a deadline or a hang-up: stop the replica's work
+            response.cancel()
+            raise
         return handoff
 
     async def stats(self) -> list[PoolStats]:
@@ -75,7 +87,8 @@ class RayDecodePool:
         self.handle = handle
 
     async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
-        stream = self.handle.options(stream=True).generate.remote(request)
+        with _own_call_id():
+            stream = self.handle.options(stream=True).generate.remote(request)
         finished = False
         try:
             async for out in stream:
@@ -90,6 +103,25 @@ class RayDecodePool:
 
     async def metrics(self) -> list[Snapshot]:
         return await _every_replica(self.handle, "metrics")
+
+
+@contextlib.contextmanager
+def _own_call_id() -> Iterator[None]:
+    """Gives the handle call made inside its own internal request id.
+
+    Ray Serve tags a handle call with the calling request's internal id and its request
+    router matches routed replicas to pending calls by that id, so the concurrent pool
+    calls of one HTTP request (the choices of `n > 1`) would share one id and all but one
+    would wait unrouted forever. Ray has no public switch for this; the context is its.
+    """
+    current = serve_context._get_serve_request_context()
+    token = serve_context._serve_request_context.set(
+        dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex)
+    )
+    try:
+        yield
+    finally:
+        serve_context._serve_request_context.reset(token)
 
 
 async def _every_replica(handle: Any, method: str) -> list[Any]:

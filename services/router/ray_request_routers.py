@@ -18,7 +18,14 @@ PREFILL_IMBALANCE = 4
 
 
 def _first_arg(pending: PendingRequest | None) -> Any:
-    return pending.args[0] if pending is not None and pending.args else None
+    """The pool request being routed. Also asks Ray to back off between rounds: without
+    `should_backoff` its routing loop retries at once when every replica is full (or its
+    queue-length probe is late), spinning on the GIL and starving the router replica's
+    own event loops, which then answer nothing."""
+    if pending is None:
+        return None
+    pending.routing_context.should_backoff = True
+    return pending.args[0] if pending.args else None
 
 
 class PrefillRequestRouter(RequestRouter):

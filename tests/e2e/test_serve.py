@@ -88,6 +88,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "http_port": free_port(),
             "grpc_port": free_port(),
             "local_prefill_threshold": 0,
+            # A starved 2-core runner must not turn the remote path into a fallback.
+            "prefill_timeout_s": 120,
         },
     }
     (tmp / "serving.yaml").write_text(yaml.safe_dump(config))

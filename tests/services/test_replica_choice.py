@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+from ray.serve._private.common import RequestMetadata
+from ray.serve.request_router import PendingRequest
+
+from services.router.ray_request_routers import DecodeRequestRouter, PrefillRequestRouter
 from services.router.replica_choice import prefix_key, rank_decode, rank_prefill
 
 H = [bytes([i]) * 32 for i in range(1, 6)]
@@ -49,3 +54,13 @@ def test_decode_needs_room_then_fewest_in_flight_then_most_free() -> None:
         ["b"],
         ["a"],
     ]
+
+
+@pytest.mark.parametrize("router", [PrefillRequestRouter, DecodeRequestRouter])
+async def test_ray_routers_ask_ray_to_back_off(router: type) -> None:
+    # Without the back-off flag Ray retries a full pool in a tight loop that starves the
+    # router replica (seen as a hung n=3 request on 2 cores).
+    pending = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata("r", "r"))
+    assert not pending.routing_context.should_backoff
+    ranked = await router.choose_replicas(object.__new__(router), [], pending)
+    assert ranked == [] and pending.routing_context.should_backoff
