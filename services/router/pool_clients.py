@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -114,14 +115,13 @@ def _own_call_id() -> Iterator[None]:
     calls of one HTTP request (the choices of `n > 1`) would share one id and all but one
     would wait unrouted forever. Ray has no public switch for this; the context is its.
     """
+    var: contextvars.ContextVar[Any] = serve_context._serve_request_context
     current = serve_context._get_serve_request_context()
-    token = serve_context._serve_request_context.set(
-        dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex)
-    )
+    token = var.set(dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
     try:
         yield
     finally:
-        serve_context._serve_request_context.reset(token)
+        var.reset(token)
 
 
 async def _every_replica(handle: Any, method: str) -> list[Any]:
