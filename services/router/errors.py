@@ -65,3 +65,12 @@ class NotReadyError(ApiError):
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
     error_type = "service_unavailable_error"
+
+
+class DeadlineExceededError(ApiError):
+    """The request outlived its deadline; a stream that has started ends with this event."""
+
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    error_type = "timeout_error"
+    code = "deadline_exceeded"
