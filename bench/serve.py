@@ -131,7 +131,8 @@ async def run_closed_loop(
     queue = list(prompts)
     results: list[Result] = []
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    connector = aiohttp.TCPConnector(force_close=True)  # no stale keep-alive connections
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
         async def worker() -> None:
             while queue:
@@ -147,7 +148,8 @@ async def run_open_loop(
 ) -> tuple[list[Result], float]:
     rng = random.Random(seed)
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    connector = aiohttp.TCPConnector(force_close=True)  # no stale keep-alive connections
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         start = time.perf_counter()
         tasks = []
         for p in prompts:

@@ -41,6 +41,9 @@ class DecodeRequest:
     cache_salt: bytes = b""
     handoff: Handoff | None = None  # None: decode prefills the prompt itself
     transfer_timeout_s: float = 10.0
+    # Tokens a client already has (a migrated request): decode replays them into its
+    # cache and its sampler, reports them again, and continues after them.
+    output_prefix: list[int] = field(default_factory=list)
     trace_context: dict[str, str] = field(default_factory=inject)
     sent_at: float = field(default_factory=time.time)
 

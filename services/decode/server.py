@@ -50,6 +50,8 @@ class DecodeServer(PoolWorker):
                 pinned = await self._pull(request)
             if pinned:
                 fingerprint = handoff.fingerprint
+        if request.output_prefix:  # a migrated request resumes after what was streamed
+            prefix = list(request.output_prefix)
         cached_override = handoff.num_cached_tokens if handoff is not None else None
         async for out in self.engine.generate(
             request.prompt_token_ids,

@@ -8,7 +8,11 @@ or a decode pool alone (colocated: decode prefills every prompt itself).
     decode pool: pull the blocks (or recompute), stream the tokens
 
 A prefill that fails or misses its deadline never fails the request: decode prefills
-locally instead, and the reason is counted.
+locally instead, and the reason is counted. A decode replica that dies or stalls
+mid-stream does not fail it either: the request migrates to another replica, which
+re-imports the prompt's blocks from the KV store, replays the tokens already sent and
+continues after them; the client sees each token once. Every request has a deadline;
+a stream that cannot finish before it ends with DeadlineExceededError.
 """
 
 from __future__ import annotations
@@ -23,11 +27,16 @@ from engine.handoff import Handoff
 from engine.hashing import block_hashes
 from engine.outputs import RequestOutput
 from services.pool_requests import DecodeRequest, ModelCard, PoolStats, PrefillRequest
-from services.router.errors import OverloadedError
+from services.router.errors import ApiError, DeadlineExceededError, OverloadedError
 from services.router.pipeline import GenerationRequest, Pipeline
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1.0
+MIGRATION_BACKOFF_S = 0.5  # lets Ray notice a dead replica before the retry is routed
+
+
+class DecodeStalledError(Exception):
+    """A decode replica sent nothing for the stall timeout: treated as dead."""
 
 
 class PrefillPool(Protocol):
@@ -56,6 +65,9 @@ class DisaggregatedPipeline(Pipeline):
         prefill_timeout_s: float,
         transfer_timeout_s: float,
         max_inflight: int = 256,
+        request_timeout_s: float = 300.0,
+        stall_timeout_s: float = 60.0,
+        max_migrations: int = 2,
     ) -> None:
         if prefill_card.model_id != decode_card.model_id:
             raise ValueError(
@@ -76,6 +88,10 @@ class DisaggregatedPipeline(Pipeline):
         self.local_prefills: Counter[str] = Counter()  # why decode prefilled locally
         self.max_inflight = max_inflight
         self.inflight = 0
+        self.request_timeout_s = request_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.max_migrations = max_migrations
+        self.migrations = 0  # requests moved off a failed decode replica
 
     def ready(self) -> bool:
         return True
@@ -102,6 +118,8 @@ class DisaggregatedPipeline(Pipeline):
                 f"needs {needed} ({len(prompt)} in the prompt, {request.params.max_tokens} "
                 "for max_tokens); shorten the prompt or lower max_tokens"
             )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (request.deadline_s or self.request_timeout_s)
         hashes = block_hashes(self.fingerprint, prompt, request.cache_salt)
         stored = await self._stored_prefix(hashes)
         handoff = None
@@ -110,16 +128,80 @@ class DisaggregatedPipeline(Pipeline):
         elif len(prompt) - stored * self.fingerprint.block_size <= self.threshold:
             self.local_prefills["short_prompt"] += 1
         else:
-            handoff = await self._remote_prefill(request, hashes, stored)
-        decode_request = DecodeRequest(
-            request.request_id,
-            prompt,
-            request.params,
-            request.cache_salt,
-            handoff,
-            self.transfer_timeout_s,
-        )
-        async for out in self.decode.generate(decode_request):
+            timeout = min(self.prefill_timeout_s, deadline - loop.time())
+            handoff = await self._remote_prefill(request, hashes, stored, timeout)
+        sent: list[int] = []  # tokens the client has
+        cached_tokens: int | None = None
+        attempt = 0
+        while True:
+            decode_request = DecodeRequest(
+                request.request_id if attempt == 0 else f"{request.request_id}~{attempt}",
+                prompt,
+                request.params,
+                request.cache_salt,
+                handoff,
+                self.transfer_timeout_s,
+                output_prefix=list(sent),
+            )
+            stream = self.decode.generate(decode_request)
+            try:
+                async for out in self._within_deadlines(stream, deadline):
+                    new = out.num_output_tokens - len(sent)
+                    if new <= 0:  # what the client has, replayed after a migration
+                        if not out.finished:
+                            continue
+                        out.new_token_ids, out.new_text, out.logprobs = [], "", []
+                    elif len(out.new_token_ids) > new:
+                        out.new_token_ids = out.new_token_ids[-new:]
+                        out.logprobs = out.logprobs[-new:]
+                    if cached_tokens is None:
+                        cached_tokens = out.num_cached_tokens
+                    out.num_cached_tokens = cached_tokens  # as the first replica saw it
+                    out.request_id = request.request_id
+                    sent += out.new_token_ids
+                    yield out
+                return
+            except (ValueError, ApiError):
+                raise  # the request's own fault, or its deadline: migrating cannot help
+            except Exception as e:
+                if attempt >= self.max_migrations:
+                    raise
+                attempt += 1
+                self.migrations += 1
+                log.warning(
+                    "request %s: decode failed after %d tokens (%r); migrating",
+                    request.request_id,
+                    len(sent),
+                    e,
+                )
+            finally:
+                close = getattr(stream, "aclose", None)
+                if close is not None:
+                    await close()
+            await asyncio.sleep(min(MIGRATION_BACKOFF_S, max(0.0, deadline - loop.time())))
+
+    async def _within_deadlines(
+        self, stream: AsyncIterator[RequestOutput], deadline: float
+    ) -> AsyncIterator[RequestOutput]:
+        """`stream`'s outputs; DeadlineExceededError past the request's deadline,
+        DecodeStalledError when the replica sends nothing for the stall timeout."""
+        loop = asyncio.get_running_loop()
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise DeadlineExceededError("the request did not finish before its deadline")
+            try:
+                out = await asyncio.wait_for(anext(stream), min(left, self.stall_timeout_s))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    raise DeadlineExceededError(
+                        "the request did not finish before its deadline"
+                    ) from None
+                raise DecodeStalledError(
+                    f"no output for {self.stall_timeout_s:g} s from the decode replica"
+                ) from None
             yield out
 
     async def _stored_prefix(self, hashes: list[bytes]) -> int:
@@ -132,7 +214,7 @@ class DisaggregatedPipeline(Pipeline):
             return 0
 
     async def _remote_prefill(
-        self, request: GenerationRequest, hashes: list[bytes], stored: int
+        self, request: GenerationRequest, hashes: list[bytes], stored: int, timeout_s: float
     ) -> Handoff | None:
         assert self.prefill is not None
         prefill_request = PrefillRequest(
@@ -144,9 +226,7 @@ class DisaggregatedPipeline(Pipeline):
             stored,
         )
         try:
-            return await asyncio.wait_for(
-                self.prefill.prefill(prefill_request), self.prefill_timeout_s
-            )
+            return await asyncio.wait_for(self.prefill.prefill(prefill_request), timeout_s)
         except ValueError:
             raise  # the prompt itself is bad: no pool can serve it
         except TimeoutError:

@@ -47,7 +47,5 @@ def pipeline_readings(pipeline: DisaggregatedPipeline) -> list[Reading]:
         Reading(FALLBACKS, n, {"pool": "decode", "reason": reason})
         for reason, n in sorted(pipeline.local_prefills.items())
     ]
-    # No request migrates yet (DESIGN.md "Request path" 4 is to come); the series is there
-    # from the start so dashboards and alerts can be written against it.
-    readings.append(Reading(MIGRATIONS, 0, {"pool": "decode"}))
+    readings.append(Reading(MIGRATIONS, pipeline.migrations, {"pool": "decode"}))
     return readings

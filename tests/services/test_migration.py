@@ -1,0 +1,201 @@
+"""A decode replica that dies or stalls mid-stream: the request migrates to another replica
+and the client gets every token once, the same tokens as an undisturbed run; a request
+that cannot finish ends with an error before its deadline.
+
+Real FP8 prefill and INT4 decode engines (fp32, batch-invariant, so runs compare
+exactly), a real KV store shard and real HTTP. A "dead" replica is one whose engine is
+shut down mid-stream (its stream fails as a crashed replica's does); a stalled one stops
+sending without failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.engine_args import EngineArgs
+from engine.loaders import LoadedCheckpoint
+from engine.outputs import RequestOutput
+from services.decode.server import DecodeServer
+from services.kv_bridge import KVBridge
+from services.pool_requests import DecodeRequest, PoolStats
+from services.router.disaggregated import DisaggregatedPipeline
+from services.router.http_api import build_http_app
+from services.router.pipeline import Pipeline
+from services.router.pool_clients import LocalDecodePool, LocalPrefillPool, StorePrefixIndex
+from tests.services.router.conftest import serve_http
+from tests.services.stack import MODEL, Shard, Stack
+
+ENGINE = {"max_model_len": 512, "kv_cache_bytes": 32 * 2**20, "dtype": "float32"}
+PROMPT = (
+    "You are a meticulous assistant for the public library of a small coastal town. You "
+    "answer questions about opening hours, borrowing rules, reading rooms and weekend "
+    "events, briefly and politely. Question: when do you open on Sundays?"
+)
+TOKENS = 20
+
+
+class Stalling:
+    """A decode replica that sends `after` outputs, then nothing, without failing."""
+
+    def __init__(self, server: DecodeServer, after: int) -> None:
+        self.server = server
+        self.after = after
+        self.closed = 0  # streams the router closed
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
+        n = 0
+        try:
+            async for out in self.server.generate(request):
+                if n == self.after:
+                    await asyncio.Event().wait()
+                n += 1
+                yield out
+        finally:
+            self.closed += 1
+
+    def stats(self) -> PoolStats:
+        return self.server.stats()
+
+
+@pytest.fixture(scope="module")
+def shard() -> Iterator[Shard]:
+    s = Shard()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(default_checkpoint: LoadedCheckpoint, shard: Shard) -> Iterator[Stack]:
+    stack = Stack(default_checkpoint, shard, dtype="float32", batch_invariant=True)
+    yield stack
+    stack.shutdown()
+
+
+class Front:
+    """One HTTP front end whose pipeline each test sets."""
+
+    pipeline: Pipeline
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+        self.calls = 0
+
+    def stream(self, on_chunk: Any = None, **body: Any) -> tuple[list[str], list[dict]]:
+        """The streamed completion's tokens (one text piece each) and its events. Each
+        call is cache-cold (its own salt): runs compare the same arithmetic."""
+        self.calls += 1
+        request = {"model": MODEL, "prompt": PROMPT, "max_tokens": TOKENS, "stream": True}
+        request |= {"min_tokens": TOKENS, "logprobs": 0, "cache_salt": str(self.calls), **body}
+        tokens: list[str] = []
+        events: list[dict] = []
+        with self.client.stream("POST", "/v1/completions", json=request) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                events.append(event)
+                for choice in event.get("choices", []):
+                    tokens += choice["logprobs"]["tokens"]
+                if on_chunk is not None:
+                    on_chunk(len(events))
+        return tokens, events
+
+
+@pytest.fixture(scope="module")
+def front(stack: Stack) -> Iterator[Front]:
+    holder: dict[str, Front] = {}
+    app = build_http_app(lambda: holder["front"].pipeline)
+    with serve_http(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        holder["front"] = Front(client)
+        yield holder["front"]
+
+
+def decode_server(checkpoint: LoadedCheckpoint, stack: Stack) -> DecodeServer:
+    engine = AsyncEngine(
+        EngineArgs(linear="int4", batch_invariant=True, **ENGINE).create_engine(checkpoint)  # type: ignore[arg-type]
+    )
+    return DecodeServer(engine, KVBridge(engine, [stack.shard.address], 5, 30), MODEL)
+
+
+def pipeline(stack: Stack, *decode: Any, **kw: Any) -> DisaggregatedPipeline:
+    card = stack.decode.describe()
+    index = stack.pipeline.index
+    assert isinstance(index, StorePrefixIndex)
+    return DisaggregatedPipeline(
+        stack.prefill.describe(),
+        card,
+        LocalPrefillPool(stack.prefill),
+        LocalDecodePool(*decode),
+        index,
+        local_prefill_threshold=16,
+        prefill_timeout_s=60,
+        transfer_timeout_s=5,
+        **kw,
+    )
+
+
+def wait_idle(stack: Stack) -> None:
+    deadline = time.monotonic() + 30
+    while not stack.idle():
+        assert time.monotonic() < deadline, "a pool still holds requests or blocks"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "seed": 7}])
+def test_a_dead_decode_replica_loses_no_token(
+    stack: Stack, front: Front, default_checkpoint: LoadedCheckpoint, sampling: dict
+) -> None:
+    front.pipeline = pipeline(stack, stack.decode)
+    want, _ = front.stream(**sampling)
+    assert len(want) == TOKENS
+    victim = decode_server(default_checkpoint, stack)
+    front.pipeline = migrating = pipeline(stack, victim, stack.decode)
+
+    def kill(events: int) -> None:
+        if events == 6:  # mid-stream: the client has six tokens
+            victim.engine.shutdown()
+
+    got, events = front.stream(on_chunk=kill, **sampling)
+    assert got == want  # nothing lost, nothing twice, the same continuation
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert migrating.migrations == 1
+    wait_idle(stack)
+    assert stack.store_leases() == 0
+
+
+def test_a_stalled_decode_replica_is_abandoned(
+    stack: Stack, front: Front, default_checkpoint: LoadedCheckpoint
+) -> None:
+    front.pipeline = pipeline(stack, stack.decode)
+    want, _ = front.stream(temperature=0)
+    stalled = Stalling(stack.decode, after=5)
+    front.pipeline = migrating = pipeline(stack, stalled, stack.decode, stall_timeout_s=1.0)
+    got, _ = front.stream(temperature=0)
+    assert got == want and migrating.migrations == 1
+    assert stalled.closed == 1  # the silent stream was closed: its engine request aborted
+    wait_idle(stack)
+
+
+def test_a_request_that_cannot_finish_ends_before_its_deadline(stack: Stack, front: Front) -> None:
+    stalled = Stalling(stack.decode, after=3)
+    front.pipeline = pipeline(
+        stack, stalled, request_timeout_s=2.5, stall_timeout_s=1.0, max_migrations=5
+    )
+    started = time.monotonic()
+    tokens, events = front.stream(temperature=0)
+    assert time.monotonic() - started < 10
+    assert len(tokens) == 3  # what was sent stays sent, once
+    assert events[-1]["error"]["code"] == "deadline_exceeded", events[-1]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": TOKENS, "min_tokens": TOKENS}
+    r = front.client.post("/v1/completions", json=body)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    wait_idle(stack)
