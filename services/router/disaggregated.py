@@ -92,9 +92,20 @@ class DisaggregatedPipeline(Pipeline):
         self.stall_timeout_s = stall_timeout_s
         self.max_migrations = max_migrations
         self.migrations = 0  # requests moved off a failed decode replica
+        self.draining = False
 
     def ready(self) -> bool:
-        return True
+        return not self.draining
+
+    async def drain(self, timeout_s: float) -> int:
+        """Takes no new request (they get 503) and waits up to `timeout_s` for those in
+        flight to finish; returns how many were still running."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.inflight
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if self.inflight >= self.max_inflight:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -80,7 +81,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     config = {
         "model": {"max_model_len": 1024, "dtype": "float32"},
         "prefill": {"replicas": 1, "linear": "fp8", **POOL},
-        "decode": {"replicas": 1, "linear": "int4", **POOL},
+        "decode": {"replicas": 2, "linear": "int4", **POOL},  # one may be killed
         "kvstore": {"targets": [f"127.0.0.1:{free_port()}"], "capacity": "256MiB"},
         # Every prompt takes the remote prefill path, however short, so outputs compare
         # with the in-process FP8-prefill/INT4-decode pipeline.
@@ -284,10 +285,128 @@ def test_concurrent_streams_equal_their_solo_runs(client: openai.OpenAI) -> None
     assert together == solo
 
 
-def test_ctrl_c_stops_every_process(server: Server) -> None:
+def stream_text(
+    client: openai.OpenAI, prompt: str, salt: str, started: threading.Event | None = None
+) -> tuple[str, str | None]:
+    """A greedy 48-token stream's text and finish reason; `started` is set at its first
+    chunk."""
+    stream = client.completions.create(
+        model="smollm2-135m-instruct",
+        prompt=prompt,
+        max_tokens=48,
+        temperature=0,
+        stream=True,
+        extra_body={"cache_salt": salt, "min_tokens": 48},
+    )
+    text, finish = "", None
+    for chunk in stream:
+        text += "".join(c.text for c in chunk.choices)
+        finish = next((c.finish_reason for c in chunk.choices if c.finish_reason), finish)
+        if started is not None:
+            started.set()
+    return text, finish
+
+
+MIGRATIONS = 'baton_request_migrations_total{pool="decode",model="smollm2-135m-instruct"}'
+
+
+def decode_replicas(server: Server) -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process(server.proc.pid).children(recursive=True)
+        if "ServeReplica:baton:decode" in " ".join(p.cmdline())
+    ]
+
+
+def test_a_killed_decode_replica_loses_no_token(server: Server, client: openai.OpenAI) -> None:
+    before = server.metrics()[MIGRATIONS]
+    prompts = [f"{SYSTEM}\nQuestion: {p}" for p in PROMPTS[2:4]]
+    solo = [stream_text(client, p, "solo") for p in prompts]
+    started = [threading.Event(), threading.Event()]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(stream_text, client, prompts[0], "killed", started[0])
+        assert started[0].wait(120)
+        time.sleep(2.5)  # the replicas' routing stats now show where the first one runs
+        second = pool.submit(stream_text, client, prompts[1], "killed", started[1])
+        assert started[1].wait(120)
+        replicas = decode_replicas(server)
+        assert len(replicas) == 2
+        busy = [sum(p.cpu_times()[:2]) for p in replicas]
+        time.sleep(1)
+        busy = [sum(p.cpu_times()[:2]) - b for p, b in zip(replicas, busy, strict=True)]
+        replicas[busy.index(max(busy))].kill()  # SIGKILL: no goodbye, mid-stream
+        together = [first.result(timeout=300), second.result(timeout=300)]
+    assert together == solo  # every token once, and the same continuation
+    time.sleep(2.5)
+    assert server.metrics()[MIGRATIONS] - before >= 1
+
+
+def test_scale_down_drains_the_replica_it_removes(server: Server, client: openai.OpenAI) -> None:
+    deadline = time.monotonic() + 180  # Ray restarts the replica the last test killed
+    while _running_decode_replicas() < 2:
+        assert time.monotonic() < deadline, "the decode pool did not return to 2 replicas"
+        time.sleep(2)
+    before = server.metrics()[MIGRATIONS]
+    prompts = [f"{SYSTEM}\nQuestion: {p}" for p in PROMPTS[4:8]]
+    solo = [stream_text(client, p, "solo") for p in prompts]
+    started = [threading.Event() for _ in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        runs = []
+        for wave in (0, 2):  # the second wave sees the first's load and takes the other replica
+            runs += [
+                pool.submit(stream_text, client, prompts[i], "drained", started[i])
+                for i in (wave, wave + 1)
+            ]
+            assert all(started[i].wait(120) for i in (wave, wave + 1))
+            time.sleep(2.5 if wave == 0 else 0)
+        _scale_decode(1)  # while every stream is mid-way, on both replicas
+        together = [r.result(timeout=300) for r in runs]
+    assert together == solo  # nothing dropped, nothing cut short
+    time.sleep(2.5)
+    assert server.metrics()[MIGRATIONS] == before  # drained, not migrated
+    assert len(decode_replicas(server)) == 1
+
+
+def _ray_env() -> dict[str, str]:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
+def _running_decode_replicas() -> int:
+    return int(_on_the_cluster("print(ServeReplicas('baton').running('decode'))"))
+
+
+def _scale_decode(replicas: int) -> None:
+    """What the operator or the local autoscaler does: set the decode pool's size."""
+    _on_the_cluster(f"ServeReplicas('baton').scale('decode', {replicas})")
+
+
+def _on_the_cluster(statement: str) -> str:
+    """Runs `statement` in a driver attached to baton serve's Ray cluster; its stdout."""
+    code = (
+        "import ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False)\n"
+        "from baton.local_autoscaler import ServeReplicas\n" + statement
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_ray_env(), timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+
+def test_sigterm_drains_then_stops_every_process(server: Server, client: openai.OpenAI) -> None:
     children = psutil.Process(server.proc.pid).children(recursive=True)
     assert children, "baton serve should have started Ray and a KV store shard"
-    server.proc.send_signal(signal.SIGINT)
+    started = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(stream_text, client, f"{SYSTEM}\n{PROMPTS[0]}", "term", started)
+        assert started.wait(120)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(2)  # the router is draining: the stream goes on, new requests are refused
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2)
+        assert refused.value.status_code == 503
+        text, finish = running.result(timeout=300)
+    assert finish == "length" and text
     assert server.proc.wait(timeout=120) == 0
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
