@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import grpc
 import xxhash
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc import RpcMethodHandler
 from grpc.aio import ServicerContext as Context
 
@@ -44,6 +44,14 @@ async def _abort(context: Context, exc: KVStoreError) -> NoReturn:
     raise AssertionError("context.abort returned")
 
 
+async def _parsed(message_type: type[Any], raw: bytes, context: Context) -> Any:
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as e:
+        name = message_type.DESCRIPTOR.full_name
+        await _abort(context, MalformedMessageError(f"malformed {name} message: {e}"))
+
+
 def _check_hashes(hashes: Sequence[bytes], field: str = "block_hashes") -> None:
     if len(hashes) > MAX_HASHES_PER_REQUEST:
         raise MalformedMessageError(
@@ -65,15 +73,26 @@ class KVStoreServicer:
         self._message_bytes = message_bytes
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
+        # Requests arrive as bytes and are parsed here: gRPC's own deserializer would
+        # answer a message that does not parse with UNKNOWN instead of INVALID_ARGUMENT.
         def unary(fn: Handler, request: type[Message], response: type[Message]) -> RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                fn, request.FromString, response.SerializeToString
-            )
+            async def handle(raw: bytes, context: Context) -> Message:
+                return await fn(await _parsed(request, raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(handle, None, response.SerializeToString)
 
         def bidi(fn: Handler, request: type[Message], response: type[Message]) -> RpcMethodHandler:
-            return grpc.stream_stream_rpc_method_handler(
-                fn, request.FromString, response.SerializeToString
-            )
+            async def handle(
+                raws: AsyncIterator[bytes], context: Context
+            ) -> AsyncIterator[Message]:
+                async def parsed() -> AsyncIterator[Message]:
+                    async for raw in raws:
+                        yield await _parsed(request, raw, context)
+
+                async for out in fn(parsed(), context):
+                    yield out
+
+            return grpc.stream_stream_rpc_method_handler(handle, None, response.SerializeToString)
 
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
@@ -84,7 +103,7 @@ class KVStoreServicer:
                     self.put, None, pb.PutResponse.SerializeToString
                 ),
                 # raw bytes out, encoded by `codec`
-                "Get": grpc.unary_stream_rpc_method_handler(self.get, pb.GetRequest.FromString),
+                "Get": grpc.unary_stream_rpc_method_handler(self._get_raw),
                 "Lease": unary(self.lease, pb.LeaseRequest, pb.LeaseResponse),
                 "Release": unary(self.release, pb.ReleaseRequest, pb.ReleaseResponse),
                 "Stats": unary(self.stats, pb.StatsRequest, pb.StatsResponse),
@@ -96,6 +115,10 @@ class KVStoreServicer:
                 "GetShared": bidi(self.get_shared, pb.GetSharedRequest, pb.GetSharedResponse),
             },
         )
+
+    async def _get_raw(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
+        async for out in self.get(await _parsed(pb.GetRequest, raw, context), context):
+            yield out
 
     async def lookup(self, request: pb.LookupRequest, context: Context) -> pb.LookupResponse:
         try:
