@@ -2,7 +2,9 @@
 
 Starts a KV store shard (disaggregated mode), local Ray, and the Serve application on
 HTTP and gRPC; prints the URLs; with `--policy`, sizes the pools to CapacityPolicies
-(baton.local_autoscaler); on Ctrl-C or SIGTERM stops everything it started.
+(baton.local_autoscaler); on Ctrl-C or SIGTERM stops everything it started. The shard
+requires a token (the configured one, else BATON_KVSTORE_TOKEN, else a random one made
+for this run) that only the pools are given.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,6 +27,7 @@ from types import FrameType
 
 from operators.policy_spec import load_policy_file
 from operators.pool_policy import Pool, PoolPolicy
+from services.kvstore.security import TOKEN_ENV
 from services.serving_config import ServingConfig
 
 READY_TIMEOUT_S = 300.0
@@ -65,8 +69,19 @@ def load_config(args: argparse.Namespace) -> ServingConfig:
     return ServingConfig.model_validate(data)
 
 
+def with_kvstore_token(config: ServingConfig) -> ServingConfig:
+    """`config` with the token the local shard will require in `kvstore.token`: the one
+    configured (inline, in token_file or in BATON_KVSTORE_TOKEN), else a new random one."""
+    kv = config.kvstore
+    token = kv.client_security().token or secrets.token_urlsafe(32)
+    return config.model_copy(
+        update={"kvstore": kv.model_copy(update={"token": token, "token_file": None})}
+    )
+
+
 def start_kvstore(config: ServingConfig) -> subprocess.Popen[bytes]:
-    """The local shard, listening on the first kvstore target."""
+    """The local shard, listening on the first kvstore target, requiring kvstore.token
+    (passed in its environment: a command line is visible to every user)."""
     host, _, port = config.kvstore.targets[0].rpartition(":")
     cmd = [
         sys.executable,
@@ -83,7 +98,10 @@ def start_kvstore(config: ServingConfig) -> subprocess.Popen[bytes]:
     ]
     if config.kvstore.redis_url:
         cmd += ["--redis-url", config.kvstore.redis_url]
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent)
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    if config.kvstore.token is not None:
+        env[TOKEN_ENV] = config.kvstore.token
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def die_with_parent() -> None:
@@ -139,6 +157,7 @@ def run(
     r = config.router
     try:
         if config.mode == "disaggregated":
+            config = with_kvstore_token(config)
             children.append(start_kvstore(config))
         ray.init(
             include_dashboard=False,

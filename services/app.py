@@ -47,7 +47,7 @@ def _engine(config: ServingConfig, pool: PoolSection) -> AsyncEngine:
 
 def _bridge(config: ServingConfig, engine: AsyncEngine) -> KVBridge:
     kv = config.kvstore
-    return KVBridge(engine, kv.targets, kv.timeout_s, kv.lease_ttl_s)
+    return KVBridge(engine, kv.targets, kv.timeout_s, kv.lease_ttl_s, kv.client_security())
 
 
 class PrefillDeployment(PrefillServer):
@@ -112,7 +112,7 @@ class RouterDeployment:
                 kv.targets,
                 prefill_card.fingerprint,
                 prefill_card.block_format,
-                ClientConfig(timeout_s=kv.timeout_s),
+                ClientConfig(timeout_s=kv.timeout_s, security=kv.client_security()),
             )
             index = StorePrefixIndex(client)
         self.pipeline = DisaggregatedPipeline(

@@ -21,6 +21,7 @@ from opentelemetry import trace
 from engine.async_engine import AsyncEngine
 from engine.hashing import KVFingerprint
 from services.kvstore.client import ClientConfig, KVStoreClient, Lease
+from services.kvstore.security import ClientSecurity
 from services.telemetry import KV_TRANSFER_SECONDS, Telemetry
 from services.tracing import tracer
 
@@ -29,10 +30,16 @@ log = logging.getLogger(__name__)
 
 class KVBridge:
     def __init__(
-        self, engine: AsyncEngine, targets: Sequence[str], timeout_s: float, lease_ttl_s: float
+        self,
+        engine: AsyncEngine,
+        targets: Sequence[str],
+        timeout_s: float,
+        lease_ttl_s: float,
+        security: ClientSecurity | None = None,
     ) -> None:
         self.engine = engine
         self.targets = list(targets)
+        self.security = security or ClientSecurity()  # the shards' token and TLS
         self.timeout_s = timeout_s
         self.lease_ttl_s = lease_ttl_s
         self.block_format = engine.engine.block_format
@@ -47,7 +54,7 @@ class KVBridge:
                 self.targets,
                 fingerprint,
                 self.block_format,
-                ClientConfig(timeout_s=self.timeout_s),
+                ClientConfig(timeout_s=self.timeout_s, security=self.security),
             )
         return self._clients[fingerprint.digest]
 

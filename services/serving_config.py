@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.engine_args import EngineArgs
+from services.kvstore.security import ClientSecurity, read_token_file, token_from_env
 
 
 class _Strict(BaseModel):
@@ -63,6 +64,51 @@ class KVStoreSection(_Strict):
     capacity: str = Field("1GiB", description="arena of the local shard `baton serve` starts")
     lease_ttl_s: float = Field(30.0, gt=0, description="how long a handoff pins its blocks")
     timeout_s: float = Field(10.0, gt=0, description="deadline of one KV transfer")
+    token: str | None = Field(
+        None,
+        repr=False,
+        description="token the shards require; null: token_file, else $BATON_KVSTORE_TOKEN "
+        "(read where each pool runs), else none",
+    )
+    token_file: str | None = Field(None, description="file holding the token, e.g. a Secret's")
+    tls: bool = Field(False, description="reach the shards over TLS")
+    tls_ca_file: str | None = Field(
+        None, description="PEM CAs the shards' certificates chain to; null: the system's"
+    )
+    tls_cert_file: str | None = Field(
+        None, description="PEM certificate the pools present to the shards (mutual TLS)"
+    )
+    tls_key_file: str | None = Field(None, description="PEM key of tls_cert_file")
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KVStoreSection:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("kvstore.token and kvstore.token_file are exclusive: give one")
+        self._client_security(self.token)
+        return self
+
+    def client_security(self) -> ClientSecurity:
+        """What the pools' kvstore clients send and check, resolved where they run: the
+        token from `token`, `token_file` or the environment (BATON_KVSTORE_TOKEN)."""
+        if self.token is not None:
+            token: str | None = self.token
+        elif self.token_file is not None:
+            token = read_token_file(self.token_file)
+        else:
+            token = token_from_env()
+        return self._client_security(token)
+
+    def _client_security(self, token: str | None) -> ClientSecurity:
+        def path(p: str | None) -> Path | None:
+            return None if p is None else Path(p)
+
+        return ClientSecurity(
+            token,
+            self.tls,
+            path(self.tls_ca_file),
+            path(self.tls_cert_file),
+            path(self.tls_key_file),
+        )
 
 
 class RouterSection(_Strict):

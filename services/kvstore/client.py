@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from typing import TypeVar
 
@@ -40,6 +40,7 @@ from services.kvstore.errors import BlockFormatError, KVStoreError, MalformedMes
 from services.kvstore.index import Location, ShardInfo
 from services.kvstore.malloc_tuning import tune_malloc
 from services.kvstore.placement import rendezvous_owner
+from services.kvstore.security import ClientSecurity
 from services.kvstore.shard_client import ShardClient
 
 _T = TypeVar("_T")
@@ -68,6 +69,8 @@ class ClientConfig:
     tune_malloc: bool = True
     """Tune this process's glibc malloc for receiving bulk gRPC messages (see
     malloc_tuning.py: without it a get costs ~1.5x the CPU)."""
+    security: ClientSecurity = field(default_factory=ClientSecurity)
+    """The token every call carries and the shards' TLS (security.py)."""
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.streams < 1 or self.stream_min_bytes < 1:
@@ -170,7 +173,7 @@ class KVStoreClient:
         """Where each block of the longest cached prefix of `hashes` lives."""
         request = pb.LookupRequest(block_hashes=hashes)
         response = await self._any_shard(
-            lambda c: c.stub.Lookup(request, timeout=self._timeout(timeout))
+            lambda c: c.stub.Lookup(request, timeout=self._timeout(timeout), metadata=c.metadata)
         )
         shards = [ShardInfo(s.shard_id, s.address) for s in response.shards]
         hit = len(response.shard_index)
@@ -305,7 +308,7 @@ class KVStoreClient:
             lease_id=lease.lease_id, block_hashes=hashes, ttl_ms=max(1, round(lease.ttl_s * 1e3))
         )
         responses = await self._every_shard(
-            lambda c: c.stub.Lease(request, timeout=self._timeout(timeout))
+            lambda c: c.stub.Lease(request, timeout=self._timeout(timeout), metadata=c.metadata)
         )
         leased = {h for r in responses for h in r.leased}
         return [h for h in hashes if h in leased]
@@ -314,14 +317,16 @@ class KVStoreClient:
         """Unpins a lease on every shard; returns how many blocks it held (0 if expired)."""
         request = pb.ReleaseRequest(lease_id=lease_id)
         responses = await self._every_shard(
-            lambda c: c.stub.Release(request, timeout=self._timeout(timeout))
+            lambda c: c.stub.Release(request, timeout=self._timeout(timeout), metadata=c.metadata)
         )
         return sum(r.released for r in responses)
 
     async def stats(self, timeout: float | None = None) -> dict[str, dict[str, float]]:
         """Each live shard's metric samples, keyed by shard id then `name{label="value"}`."""
         responses = await self._every_shard(
-            lambda c: c.stub.Stats(pb.StatsRequest(), timeout=self._timeout(timeout))
+            lambda c: c.stub.Stats(
+                pb.StatsRequest(), timeout=self._timeout(timeout), metadata=c.metadata
+            )
         )
         return {r.shard_id: {_series(s): s.value for s in r.samples} for r in responses}
 
@@ -337,6 +342,7 @@ class KVStoreClient:
                 stream_min_bytes=self.config.stream_min_bytes,
                 message_bytes=self.config.message_bytes,
                 shared_memory=self.config.shared_memory,
+                security=self.config.security,
             )
         return client
 
@@ -383,7 +389,7 @@ class KVStoreClient:
             try:
                 response = await self._any_shard(
                     lambda c: c.stub.ListShards(
-                        pb.ListShardsRequest(), timeout=self.config.timeout_s
+                        pb.ListShardsRequest(), timeout=self.config.timeout_s, metadata=c.metadata
                     )
                 )
             except KVStoreError as exc:

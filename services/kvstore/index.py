@@ -12,6 +12,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import NamedTuple
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+
+from services.kvstore.errors import KVStoreError
 
 INDEX_BACKENDS = ("memory", "redis", "rediss", "unix")
 
@@ -36,6 +41,24 @@ class Location(NamedTuple):
     shard: ShardInfo
     size: int
     checksum: int
+
+
+class IndexRefusedError(KVStoreError):
+    """The index refused this shard's credentials (wrong or missing password, an ACL user
+    without the needed permissions): waiting will not help. To clients, whose lookups it
+    fails, the index is simply unavailable."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class PrefixIndex(ABC):
@@ -69,9 +92,12 @@ class PrefixIndex(ABC):
         """Releases connections; the index is unusable afterwards."""
 
 
-def open_index(url: str | None) -> PrefixIndex:
-    """`None` or "memory" for the in-process index, a redis:// (rediss://, unix://) URL for
-    Redis."""
+def open_index(
+    url: str | None, username: str | None = None, password: str | None = None
+) -> PrefixIndex:
+    """`None` or "memory" for the in-process index, a redis:// (rediss:// for TLS, unix://)
+    URL for Redis. The URL's user and password (redis://user:pass@host) win over
+    `username` and `password`."""
     from services.kvstore.memory_index import InProcessPrefixIndex
     from services.kvstore.redis_index import RedisPrefixIndex
 
@@ -79,8 +105,8 @@ def open_index(url: str | None) -> PrefixIndex:
     if scheme == "memory":
         return InProcessPrefixIndex()
     if scheme in INDEX_BACKENDS:
-        return RedisPrefixIndex(url or "")
+        return RedisPrefixIndex(url or "", username=username, password=password)
     raise ValueError(
-        f"unknown prefix index {url!r}; use 'memory' or a URL with one of the schemes "
-        f"{', '.join(INDEX_BACKENDS[1:])}"
+        f"unknown prefix index {redact_url(url or '')!r}; use 'memory' or a URL with one of "
+        f"the schemes {', '.join(INDEX_BACKENDS[1:])}"
     )

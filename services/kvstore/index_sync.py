@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from services.kvstore.arena import StoredBlock
 from services.kvstore.errors import KVStoreError
-from services.kvstore.index import IndexEntry, PrefixIndex, ShardInfo
+from services.kvstore.index import IndexEntry, IndexRefusedError, PrefixIndex, ShardInfo
 from services.kvstore.metrics import KVStoreMetrics
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,15 @@ class IndexSync:
         """Queues evictions for the next publish or tick (for callers that cannot await)."""
         self._forgotten += removed
 
-    async def tick(self) -> None:
-        """Heartbeat, then reconcile if the index may be wrong or the period is due."""
+    async def announce(self) -> None:
+        """The shard's first tick. Raises IndexRefusedError when the index refuses this
+        shard's credentials, which no later tick would heal; any other failure is left to
+        later ticks, as in `tick`."""
+        await self.tick(raise_refused=True)
+
+    async def tick(self, *, raise_refused: bool = False) -> None:
+        """Heartbeat, then reconcile if the index may be wrong or the period is due.
+        `raise_refused`: raise IndexRefusedError instead of logging it."""
         async with self._lock:
             try:
                 lost = await asyncio.wait_for(
@@ -90,6 +97,8 @@ class IndexSync:
                     self._dirty = False
                     self._last_reconcile = time.monotonic()
             except (KVStoreError, TimeoutError) as exc:
+                if raise_refused and isinstance(exc, IndexRefusedError):
+                    raise
                 self._failed("heartbeat", exc)
         if self._forgotten:
             await self.publish([], [])

@@ -1,18 +1,27 @@
-"""`baton kvstore`: runs one KV store shard until SIGINT or SIGTERM."""
+"""`baton kvstore`: runs one KV store shard until SIGINT or SIGTERM.
+
+Secrets never go on the command line, where `ps` shows them: the shard's token comes from
+--token-file or BATON_KVSTORE_TOKEN, Redis's password from the --redis-url (itself often
+`$(REDIS_URL)` from a Secret) or BATON_REDIS_PASSWORD (and BATON_REDIS_USERNAME).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 import socket
+import sys
 from pathlib import Path
 
 from services.kvstore.codec import MESSAGE_BYTES
+from services.kvstore.errors import KVStoreError
 from services.kvstore.malloc_tuning import tune_malloc
 from services.kvstore.metrics_endpoint import MetricsEndpoint
+from services.kvstore.security import TOKEN_ENV, ShardSecurity, read_token_file, token_from_env
 from services.kvstore.server import DEFAULT_PORT, KVStoreServer, ServerConfig
 from services.tracing import configure_tracing
 
@@ -94,8 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve Prometheus metrics on this port at /metrics (default: none)",
     )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help=f"require clients to send the token in this file (default: ${TOKEN_ENV} if set, "
+        "else no token)",
+    )
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: serve TLS")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
+
+
+def security_from(args: argparse.Namespace) -> ShardSecurity:
+    token = read_token_file(args.token_file) if args.token_file else token_from_env()
+    return ShardSecurity(token, args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
 async def serve(config: ServerConfig, metrics_port: int | None = None) -> None:
@@ -130,12 +159,20 @@ def main(argv: list[str] | None = None) -> int:
             advertise_address=args.advertise_address,
             shared_memory_dir=None if args.no_shared_memory else args.shm_dir,
             message_bytes=args.message_bytes,
+            security=security_from(args),
+            index_username=os.environ.get("BATON_REDIS_USERNAME") or None,
+            index_password=os.environ.get("BATON_REDIS_PASSWORD") or None,
         )
+        config.security.credentials()  # unreadable TLS files: a usage error, now
     except ValueError as exc:
         build_parser().error(str(exc))
     tune_malloc()
     configure_tracing("baton-kvstore")
-    asyncio.run(serve(config, args.metrics_port))
+    try:
+        asyncio.run(serve(config, args.metrics_port))
+    except KVStoreError as exc:  # the index refused this shard's credentials
+        print(f"baton kvstore: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,11 +28,18 @@ from typing import Any, cast
 import grpc
 import redis.asyncio as redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
 from engine.hashing import HASH_BYTES
 from services.kvstore.errors import KVStoreError
-from services.kvstore.index import IndexEntry, Location, PrefixIndex, ShardInfo
+from services.kvstore.index import (
+    IndexEntry,
+    IndexRefusedError,
+    Location,
+    PrefixIndex,
+    ShardInfo,
+    redact_url,
+)
 
 DEFAULT_KEY_PREFIX = "baton:kv:"
 _BATCH = 512  # entries per script call while reconciling: bounds how long Redis is busy
@@ -94,13 +101,27 @@ class IndexUnavailableError(KVStoreError):
 
 
 class RedisPrefixIndex(PrefixIndex):
+    """`url` is any URL redis-py takes: redis://[user:password@]host:port/db, rediss://
+    for TLS (with `?ssl_ca_certs=/path/ca.pem` and the like), unix://. A user and password
+    in the URL win over `username` and `password`."""
+
     def __init__(
-        self, url: str, key_prefix: str = DEFAULT_KEY_PREFIX, timeout_s: float = 1.0
+        self,
+        url: str,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        timeout_s: float = 1.0,
+        *,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
-        self.url = url
+        self.url = redact_url(url)  # what messages name: never the password
         self._prefix = key_prefix
         self._redis = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            username=username,
+            password=password,
         )
         self._update = self._redis.register_script(_UPDATE)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
@@ -154,7 +175,7 @@ class RedisPrefixIndex(PrefixIndex):
                 return []
             addresses = await self._redis.mget([f"{self._prefix}shard:{i}" for i in ids])
         except RedisError as exc:
-            raise IndexUnavailableError(f"prefix index at {self.url} unavailable: {exc}") from exc
+            raise self._failure(exc) from exc
         return [ShardInfo(i, _text(a)) for i, a in zip(ids, addresses, strict=True) if a]
 
     async def heartbeat(self, shard: ShardInfo, ttl_s: float) -> bool:
@@ -185,7 +206,7 @@ class RedisPrefixIndex(PrefixIndex):
         try:
             indexed = await self._redis.smembers(f"{self._prefix}shard:{shard_id}:blocks")
         except RedisError as exc:
-            raise IndexUnavailableError(f"prefix index at {self.url} unavailable: {exc}") from exc
+            raise self._failure(exc) from exc
         held = {e.block_hash for e in inventory}
         stale = sorted(h for h in map(bytes.fromhex, map(_text, indexed)) if h not in held)
         for i in range(0, len(stale), _BATCH):
@@ -200,7 +221,7 @@ class RedisPrefixIndex(PrefixIndex):
         try:
             ids = await self._redis.smembers(self._prefix + "shards")
         except RedisError as exc:
-            raise IndexUnavailableError(f"prefix index at {self.url} unavailable: {exc}") from exc
+            raise self._failure(exc) from exc
         self._shard_ids = sorted(i if isinstance(i, bytes) else i.encode() for i in ids)
 
     def _pack_lookup(self, hashes: Sequence[bytes], shard_ids: Sequence[bytes]) -> bytes:
@@ -231,11 +252,26 @@ class RedisPrefixIndex(PrefixIndex):
             finally:
                 await pool.release(connection)
         except RedisError as exc:
-            raise IndexUnavailableError(f"prefix index at {self.url} unavailable: {exc}") from exc
+            raise self._failure(exc) from exc
         return reply
+
+    def _failure(self, exc: RedisError) -> KVStoreError:
+        if isinstance(exc, AuthenticationError):
+            return IndexRefusedError(
+                f"prefix index at {self.url} refused this shard's credentials ({exc}): give "
+                "Redis's password in the URL (redis://:PASSWORD@host:6379/0, or "
+                "redis://USER:PASSWORD@... for an ACL user) or in BATON_REDIS_PASSWORD"
+            )
+        if isinstance(exc, NoPermissionError):
+            return IndexRefusedError(
+                f"prefix index at {self.url}: the Redis user may not run a command the index "
+                f"needs ({exc}); allow it read, write and scripting commands on keys "
+                f"{self._prefix}*"
+            )
+        return IndexUnavailableError(f"prefix index at {self.url} unavailable: {exc}")
 
     async def _call(self, script: AsyncScript, args: Sequence[str | int]) -> Any:
         try:
             return await script(args=args)
         except RedisError as exc:
-            raise IndexUnavailableError(f"prefix index at {self.url} unavailable: {exc}") from exc
+            raise self._failure(exc) from exc

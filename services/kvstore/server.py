@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -16,8 +16,10 @@ from grpc_reflection.v1alpha import reflection
 from proto.baton.v1 import kvstore_pb2 as pb
 from services.grpc_tracing import server_interceptors
 from services.kvstore.codec import MAX_MESSAGE_BYTES, MESSAGE_BYTES
-from services.kvstore.index import PrefixIndex, ShardInfo, open_index
+from services.kvstore.errors import KVStoreError
+from services.kvstore.index import PrefixIndex, ShardInfo, open_index, redact_url
 from services.kvstore.index_sync import IndexSync
+from services.kvstore.security import ShardSecurity
 from services.kvstore.segment import SharedSegment
 from services.kvstore.servicer import SERVICE_NAME, KVStoreServicer
 from services.kvstore.store import BlockStore
@@ -40,7 +42,9 @@ GRPC_OPTIONS = [
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """One shard. `index_url` None keeps the prefix index in process (single shard)."""
+    """One shard. `index_url` None keeps the prefix index in process (single shard); a
+    Redis URL may carry the index's user and password (redis://user:pass@host), which
+    `index_username`/`index_password` supply when it does not."""
 
     shard_id: str
     capacity_bytes: int
@@ -54,6 +58,10 @@ class ServerConfig:
     index_timeout_s: float = 1.0
     message_bytes: int = MESSAGE_BYTES
     """Size of the bulk messages gets are packed into (at most MAX_MESSAGE_BYTES)."""
+    security: ShardSecurity = field(default_factory=ShardSecurity)
+    """The token clients must send and the port's TLS; the default admits anyone."""
+    index_username: str | None = None
+    index_password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.shard_id or len(self.shard_id) > 128 or any(c in self.shard_id for c in ": "):
@@ -75,12 +83,22 @@ class ServerConfig:
 class KVStoreServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self._index: PrefixIndex = open_index(config.index_url)
-        self._server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=server_interceptors())
+        security = config.security
+        credentials = security.credentials()  # first: unreadable files leave nothing behind
+        self._index: PrefixIndex = open_index(
+            config.index_url, config.index_username, config.index_password
+        )
+        self._server = grpc.aio.server(
+            options=GRPC_OPTIONS, interceptors=[*security.interceptors(), *server_interceptors()]
+        )
         self._health = health.aio.HealthServicer()
         self._upkeep: asyncio.Task[None] | None = None
+        address = f"{config.host}:{config.port}"
         try:
-            self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -107,19 +125,30 @@ class KVStoreServer:
         assert pb.DESCRIPTOR.services_by_name["KVStore"].full_name == SERVICE_NAME
 
     async def start(self) -> None:
-        """Serves, announces the shard to the index, and keeps that announcement true."""
+        """Serves, announces the shard to the index, and keeps that announcement true.
+
+        Raises IndexRefusedError, having released everything, when the index refuses this
+        shard's credentials; an index that cannot be reached yet is healed later.
+        """
         await self._server.start()
-        await self.sync.tick()
+        try:
+            await self.sync.announce()
+        except KVStoreError:
+            await self._server.stop(None)
+            await self._index.close()
+            self._segment.close()
+            raise
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._upkeep = asyncio.create_task(self._run_upkeep())
         log.info(
-            "kvstore shard %s serving on %s (%d bytes, index %s, shared memory %s)",
+            "kvstore shard %s serving on %s (%d bytes, index %s, shared memory %s, %s)",
             self.config.shard_id,
             self.address,
             self.store.arena.capacity,
-            self.config.index_url or "in-process",
+            redact_url(self.config.index_url) if self.config.index_url else "in-process",
             self._segment.path or "off",
+            self.config.security.summary,
         )
 
     async def stop(self, grace_s: float | None = 5.0) -> None:

@@ -31,6 +31,7 @@ from services.kvstore.errors import (
     KVStoreError,
     MalformedMessageError,
 )
+from services.kvstore.security import ClientSecurity
 from services.kvstore.segment import SharedSegment, copy_hashed
 
 CHANNEL_OPTIONS = [
@@ -77,17 +78,18 @@ class ShardClient:
         stream_min_bytes: int,
         message_bytes: int,
         shared_memory: bool,
+        security: ClientSecurity,
     ) -> None:
         self.address = address
+        self.metadata = security.metadata
+        """Every call's metadata (the token): pass it as `metadata=` to each stub call."""
         self._streams = streams
         self._stream_min_bytes = stream_min_bytes
         self._message_bytes = message_bytes
         self._want_shared_memory = shared_memory
         self._segment: SharedSegment | object | None = _NOT_NEGOTIATED
         self._negotiation = asyncio.Lock()
-        self.channel = grpc.aio.insecure_channel(
-            address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
-        )
+        self.channel = security.channel(address, CHANNEL_OPTIONS, client_interceptors())
         self.stub = pb_grpc.KVStoreStub(self.channel)
         # Put and Get skip protobuf objects for payloads: raw bytes through `codec`
         self._put = self.channel.stream_unary(
@@ -120,7 +122,9 @@ class ShardClient:
                 self._segment = None
                 if self._want_shared_memory:
                     with self.errors():
-                        offer = await self.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest())
+                        offer = await self.stub.OpenSharedMemory(
+                            pb.OpenSharedMemoryRequest(), metadata=self.metadata
+                        )
                     if offer.path:
                         self._segment = SharedSegment.attach(offer.path, offer.size, offer.token)
             assert self._segment is None or isinstance(self._segment, SharedSegment)
@@ -212,7 +216,9 @@ class ShardClient:
                 first = None
 
         with self.errors():
-            response: pb.PutResponse = await self._put(messages(), timeout=timeout)
+            response: pb.PutResponse = await self._put(
+                messages(), timeout=timeout, metadata=self.metadata
+            )
         return response
 
     async def _get_bytes(
@@ -232,7 +238,9 @@ class ShardClient:
 
         assembler = BlockAssembler(begin)
         with self.errors():
-            async for raw in self._get(pb.GetRequest(block_hashes=hashes), timeout=timeout):
+            async for raw in self._get(
+                pb.GetRequest(block_hashes=hashes), timeout=timeout, metadata=self.metadata
+            ):
                 for chunk in decode_get_response(raw):
                     done = assembler.feed(chunk)
                     if done is not None:
@@ -249,7 +257,7 @@ class ShardClient:
         timeout: float,
     ) -> pb.PutResponse:
         with self.errors():
-            call = self.stub.PutShared(timeout=timeout)
+            call = self.stub.PutShared(timeout=timeout, metadata=self.metadata)
             headers = [new_meta(block_hash, 0).to_proto() for block_hash, _ in blocks]
             reserve = pb.PutSharedReserve(start=start, headers=headers, token=segment.token)
             await call.write(pb.PutSharedRequest(reserve=reserve))
@@ -294,7 +302,7 @@ class ShardClient:
     ) -> set[bytes]:
         filled: set[bytes] = set()
         with self.errors():
-            call = self.stub.GetShared(timeout=timeout)
+            call = self.stub.GetShared(timeout=timeout, metadata=self.metadata)
             start = pb.GetSharedStart(block_hashes=hashes, token=segment.token)
             await call.write(pb.GetSharedRequest(get=start))
             response = await call.read()

@@ -203,6 +203,7 @@ def test_default_install() -> None:
         ("RayService", FULLNAME),
         ("Service", f"{FULLNAME}-router"),
         ("Secret", f"{FULLNAME}-api-keys"),
+        ("Secret", f"{FULLNAME}-kvstore-token"),
         ("Service", f"{FULLNAME}-kvstore"),
         ("StatefulSet", f"{FULLNAME}-kvstore"),
         ("Service", f"{FULLNAME}-redis"),

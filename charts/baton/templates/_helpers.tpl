@@ -172,6 +172,21 @@ Bytes in a Kubernetes memory quantity ("4Gi", "512Mi", "1.5G", "1048576"), as an
 {{- default (include "baton.componentName" (list . "api-keys")) .Values.apiKeys.existingSecret }}
 {{- end }}
 
+{{/* Whether the KV store requires its shared token (a KV store is deployed and auth is on). */}}
+{{- define "baton.kvstoreAuth" -}}
+{{- if and (include "baton.kvstoreEnabled" .) .Values.kvstore.auth.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The Secret holding the KV store token (key `token`). */}}
+{{- define "baton.kvstoreTokenSecretName" -}}
+{{- default (include "baton.componentName" (list . "kvstore-token")) .Values.kvstore.auth.existingSecret }}
+{{- end }}
+
+{{/* Where the KV store token's Secret is mounted, in the shards and the Ray pods. */}}
+{{- define "baton.kvstoreTokenDir" -}}
+/etc/baton/kvstore-token
+{{- end }}
+
 {{/* The name of the custom Ray resource that pins a Serve deployment to its worker group. */}}
 {{- define "baton.rayResource" -}}
 {{- printf "baton_%s" . }}

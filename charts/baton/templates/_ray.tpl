@@ -3,7 +3,8 @@ The pod template of a Ray node (head or worker group). KubeRay fills in the cont
 command (`ray start ...` from rayStartParams) and, where none is given, the probes.
 `include "baton.rayPodTemplate" (dict "root" $ "component" "decode" "section" $values
   "containerName" "ray-worker" "resources" $resources "env" $env "readinessProbe" $probe
-  "ports" $ports "model" true)`
+  "ports" $ports "model" true "kvstoreToken" true)`
+`kvstoreToken` mounts the KV store token's Secret (when the KV store requires one).
 */}}
 {{- define "baton.rayPodTemplate" -}}
 {{- $root := .root -}}
@@ -47,6 +48,11 @@ spec:
           mountPath: {{ $root.Values.model.mountPath }}
           readOnly: true
         {{- end }}
+        {{- if and .kvstoreToken (include "baton.kvstoreAuth" $root) }}
+        - name: kvstore-token
+          mountPath: {{ include "baton.kvstoreTokenDir" $root }}
+          readOnly: true
+        {{- end }}
   {{- /* Ray's object store lives in /dev/shm, of which a container gets 64 MiB by default. */}}
   volumes:
     - name: shm
@@ -58,6 +64,12 @@ spec:
     {{- if and .model $root.Values.model.volume }}
     - name: model
       {{- toYaml $root.Values.model.volume | nindent 6 }}
+    {{- end }}
+    {{- if and .kvstoreToken (include "baton.kvstoreAuth" $root) }}
+    - name: kvstore-token
+      secret:
+        secretName: {{ include "baton.kvstoreTokenSecretName" $root }}
+        defaultMode: 0440
     {{- end }}
 {{- end }}
 

@@ -23,6 +23,13 @@ kvstore:
   redis_url: {{ if and (include "baton.kvstoreEnabled" .) $redisUrl }}{{ toJson $redisUrl }}{{ else }}null{{ end }}
   lease_ttl_s: {{ .Values.kvstore.leaseTtlSeconds | toJson }}
   timeout_s: {{ .Values.kvstore.timeoutSeconds | toJson }}
+  {{- /* The token stays in its Secret, out of the RayService: each pod reads the file. */}}
+  token: null
+  token_file: {{ if include "baton.kvstoreAuth" . }}{{ printf "%s/token" (include "baton.kvstoreTokenDir" .) | toJson }}{{ else }}null{{ end }}
+  tls: false
+  tls_ca_file: null
+  tls_cert_file: null
+  tls_key_file: null
 router:
   host: "0.0.0.0"
   http_port: {{ int .Values.router.httpPort }}

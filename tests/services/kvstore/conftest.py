@@ -45,7 +45,8 @@ def free_port() -> int:
 class RedisProcess:
     """A redis-server of the test's own, which the test may kill and start again."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *args: str) -> None:
+        """`args`: more redis-server flags, such as `--requirepass`."""
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed; run `make redis`")
@@ -53,6 +54,7 @@ class RedisProcess:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.args = args
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -70,6 +72,7 @@ class RedisProcess:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -78,7 +81,7 @@ class RedisProcess:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
                     conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
+                    if conn.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up, maybe locked
                         return
             except OSError:
                 time.sleep(0.02)
