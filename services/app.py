@@ -11,10 +11,10 @@ ends), which tests also run without Ray.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -23,6 +23,7 @@ from services.decode.server import DecodeServer
 from services.kv_bridge import KVBridge
 from services.kvstore.client import ClientConfig, KVStoreClient
 from services.prefill.server import PrefillServer
+from services.router.api_keys import ApiKeys
 from services.router.disaggregated import DisaggregatedPipeline
 from services.router.errors import NotReadyError
 from services.router.grpc_api import build_grpc_server
@@ -86,21 +87,19 @@ async def _render_metrics() -> str:
     return await _metrics["router"].render()
 
 
-def _api_keys() -> list[str]:
-    """BATON_API_KEYS (comma-separated; the Helm chart mounts it from a Secret)."""
-    return [k.strip() for k in os.environ.get("BATON_API_KEYS", "").split(",") if k.strip()]
-
-
-_http_app = build_http_app(_current_pipeline, api_keys=_api_keys, metrics=_render_metrics)
-
-
-@serve.ingress(_http_app)
+# The HTTP app is built on the replica once __init__ has run (Serve calls
+# __serve_build_asgi_app__), with the replica's own keys and the config's limits.
+@serve.ingress()
 class RouterDeployment:
     async def __init__(  # type: ignore[misc]
         self, config_json: str, decode: DeploymentHandle, prefill: DeploymentHandle | None
     ) -> None:
         configure_tracing("baton-router")
         config = ServingConfig.model_validate_json(config_json)
+        self.router_config = config.router
+        # The keys are the router pod's (a Secret on Kubernetes), not the driver's.
+        self.api_keys = ApiKeys.from_environment()
+        self.api_keys.check_exposure(config.router.host, config.router.allow_unauthenticated)
         kv = config.kvstore
         self.decode = RayDecodePool(decode)
         self.prefill = None if prefill is None else RayPrefillPool(prefill)
@@ -130,12 +129,24 @@ class RouterDeployment:
         telemetry.observe(lambda: pipeline_readings(self.pipeline))
         pools = [self.decode.metrics] + ([self.prefill.metrics] if self.prefill else [])
         self.grpc = build_grpc_server(
-            _current_pipeline, config.router.grpc_port, config.router.host
+            _current_pipeline,
+            config.router.grpc_port,
+            config.router.host,
+            self.api_keys,
+            config.router.max_request_bytes,
         )
         await self.grpc.start()
         first_token_pool = "decode" if self.prefill is None else "prefill"
         _pipeline["router"] = InstrumentedPipeline(self.pipeline, telemetry, first_token_pool)
         _metrics["router"] = MetricsPage(telemetry, pools)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_http_app(
+            _current_pipeline,
+            self.api_keys,
+            _render_metrics,
+            self.router_config.max_request_bytes,
+        )
 
 
 def build_app(config: ServingConfig) -> Any:

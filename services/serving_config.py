@@ -127,6 +127,16 @@ class RouterSection(_Strict):
     max_inflight_requests: int = Field(
         256, ge=1, description="requests in flight beyond which the router answers 429"
     )
+    max_request_bytes: int = Field(
+        4 * 2**20,
+        ge=2**10,
+        description="largest HTTP body (413 beyond) and gRPC message (RESOURCE_EXHAUSTED)",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="serve a non-loopback host without API keys (BATON_API_KEYS); without "
+        "this the router refuses to start there",
+    )
 
 
 class ServingConfig(_Strict):

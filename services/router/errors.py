@@ -46,6 +46,15 @@ class ModelNotFoundError(ApiError):
     code = "model_not_found"
 
 
+class RequestTooLargeError(ApiError):
+    """A body or message over the router's size limit (router.max_request_bytes)."""
+
+    http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class OverloadedError(ApiError):
     """Raised by a pipeline whose queues are full; the client may retry after `retry_after_s`."""
 

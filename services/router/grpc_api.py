@@ -2,7 +2,11 @@
 `Pipeline`, with grpc.health.v1 and server reflection.
 
 A GenerateRequest is mapped onto the OpenAI request models and planned by the same code as
-HTTP, so both protocols accept, reject and sample alike; only the framing differs.
+HTTP, so both protocols accept, reject and sample alike; only the framing differs. API
+keys are the same too (api_keys.py): metadata `authorization: Bearer <key>` on Inference
+calls; health and reflection stay open for probes. Messages over the size limit are
+refused by gRPC itself with RESOURCE_EXHAUSTED; a message that does not parse is the
+client's INVALID_ARGUMENT, never an internal error.
 """
 
 from __future__ import annotations
@@ -10,19 +14,21 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc.aio import ServicerContext as Context
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from proto.baton.v1 import inference_pb2 as pb
-from proto.baton.v1 import inference_pb2_grpc as pb_grpc
+from services.router.api_keys import ApiKeys
 from services.router.choice_stream import ChoiceOutput, ChoiceStream, Usage
 from services.router.errors import ApiError, InvalidRequestError, NotReadyError, OverloadedError
 from services.router.openai_protocol import (
+    MAX_REQUEST_BYTES,
     ChatCompletionRequest,
     CompletionRequest,
     invalid_request,
@@ -35,23 +41,39 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "baton.v1.Inference"
 DEFAULT_PORT = 50051
 _OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "min_tokens")
+M = TypeVar("M", bound=Message)
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, get_pipeline: Callable[[], Pipeline]) -> None:
+class InferenceServicer:
+    """baton.v1.Inference. The methods take the serialized request and parse it
+    themselves: gRPC's own deserializer would answer a malformed message with an internal
+    error instead of the client's INVALID_ARGUMENT."""
+
+    def __init__(self, get_pipeline: Callable[[], Pipeline], api_keys: ApiKeys) -> None:
         self._get_pipeline = get_pipeline
+        self._api_keys = api_keys
 
-    async def Generate(
-        self, request: pb.GenerateRequest, context: Context
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate, response_serializer=pb.GenerateResponse.SerializeToString
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                self.ListModels, response_serializer=pb.ListModelsResponse.SerializeToString
+            ),
+        }
+
+    async def Generate(self, raw: bytes, context: Context) -> AsyncIterator[pb.GenerateResponse]:
         try:
+            tenant = self._api_keys.tenant(_authorization(context))
+            request = _parse(pb.GenerateRequest, raw)
             openai_request = _openai_request(request)
             pipeline = serving_pipeline(self._get_pipeline)
             request_id = request.request_id or None
             if isinstance(openai_request, ChatCompletionRequest):
-                plan = plan_chat(openai_request, pipeline, request_id)
+                plan = plan_chat(openai_request, pipeline, request_id, tenant)
             else:
-                plan = plan_completion(openai_request, pipeline, request_id)
+                plan = plan_completion(openai_request, pipeline, request_id, tenant)
             stream = ChoiceStream(pipeline, plan)
             await stream.start()
             async for out in stream:
@@ -65,10 +87,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             log.exception("Generate failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {e!r}")
 
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: Context
-    ) -> pb.ListModelsResponse:
+    async def ListModels(self, raw: bytes, context: Context) -> pb.ListModelsResponse:
         try:
+            self._api_keys.tenant(_authorization(context))
+            _parse(pb.ListModelsRequest, raw)
             pipeline = self._get_pipeline()
         except ApiError as e:
             await context.abort(e.grpc_code, e.message)
@@ -99,17 +121,26 @@ class PipelineHealth(health.aio.HealthServicer):
 
 
 def build_grpc_server(
-    get_pipeline: Callable[[], Pipeline], port: int = DEFAULT_PORT, host: str = "0.0.0.0"
+    get_pipeline: Callable[[], Pipeline],
+    port: int = DEFAULT_PORT,
+    host: str = "127.0.0.1",
+    api_keys: ApiKeys | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> grpc.aio.Server:
     """An unstarted server on host:port with Inference, health and reflection; `await
-    server.start()` in the event loop that will serve it."""
-    server = grpc.aio.server()
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(get_pipeline), server)
+    server.start()` in the event loop that will serve it. With `api_keys`, Inference calls
+    need one; messages over `max_request_bytes` are RESOURCE_EXHAUSTED."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes)])
+    handlers = InferenceServicer(get_pipeline, api_keys or ApiKeys()).handlers()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_pb2_grpc.add_HealthServicer_to_server(PipelineHealth(get_pipeline), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    assert pb.DESCRIPTOR.services_by_name["Inference"].full_name == SERVICE_NAME
+    service = pb.DESCRIPTOR.services_by_name["Inference"]
+    assert service.full_name == SERVICE_NAME
+    assert set(handlers) == {method.name for method in service.methods}
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
@@ -117,6 +148,21 @@ def build_grpc_server(
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (in use?)")
     return server
+
+
+def _authorization(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else None
+    return None
+
+
+def _parse(message_type: type[M], raw: bytes) -> M:
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as e:
+        name = message_type.DESCRIPTOR.full_name
+        raise InvalidRequestError(f"malformed {name} message: {e}") from e
 
 
 def _openai_request(request: pb.GenerateRequest) -> CompletionRequest | ChatCompletionRequest:

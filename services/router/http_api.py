@@ -4,32 +4,36 @@
 Streams are server-sent events, `data: {json}\\n\\n` per chunk and `data: [DONE]\\n\\n` at
 the end. Every error, whichever layer finds it, leaves as OpenAI's
 `{"error": {"message", "type", "param", "code"}}` with the status of its `ApiError` class.
-A client that hangs up cancels its generation, streaming or not.
+A client that hangs up cancels its generation, streaming or not. A body over the size
+limit is refused (413) as it arrives, before anything parses it.
 """
 
-# No `from __future__ import annotations` here: Ray Serve ships this app to the router
-# replica by value, and FastAPI re-reads the route signatures there, where string
-# annotations no longer resolve (every parameter would turn into a query parameter).
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at run
+# time, and string annotations naming the app's local `authorize` would not resolve (the
+# parameter would turn into a query parameter).
 
 import asyncio
-import hmac
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.router.api_keys import ApiKeys
 from services.router.choice_stream import ChoiceStream
-from services.router.errors import ApiError, AuthenticationError, OverloadedError
+from services.router.errors import ApiError, OverloadedError, RequestTooLargeError
 from services.router.openai_chat import chat_chunks, chat_response
 from services.router.openai_completions import completion_chunks, completion_response
 from services.router.openai_protocol import (
+    MAX_REQUEST_BYTES,
     ChatCompletionRequest,
     CompletionRequest,
     invalid_request,
@@ -50,37 +54,30 @@ class _ClientGone(Exception):
 
 def build_http_app(
     get_pipeline: Callable[[], Pipeline],
-    api_keys: Collection[str] | Callable[[], Collection[str]] = (),
+    api_keys: ApiKeys | None = None,
     metrics: Callable[[], Awaitable[str]] | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """The app. `get_pipeline` is called per request and may raise NotReadyError (503);
-    with `api_keys`, /v1 routes need `Authorization: Bearer <key>`; `metrics` renders the
-    Prometheus text for GET /metrics (absent without it)."""
+    with `api_keys`, /v1 routes need `Authorization: Bearer <key>` and each key is its own
+    prefix-cache tenant; `metrics` renders the Prometheus text for GET /metrics (absent
+    without it); bodies over `max_request_bytes` are 413."""
     app = FastAPI(title="Baton", summary="OpenAI-compatible LLM serving")
-
-    def current_keys() -> list[bytes]:
-        # A callable is read per request: a replica takes its keys from its own environment.
-        keys = api_keys() if callable(api_keys) else api_keys
-        return [key.encode() for key in keys]
-
+    app.add_middleware(_BodyLimit, max_bytes=max_request_bytes)
     started = int(time.time())
+    keys = api_keys or ApiKeys()
 
-    def authorize(authorization: str | None = Header(None)) -> None:
-        keys = current_keys()
-        if not keys:
-            return
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not any(
-            hmac.compare_digest(key.strip().encode(), k) for k in keys
-        ):
-            raise AuthenticationError("a valid API key is required: Authorization: Bearer <key>")
+    def authorize(authorization: str | None = Header(None)) -> str:
+        return keys.tenant(authorization)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     @v1.post("/completions", response_model=None)
-    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    async def create_completion(
+        body: CompletionRequest, request: Request, tenant: Annotated[str, Depends(authorize)]
+    ) -> Response:
         pipeline = serving_pipeline(get_pipeline)
-        stream = ChoiceStream(pipeline, plan_completion(body, pipeline))
+        stream = ChoiceStream(pipeline, plan_completion(body, pipeline, tenant=tenant))
         if body.stream:
             return await _event_stream(
                 request, stream, completion_chunks(stream, body.include_usage)
@@ -88,9 +85,11 @@ def build_http_app(
         return _json(await _unless_client_gone(request, completion_response(stream)))
 
     @v1.post("/chat/completions", response_model=None)
-    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    async def create_chat_completion(
+        body: ChatCompletionRequest, request: Request, tenant: Annotated[str, Depends(authorize)]
+    ) -> Response:
         pipeline = serving_pipeline(get_pipeline)
-        stream = ChoiceStream(pipeline, plan_chat(body, pipeline))
+        stream = ChoiceStream(pipeline, plan_chat(body, pipeline, tenant=tenant))
         if body.stream:
             return await _event_stream(request, stream, chat_chunks(stream, body.include_usage))
         return _json(await _unless_client_gone(request, chat_response(stream)))
@@ -119,6 +118,44 @@ def build_http_app(
 
     _add_error_handlers(app)
     return app
+
+
+class _BodyLimit:
+    """Reads a request's body before the app does and answers 413 once it passes
+    `max_bytes`: at once when Content-Length says so, else as soon as the bytes received
+    do (a chunked body). Nothing parses a body over the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        too_large = declared.isdigit() and int(declared) > self.max_bytes
+        messages: list[Message] = []
+        size = 0
+        while not too_large:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            too_large = size > self.max_bytes
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break  # the whole body, or the client left
+        if too_large:
+            error = RequestTooLargeError(
+                f"the request body is larger than this server's limit of {self.max_bytes} "
+                "bytes (router.max_request_bytes)"
+            )
+            await _error_response(error)(scope, receive, send)
+            return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 async def _event_stream(

@@ -27,6 +27,7 @@ from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
 from services.router.errors import InvalidRequestError
 
 MAX_N = 128  # OpenAI's limit on choices per request
+MAX_REQUEST_BYTES = 4 * 2**20  # default cap on a request body (HTTP) or message (gRPC)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 StopList = Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)]

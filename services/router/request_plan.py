@@ -8,6 +8,10 @@ whichever protocol carried it.
 `model` may be left out: it means the one model this server serves (as vLLM allows);
 any other name is a 404, so a client aimed at the wrong server finds out at once.
 
+The prefix-cache salt is the tenant's (the API key's digest, see api_keys.py) with the
+client's own `cache_salt` inside it: a client can split its own cache further, never
+reach into another tenant's. Without keys the client's salt alone is used.
+
 Choices are numbered prompt-major, as vLLM numbers them: choice `i` answers prompt
 `i // n`. With a seed, choice `i` of a prompt samples with `seed + i`, so the same request
 with the same seed gives the same texts, and the n choices still differ from each other.
@@ -74,7 +78,10 @@ def serving_pipeline(get_pipeline: Callable[[], Pipeline]) -> Pipeline:
 
 
 def plan_completion(
-    request: CompletionRequest, pipeline: Pipeline, request_id: str | None = None
+    request: CompletionRequest,
+    pipeline: Pipeline,
+    request_id: str | None = None,
+    tenant: str = "",
 ) -> RequestPlan:
     model = _served_model(request, pipeline)
     prompts = [
@@ -83,12 +90,15 @@ def plan_completion(
     max_tokens = request.max_tokens or DEFAULT_COMPLETION_TOKENS
     params = _choice_params(request, len(prompts), max_tokens, request.logprobs)
     return RequestPlan(
-        request_id or _new_id("cmpl"), model, prompts, request.n, params, _salt(request)
+        request_id or _new_id("cmpl"), model, prompts, request.n, params, _salt(request, tenant)
     )
 
 
 def plan_chat(
-    request: ChatCompletionRequest, pipeline: Pipeline, request_id: str | None = None
+    request: ChatCompletionRequest,
+    pipeline: Pipeline,
+    request_id: str | None = None,
+    tenant: str = "",
 ) -> RequestPlan:
     model = _served_model(request, pipeline)
     messages = [{"role": m.role, "content": m.text} for m in request.messages]
@@ -101,13 +111,14 @@ def plan_chat(
     max_tokens = request.max_output_tokens or max(1, pipeline.max_model_len - len(prompt))
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     params = _choice_params(request, 1, max_tokens, logprobs)
-    return RequestPlan(
-        request_id or _new_id("chatcmpl"), model, [prompt], request.n, params, _salt(request)
-    )
+    salt = _salt(request, tenant)
+    return RequestPlan(request_id or _new_id("chatcmpl"), model, [prompt], request.n, params, salt)
 
 
-def _salt(request: SamplingRequest) -> bytes:
-    return (request.cache_salt or "").encode()
+def _salt(request: SamplingRequest, tenant: str) -> bytes:
+    own = (request.cache_salt or "").encode()
+    # Every request of a keyed router has a tenant, so a bare client salt never meets one.
+    return f"tenant:{tenant}\0".encode() + own if tenant else own
 
 
 def _served_model(request: SamplingRequest, pipeline: Pipeline) -> str:

@@ -38,6 +38,9 @@ router:
   request_timeout_s: {{ .Values.router.requestTimeoutSeconds | toJson }}
   prefill_timeout_s: {{ .Values.router.prefillTimeoutSeconds | toJson }}
   max_inflight_requests: {{ int .Values.router.maxInflightRequests }}
+  max_request_bytes: {{ int .Values.router.maxRequestBytes }}
+  {{- /* The router listens on 0.0.0.0: without API keys it starts only when told to. */}}
+  allow_unauthenticated: {{ not .Values.apiKeys.enabled }}
 {{- end }}
 
 {{/* One pool's ServingConfig section, as a JSON object. */}}

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from typing import cast
+from typing import Any, cast
 
 import openai
 import pytest
@@ -91,15 +91,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_grpc(get_pipeline: Callable[[], Pipeline]) -> Iterator[str]:
-    """Runs build_grpc_server's server on its own thread and loop; yields its address."""
+def serve_grpc(get_pipeline: Callable[[], Pipeline], **options: Any) -> Iterator[str]:
+    """Runs build_grpc_server's server (with `options`: api_keys, max_request_bytes) on its
+    own thread and loop; yields its address."""
     port = free_port()
     loop = asyncio.new_event_loop()
     started = threading.Event()
     stop = asyncio.Event()
 
     async def run() -> None:
-        server = build_grpc_server(get_pipeline, port, host="127.0.0.1")
+        server = build_grpc_server(get_pipeline, port, host="127.0.0.1", **options)
         await server.start()
         started.set()
         await stop.wait()

@@ -9,6 +9,7 @@ import httpx2
 import openai
 import pytest
 
+from services.router.api_keys import ApiKeys
 from services.router.http_api import build_http_app
 from services.router.pipeline import ColocatedPipeline
 
@@ -145,7 +146,7 @@ def test_full_queues_are_429_with_retry_after(pipeline: ColocatedPipeline) -> No
 
 
 def test_api_keys_guard_the_v1_routes(pipeline: ColocatedPipeline) -> None:
-    app = build_http_app(lambda: pipeline, api_keys=["sk-right"])
+    app = build_http_app(lambda: pipeline, api_keys=ApiKeys(["sk-right"]))
     with serve_http(app) as url:
         wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as failure:
