@@ -2,9 +2,11 @@
 
 Starts a KV store shard (disaggregated mode), local Ray, and the Serve application on
 HTTP and gRPC; prints the URLs; with `--policy`, sizes the pools to CapacityPolicies
-(baton.local_autoscaler); on Ctrl-C or SIGTERM stops everything it started. The shard
-requires a token (the configured one, else BATON_KVSTORE_TOKEN, else a random one made
-for this run) that only the pools are given.
+(baton.local_autoscaler). The shard requires a token (the configured one, else
+BATON_KVSTORE_TOKEN, else a random one made for this run) that only the pools are given.
+On Ctrl-C or SIGTERM it drains (requests in flight finish
+within router.drain_timeout_s, new ones get 503), then stops everything it started; a
+second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from operators.policy_spec import load_policy_file
 from operators.pool_policy import Pool, PoolPolicy
@@ -66,7 +69,20 @@ def load_config(args: argparse.Namespace) -> ServingConfig:
         data["router"]["http_port"] = args.http_port
     if args.grpc_port is not None:
         data["router"]["grpc_port"] = args.grpc_port
+    share_cpus(data)
     return ServingConfig.model_validate(data)
+
+
+def share_cpus(data: dict[str, Any]) -> None:
+    """Pools without `torch_threads` get an equal share of this machine's CPUs: left at
+    torch's default, every replica would start a thread per core and all of them would
+    fight over the same cores."""
+    pools = ["decode"] + (["prefill"] if data["mode"] == "disaggregated" else [])
+    replicas = max(1, sum(data[p]["replicas"] for p in pools))
+    share = max(1, len(os.sched_getaffinity(0)) // replicas)
+    for pool in pools:
+        if data[pool]["torch_threads"] is None:
+            data[pool]["torch_threads"] = share
 
 
 def with_kvstore_token(config: ServingConfig) -> ServingConfig:
@@ -152,6 +168,8 @@ def run(
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():  # a second Ctrl-C: stop now, requests in flight or not
+            raise KeyboardInterrupt
         stop.set()
 
     r = config.router
@@ -175,7 +193,9 @@ def run(
             name=APP,
             route_prefix="/",
             blocking=False,
-            external_scaler_enabled=bool(policies),
+            # Baton sizes its pools from outside Serve (CapacityPolicies, the local
+            # autoscaler, an operator by hand); Serve's own autoscaling is never used.
+            external_scaler_enabled=True,
         )
         base = f"http://{r.host}:{r.http_port}"
         wait_http_ready(f"{base}/health", time.monotonic() + READY_TIMEOUT_S, children)
@@ -189,17 +209,30 @@ def run(
             pools = ", ".join(sorted(policies))
             print(f"  autoscaling  {pools} every {interval_s:g} s", flush=True)
         print("Ctrl-C stops everything.", flush=True)
+        started = [time.monotonic()] * len(children)
+        quick_exits = 0  # a shard that cannot stay up (port taken, bad Redis URL) ends this
         while not stop.is_set():
-            for child in children:
-                if child.poll() is not None:
-                    print(f"baton: the KV store shard exited ({child.returncode})", file=sys.stderr)
+            for i, child in enumerate(children):
+                if child.poll() is None:
+                    continue
+                quick_exits = quick_exits + 1 if time.monotonic() - started[i] < 10 else 1
+                if quick_exits > 3:
+                    print("baton: the KV store shard keeps exiting; stopping", file=sys.stderr)
                     return 1
+                # Its blocks are gone with it: requests miss the cache, they do not fail.
+                print(
+                    f"baton: the KV store shard exited ({child.returncode}); restarting it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                children[i], started[i] = start_kvstore(config), time.monotonic()
             stop.wait(1.0)
         return 0
     finally:
         print("baton: shutting down", file=sys.stderr, flush=True)
         try:
             if ray.is_initialized():
+                drain(r.drain_timeout_s)
                 serve.shutdown()
                 ray.shutdown()
         finally:
@@ -210,6 +243,20 @@ def run(
                     child.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     child.kill()
+
+
+def drain(timeout_s: float) -> None:
+    """Lets the requests in flight finish (up to `timeout_s`) while new ones get 503."""
+    from ray import serve
+
+    try:
+        router = serve.get_deployment_handle("router", APP)
+        cut = router.drain.remote(timeout_s).result(timeout_s=timeout_s + 10)
+    except Exception as e:  # not started, or already gone: nothing to wait for
+        print(f"baton: no drain ({type(e).__name__})", file=sys.stderr, flush=True)
+        return
+    if cut:
+        print(f"baton: {cut} requests did not finish within {timeout_s:g} s", file=sys.stderr)
 
 
 def start_autoscaler(

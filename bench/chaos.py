@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,12 +264,13 @@ def summarize(
     }
 
 
-async def overload(cluster: Cluster, limit: int) -> dict[str, float | str]:
+async def overload(cluster: Cluster, limit: int) -> dict[str, object]:
     """10x the router's in-flight limit at once: 429s for the excess, bounded memory."""
     rss_before = cluster.router_rss()
     peak = rss_before
     statuses: list[int] = []
     retry_after: list[str | None] = []
+    failures: list[str] = []
 
     async def one(session: aiohttp.ClientSession) -> None:
         body = {"model": MODEL, "prompt": SYSTEM, "max_tokens": 4, "temperature": 0}
@@ -277,8 +279,9 @@ async def overload(cluster: Cluster, limit: int) -> dict[str, float | str]:
                 await r.read()
                 statuses.append(r.status)
                 retry_after.append(r.headers.get("Retry-After"))
-        except aiohttp.ClientError:
+        except aiohttp.ClientError as e:
             statuses.append(0)
+            failures.append(repr(e))
 
     async def watch(stop: asyncio.Event) -> None:
         nonlocal peak
@@ -304,9 +307,10 @@ async def overload(cluster: Cluster, limit: int) -> dict[str, float | str]:
         "with_retry_after": sum(
             1 for s, h in zip(statuses, retry_after, strict=True) if s == 429 and h
         ),
-        "other": len(statuses) - statuses.count(200) - len(shed),
+        "other": dict(Counter(s for s in statuses if s not in (200, 429))),
         "router_rss_mb": f"{rss_before / 2**20:.0f} -> peak {peak / 2**20:.0f}",
         "wall_s": round(wall, 1),
+        "client_errors": sorted(set(failures))[:3],
     }
 
 

@@ -124,6 +124,8 @@ class RouterDeployment:
             config.router.prefill_timeout_s,
             kv.timeout_s,
             config.router.max_inflight_requests,
+            request_timeout_s=config.router.request_timeout_s,
+            stall_timeout_s=config.router.stall_timeout_s,
         )
         telemetry = Telemetry("router", self.pipeline.model_id)
         telemetry.observe(lambda: pipeline_readings(self.pipeline))
@@ -139,6 +141,10 @@ class RouterDeployment:
         first_token_pool = "decode" if self.prefill is None else "prefill"
         _pipeline["router"] = InstrumentedPipeline(self.pipeline, telemetry, first_token_pool)
         _metrics["router"] = MetricsPage(telemetry, pools)
+
+    async def drain(self, timeout_s: float) -> int:
+        """`baton serve`'s SIGTERM: finish what is in flight, refuse the rest."""
+        return await self.pipeline.drain(timeout_s)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(
@@ -159,6 +165,10 @@ def build_app(config: ServingConfig) -> Any:
             "num_replicas": pool.replicas,
             "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
             "max_ongoing_requests": pool.max_num_seqs * 4,
+            # A replica being removed (scale-down, upgrade) takes no new request and
+            # finishes those it has for up to this long; any left then migrate.
+            "graceful_shutdown_timeout_s": pool.drain_timeout_s,
+            "graceful_shutdown_wait_loop_s": 1.0,
             "request_router_config": {
                 "request_router_class": f"services.router.ray_request_routers:{router}",
                 "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
@@ -171,7 +181,19 @@ def build_app(config: ServingConfig) -> Any:
     if config.mode == "disaggregated":
         prefill_options = options("prefill", config.prefill, "PrefillRequestRouter")
         prefill = serve.deployment(**prefill_options)(PrefillDeployment).bind(blob)
-    router = serve.deployment(name="router", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    limit = config.router.max_inflight_requests
+    router = serve.deployment(
+        name="router",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        # Serve's default (5 at a time, an unbounded queue before them) would cap the
+        # whole platform at 5 requests and hide overload in the proxy's memory. The router
+        # takes ten times its limit, answering the excess itself (429 with Retry-After
+        # costs it next to nothing); a burst the proxy has not handed over yet waits in
+        # a queue as bounded (a few KiB a request), beyond which the proxy says 503.
+        max_ongoing_requests=10 * limit + 64,
+        max_queued_requests=10 * limit,
+    )
     return router(RouterDeployment).bind(blob, decode, prefill)
 
 

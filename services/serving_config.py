@@ -54,6 +54,9 @@ class PoolSection(_Strict):
         None, ge=1, description="CPU threads for the replica's kernels; null: torch's default"
     )
     num_gpus: float = Field(0, ge=0)
+    drain_timeout_s: float = Field(
+        60.0, gt=0, description="how long a replica being removed finishes its requests"
+    )
 
 
 class KVStoreSection(_Strict):
@@ -121,6 +124,12 @@ class RouterSection(_Strict):
         description="prompts with at most this many uncached tokens skip remote prefill",
     )
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of a whole request")
+    drain_timeout_s: float = Field(
+        60.0, ge=0, description="on SIGTERM, how long requests in flight may finish"
+    )
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="a decode replica silent this long is dead: its requests migrate"
+    )
     prefill_timeout_s: float = Field(
         30.0, gt=0, description="a prefill slower than this is abandoned; decode prefills"
     )

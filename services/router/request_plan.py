@@ -73,7 +73,7 @@ def serving_pipeline(get_pipeline: Callable[[], Pipeline]) -> Pipeline:
     """The pipeline, if it can take a request now; `get_pipeline` may raise NotReadyError."""
     pipeline = get_pipeline()
     if not pipeline.ready():
-        raise NotReadyError("the model is not ready to serve yet; retry shortly")
+        raise NotReadyError("the server is not taking requests now (starting or draining); retry")
     return pipeline
 
 

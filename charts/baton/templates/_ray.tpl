@@ -15,6 +15,10 @@ spec:
   securityContext:
     {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
   {{- with include "baton.scheduling" .section }}{{ . | nindent 2 }}{{ end }}
+  {{- /* Kubernetes must not kill a draining replica before its drain can end. */}}
+  {{- with .section.drainTimeoutSeconds }}
+  terminationGracePeriodSeconds: {{ add (int .) 30 }}
+  {{- end }}
   containers:
     - name: {{ .containerName }}
       image: {{ include "baton.image" $root }}

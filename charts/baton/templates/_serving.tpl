@@ -37,6 +37,8 @@ router:
   local_prefill_threshold: {{ int .Values.router.localPrefillThreshold }}
   request_timeout_s: {{ .Values.router.requestTimeoutSeconds | toJson }}
   prefill_timeout_s: {{ .Values.router.prefillTimeoutSeconds | toJson }}
+  stall_timeout_s: {{ .Values.router.stallTimeoutSeconds | toJson }}
+  drain_timeout_s: {{ .Values.router.drainTimeoutSeconds | toJson }}
   max_inflight_requests: {{ int .Values.router.maxInflightRequests }}
   max_request_bytes: {{ int .Values.router.maxRequestBytes }}
   {{- /* The router listens on 0.0.0.0: without API keys it starts only when told to. */}}
@@ -53,6 +55,7 @@ router:
   "max_num_batched_tokens" (int .maxNumBatchedTokens)
   "batch_invariant" .batchInvariant
   "torch_threads" .torchThreads
+  "drain_timeout_s" .drainTimeoutSeconds
   "num_cpus" .cpus
   "num_gpus" .gpus) }}
 {{- end }}
