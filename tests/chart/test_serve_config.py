@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from ray.serve.schema import ServeDeploySchema
 
 from services.serving_config import ServingConfig
-from tests.chart.chart import VALUE_SETS, Release, render
+from tests.chart.chart import VALUE_SETS, Release, render, render_values
 
 value_sets = pytest.mark.parametrize("value_set", list(VALUE_SETS))
 
@@ -121,3 +121,13 @@ def test_each_deployment_is_pinned_to_its_worker_group(value_set: str) -> None:
 def test_head_runs_no_replica() -> None:
     head = render("default").rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-cpus": "0"}
+
+
+@pytest.mark.parametrize("keys_enabled", [True, False])
+def test_a_router_without_api_keys_is_exposed_only_on_purpose(keys_enabled: bool) -> None:
+    """The router listens on 0.0.0.0; it refuses to start there without keys unless the
+    config says so, which the chart does exactly when it installs no keys."""
+    release = render_values({"apiKeys": {"enabled": keys_enabled}})
+    config = ServingConfig.model_validate(release.serving_config)
+    assert config.router.allow_unauthenticated is not keys_enabled
+    assert config.router.max_request_bytes == 4 * 2**20
