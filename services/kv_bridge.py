@@ -46,6 +46,7 @@ class KVBridge:
         self._clients: dict[bytes, KVStoreClient] = {}
         self.bytes: Counter[str] = Counter()  # by direction: "get" into the cache, "put" out
         self.telemetry: Telemetry | None = None  # the worker's: transfer durations go there
+        self._releases: set[asyncio.Future[None]] = set()
 
     def client(self, fingerprint: KVFingerprint) -> KVStoreClient:
         """One client per fingerprint: it verifies every block it receives against it."""
@@ -113,17 +114,31 @@ class KVBridge:
         `stored_prefix`), pinning every block of the prompt under a new lease."""
         port = self.engine.engine.port
         held = self.engine.call(lambda _: port.held(request_id))
+        lease = Lease.new(self.lease_ttl_s)
         with tracer.start_as_current_span("kv put", kind=trace.SpanKind.CLIENT) as span:
             span.set_attributes({"baton.kv.blocks": len(held), "baton.kv.leased": stored_prefix})
-            return await self._export(fingerprint, held, stored_prefix)
+            try:
+                await self._export(fingerprint, held, stored_prefix, lease)
+            except BaseException:
+                # Failed or cancelled part-way: what the store pinned so far must not stay
+                # pinned for the lease's TTL. Released in the background (a cancelled task
+                # cannot wait), from a task the bridge keeps alive until it is done.
+                task = asyncio.ensure_future(self.release(fingerprint, lease.lease_id))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
+                raise
+        return lease
 
     async def _export(
-        self, fingerprint: KVFingerprint, held: list[tuple[bytes, int]], stored_prefix: int
-    ) -> Lease:
+        self,
+        fingerprint: KVFingerprint,
+        held: list[tuple[bytes, int]],
+        stored_prefix: int,
+        lease: Lease,
+    ) -> None:
         port = self.engine.engine.port
         hashes = [h for h, _ in held]
         client = self.client(fingerprint)
-        lease = Lease.new(self.lease_ttl_s)
         t = time.perf_counter()
         leased, _ = await asyncio.gather(
             client.lease(hashes[:stored_prefix], lease, timeout=self.timeout_s),
@@ -146,7 +161,6 @@ class KVBridge:
                 timeout=self.timeout_s,
             )
         self._moved("put", put + len(gone), time.perf_counter() - t)
-        return lease
 
     def _moved(self, direction: str, blocks: int, seconds: float) -> None:
         self.bytes[direction] += blocks * self.block_format.nbytes

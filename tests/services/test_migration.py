@@ -1,6 +1,7 @@
 """A decode replica that dies or stalls mid-stream: the request migrates to another replica
-and the client gets every token once, the same tokens as an undisturbed run; a request
-that cannot finish ends with an error before its deadline.
+and the client gets every token once, the same tokens as an undisturbed run; a dead
+prefill replica costs a local prefill, not the request; a request that cannot finish ends
+with an error before its deadline.
 
 Real FP8 prefill and INT4 decode engines (fp32, batch-invariant, so runs compare
 exactly), a real KV store shard and real HTTP. A "dead" replica is one whose engine is
@@ -26,6 +27,7 @@ from engine.outputs import RequestOutput
 from services.decode.server import DecodeServer
 from services.kv_bridge import KVBridge
 from services.pool_requests import DecodeRequest, PoolStats
+from services.prefill.server import PrefillServer
 from services.router.disaggregated import DisaggregatedPipeline
 from services.router.http_api import build_http_app
 from services.router.pipeline import Pipeline
@@ -126,14 +128,16 @@ def decode_server(checkpoint: LoadedCheckpoint, stack: Stack) -> DecodeServer:
     return DecodeServer(engine, KVBridge(engine, [stack.shard.address], 5, 30), MODEL)
 
 
-def pipeline(stack: Stack, *decode: Any, **kw: Any) -> DisaggregatedPipeline:
+def pipeline(
+    stack: Stack, *decode: Any, prefill: PrefillServer | None = None, **kw: Any
+) -> DisaggregatedPipeline:
     card = stack.decode.describe()
     index = stack.pipeline.index
     assert isinstance(index, StorePrefixIndex)
     return DisaggregatedPipeline(
         stack.prefill.describe(),
         card,
-        LocalPrefillPool(stack.prefill),
+        LocalPrefillPool(prefill or stack.prefill),
         LocalDecodePool(*decode),
         index,
         local_prefill_threshold=16,
@@ -170,6 +174,25 @@ def test_a_dead_decode_replica_loses_no_token(
     assert migrating.migrations == 1
     wait_idle(stack)
     assert stack.store_leases() == 0
+
+
+def test_a_dead_prefill_replica_costs_a_local_prefill(
+    stack: Stack, front: Front, default_checkpoint: LoadedCheckpoint
+) -> None:
+    front.pipeline = pipeline(stack, stack.decode)
+    want, _ = front.stream(temperature=0)
+    engine = AsyncEngine(
+        EngineArgs(linear="fp8", batch_invariant=True, **ENGINE).create_engine(default_checkpoint)  # type: ignore[arg-type]
+    )
+    dead = PrefillServer(engine, KVBridge(engine, [stack.shard.address], 5, 30), MODEL)
+    engine.shutdown()  # a replica that is gone
+    front.pipeline = fallen_back = pipeline(stack, stack.decode, prefill=dead)
+    got, _ = front.stream(temperature=0)
+    assert fallen_back.local_prefills["prefill_error"] == 1
+    # Decode prefilled with INT4 where the first token came from FP8 prefill before: the
+    # request is served whole, though not necessarily with the same first tokens.
+    assert len(got) == len(want) == TOKENS
+    wait_idle(stack)
 
 
 def test_a_stalled_decode_replica_is_abandoned(

@@ -307,3 +307,23 @@ def test_tenants_do_not_share_the_stores_prefixes(stack: Stack, url: str) -> Non
             assert prefill_computed() - before == prompt_tokens
         finally:
             stack.pipeline.threshold = threshold
+
+
+def test_hanging_up_while_prefill_publishes_frees_its_lease_at_once(stack: Stack, url: str) -> None:
+    """The prompt's stored prefix is already leased when the client goes, while the rest
+    of its blocks are on their way to the store: the lease is released then and there,
+    not left to its TTL."""
+    body = {"prompt": PROMPT, "max_tokens": 1, "cache_salt": "publish"}
+    first = httpx2.post(f"{url}/v1/completions", json=body, headers={"Authorization": AUTH})
+    assert first.status_code == 200, first.text
+    assert stack.prefill.bridge is not None
+    client = stack.prefill.bridge.client(stack.prefill_engine.engine.fingerprint)
+    with gated(client, "put") as gate:
+        # More new tokens than the router's local-prefill threshold: prefill takes it.
+        more = " Then the octopus, who had watched it all from a crevice, told its own story."
+        with raw_stream(url, cache_salt="publish", prompt=PROMPT + more * 2):
+            assert gate.reached.wait(60), "prefill never published"
+            wait_for(lambda: stack.store_leases() > 0, "the stored prefix was never leased")
+        wait_for(lambda: stack.pipeline.inflight == 0, "the router still counts the request")
+        # Well inside the 30 s TTL the stack's leases have: released, not expired.
+        wait_for(lambda: stack.store_leases() == 0, "the lease outlived its request", 5)
