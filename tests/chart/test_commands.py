@@ -171,12 +171,14 @@ def test_redis_takes_the_chart_arguments(tmp_path: Path) -> None:
     (redis_container,) = {tuple(c.argv()): c for c in of_image("docker.io/library/redis")}.values()
     argv = redis_container.argv()
     assert argv[0] == "redis-server"
-    # The same arguments, but listening on a socket in tmp_path instead of port 6379.
+    # The same arguments, but listening on a socket in tmp_path instead of port 6379, and
+    # a password where the kubelet puts the Secret's (argv() writes it <REDIS_PASSWORD>).
     socket = tmp_path / "redis.sock"
-    args = [*argv[1:], "--port", "0", "--unixsocket", str(socket), "--dir", str(tmp_path)]
+    args = [a.replace("<REDIS_PASSWORD>", "s3cret") for a in argv[1:]]
+    args += ["--port", "0", "--unixsocket", str(socket), "--dir", str(tmp_path)]
     server = subprocess.Popen(["redis-server", *args], stdout=subprocess.PIPE, text=True)
     try:
-        client = redis.Redis(unix_socket_path=str(socket), decode_responses=True)
+        client = redis.Redis(unix_socket_path=str(socket), password="s3cret", decode_responses=True)
         deadline = time.monotonic() + 10
         while not socket.exists():
             assert server.poll() is None, server.stdout.read() if server.stdout else ""
@@ -189,6 +191,8 @@ def test_redis_takes_the_chart_arguments(tmp_path: Path) -> None:
         assert config["appendonly"] == "no"
         assert config["protected-mode"] == "no"
         client.close()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(unix_socket_path=str(socket)).get("any")
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -204,6 +204,7 @@ def test_default_install() -> None:
         ("Service", f"{FULLNAME}-router"),
         ("Secret", f"{FULLNAME}-api-keys"),
         ("Secret", f"{FULLNAME}-kvstore-token"),
+        ("Secret", f"{FULLNAME}-redis-password"),
         ("Service", f"{FULLNAME}-kvstore"),
         ("StatefulSet", f"{FULLNAME}-kvstore"),
         ("Service", f"{FULLNAME}-redis"),
