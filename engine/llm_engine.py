@@ -125,7 +125,9 @@ class LLMEngine:
         request.pinned = [self.pool.blocks[i] for i in pinned_blocks]
         request.hold_prompt_blocks = hold_prompt_blocks
         if fingerprint != self.fingerprint:
-            request.publish_limit = len(token_ids) // self.config.cache.block_size
+            # Only the imported blocks belong to that chain: blocks this engine computes
+            # after them are its own arithmetic, never to be cached under another's name.
+            request.publish_limit = len(pinned_blocks)
         self._requests[request_id] = request
         self._streams[request_id] = TextStream(self.tokenizer, params.stop)
         self.scheduler.add(request)

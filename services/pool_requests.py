@@ -44,6 +44,10 @@ class DecodeRequest:
     # Tokens a client already has (a migrated request): decode replays them into its
     # cache and its sampler, reports them again, and continues after them.
     output_prefix: list[int] = field(default_factory=list)
+    # Without a handoff: the prompt's leading blocks the KV store holds (under the prefill
+    # pool's fingerprint), for decode to import before it computes the short rest itself.
+    stored_hashes: list[bytes] = field(default_factory=list)
+    stored_fingerprint: KVFingerprint | None = None
     trace_context: dict[str, str] = field(default_factory=inject)
     sent_at: float = field(default_factory=time.time)
 

@@ -50,6 +50,11 @@ class DecodeServer(PoolWorker):
                 pinned = await self._pull(request)
             if pinned:
                 fingerprint = handoff.fingerprint
+        elif request.stored_hashes and request.stored_fingerprint is not None:
+            with trace.use_span(span):
+                pinned = await self._import_stored(request)
+            if pinned:
+                fingerprint = request.stored_fingerprint
         if request.output_prefix:  # a migrated request resumes after what was streamed
             prefix = list(request.output_prefix)
         cached_override = handoff.num_cached_tokens if handoff is not None else None
@@ -67,6 +72,24 @@ class DecodeServer(PoolWorker):
                 # Prefix-cache hits happened at prefill; decode's import is not a hit.
                 out.num_cached_tokens = cached_override
             yield out
+
+    async def _import_stored(self, request: DecodeRequest) -> list[int]:
+        """The longest prefix of the stored blocks the store still serves, pinned; the rest
+        of the prompt is computed here. A failure costs the import, not the request."""
+        assert request.stored_fingerprint is not None
+        if self.bridge is None:
+            return []
+        try:
+            return await asyncio.wait_for(
+                self.bridge.fetch(request.stored_fingerprint, request.stored_hashes),
+                request.transfer_timeout_s,
+            )
+        except TimeoutError:
+            self.fallbacks["kv_timeout"] += 1
+        except Exception as e:
+            log.warning("request %s: stored prefix import failed: %s", request.request_id, e)
+            self.fallbacks["kv_error"] += 1
+        return []
 
     async def _pull(self, request: DecodeRequest) -> list[int]:
         """The handoff's blocks, all of them pinned, or none (then decode recomputes the

@@ -153,6 +153,9 @@ class DisaggregatedPipeline(Pipeline):
                 handoff,
                 self.transfer_timeout_s,
                 output_prefix=list(sent),
+                # A prompt that skipped remote prefill still reads what the store holds.
+                stored_hashes=hashes[:stored] if handoff is None else [],
+                stored_fingerprint=self.fingerprint if handoff is None and stored else None,
             )
             stream = self.decode.generate(decode_request)
             try:

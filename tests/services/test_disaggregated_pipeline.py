@@ -110,6 +110,25 @@ def test_full_router_answers_429_with_retry_after(stack: Stack, http: httpx.Clie
     wait_idle(stack)
 
 
+def test_a_short_rest_after_a_stored_prefix_is_computed_by_decode_from_the_store(
+    stack: Stack, http: httpx.Client, default_checkpoint: LoadedCheckpoint
+) -> None:
+    first = complete(http, LONG, cache_salt="rest")
+    assert first.status_code == 200
+    short = stack.pipeline.local_prefills["short_prompt"]
+    computed = stack.decode_engine.call(lambda e: e.stats.computed_tokens)
+    r = complete(http, LONG + " And Mondays?", cache_salt="rest")
+    assert r.status_code == 200, r.text
+    assert stack.pipeline.local_prefills["short_prompt"] == short + 1  # no remote prefill
+    prompt = r.json()["usage"]["prompt_tokens"]
+    cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    stored = len(default_checkpoint.tokenizer.encode(LONG)) // 16 * 16
+    assert cached == stored > 0  # the stored blocks, not recomputed by decode
+    steps = stack.decode_engine.call(lambda e: e.stats.computed_tokens) - computed
+    assert steps == prompt - cached + r.json()["usage"]["completion_tokens"] - 1
+    wait_idle(stack)
+
+
 def test_late_prefill_falls_back_to_local_prefill(stack: Stack, http: httpx.Client) -> None:
     timeout = stack.pipeline.prefill_timeout_s
     stack.pipeline.prefill_timeout_s = 1e-4
