@@ -14,27 +14,13 @@ import pytest
 from engine.loaders import LoadedCheckpoint
 from services.router.http_api import build_http_app
 from tests.services.router.conftest import serve_http
-from tests.services.stack import MODEL, Shard, Stack
+from tests.services.stack import MODEL, Stack
 
 LONG = (
     "You are a meticulous assistant for the public library of a small coastal town. You "
     "answer questions about opening hours, borrowing rules, reading rooms and weekend "
     "events, briefly and politely. Question: when do you open?"
 )
-
-
-@pytest.fixture(scope="module")
-def shard() -> Iterator[Shard]:
-    s = Shard()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(default_checkpoint: LoadedCheckpoint, shard: Shard) -> Iterator[Stack]:
-    stack = Stack(default_checkpoint, shard)
-    yield stack
-    stack.shutdown()
 
 
 @pytest.fixture(scope="module")

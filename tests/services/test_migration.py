@@ -68,13 +68,6 @@ class Stalling:
 
 
 @pytest.fixture(scope="module")
-def shard() -> Iterator[Shard]:
-    s = Shard()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def stack(default_checkpoint: LoadedCheckpoint, shard: Shard) -> Iterator[Stack]:
     stack = Stack(default_checkpoint, shard, dtype="float32", batch_invariant=True)
     yield stack

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proto.baton.v1 import kvstore_pb2 as pb
+from services.kvstore.block_meta import fingerprint_to_proto
 from services.kvstore.server import KVStoreServer, ServerConfig
 from tests.services.kvstore.conftest import BLOCK, FINGERPRINT, client_for, make_blocks, make_hashes
 
@@ -104,14 +105,7 @@ def shard() -> Iterator[Shard]:
 def valid_requests() -> dict[str, bytes]:
     """One well-formed request per method, for mutation."""
     hashes = make_hashes(3, seed=7)
-    fingerprint = pb.KVFingerprint(
-        model_id=FINGERPRINT.model_id,
-        weights_digest=FINGERPRINT.weights_digest,
-        kv_dtype=FINGERPRINT.kv_dtype,
-        kv_layout_version=FINGERPRINT.kv_layout_version,
-        prefill_quant=FINGERPRINT.prefill_quant,
-        block_size=FINGERPRINT.block_size,
-    )
+    fingerprint = fingerprint_to_proto(FINGERPRINT)
     header = pb.BlockHeader(
         hash=hashes[0],
         fingerprint=b"\x01" * 32,

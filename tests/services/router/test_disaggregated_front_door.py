@@ -30,13 +30,12 @@ import httpx2
 import pytest
 import uvicorn
 
-from engine.loaders import LoadedCheckpoint
 from proto.baton.v1 import inference_pb2 as pb
 from proto.baton.v1 import inference_pb2_grpc as pb_grpc
 from services.router.api_keys import ApiKeys
 from services.router.grpc_api import build_grpc_server
 from services.router.http_api import build_http_app
-from tests.services.stack import Shard, Stack
+from tests.services.stack import Stack
 
 from .conftest import free_port
 
@@ -46,20 +45,6 @@ PROMPT = (
     "leaves them, hermit crabs trade shells at low tide, and sea stars pry mussels open "
     "with a patience measured in hours. Write the next chapter, about the kelp forest."
 )
-
-
-@pytest.fixture(scope="module")
-def shard() -> Iterator[Shard]:
-    s = Shard()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(default_checkpoint: LoadedCheckpoint, shard: Shard) -> Iterator[Stack]:
-    stack = Stack(default_checkpoint, shard)
-    yield stack
-    stack.shutdown()
 
 
 KEYS = ApiKeys(["sk-a", "sk-b"])
