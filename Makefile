@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve test lint typecheck pytest redis proto clean
+.PHONY: install serve test lint typecheck pytest redis compiler proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,15 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-serve: install
+serve: install compiler
 	$(BIN)/baton serve
 
 redis:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+
+# the native CPU kernels (kernels/cpu) are built on first use with the system C++ compiler
+compiler:
+	@command -v g++ >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q g++; }
 
 # regenerate the committed stubs of proto/baton/v1/*.proto (a test checks they are fresh)
 proto: install
@@ -39,10 +43,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy baton engine kernels services operators bench
 
-pytest: install redis
+pytest: install redis compiler
 	$(BIN)/python -m pytest -q
 
-test: install redis lint typecheck pytest
+test: install redis compiler lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -34,7 +34,17 @@ on the fp32 accumulator:
 
     sum_k x_k W[n, k] = s[n, g] * (sum_k x_k (128 + q[n, k]) - (128 + z[n, g]) sum_k x_k)
 
-`"cpu"`: torch's own `_convert_weight_to_int4pack_for_cpu` packing, multiplied by
+`"avx2"` (x86 CPUs with AVX2), read by `kernels/cpu/int4_linear.cpp`:
+
+    qweight  uint8 [N, K/2]   per 32-wide k block b, 16 bytes:
+                              byte i = q[32b + i] | q[32b + 16 + i] << 4
+    scales   bf16 [N, K/G]    channel-major: one output channel's groups are adjacent
+    zeros    uint8 [N, K/G]
+
+so a 16-byte load, a shift and two ands give the block's 32 nibbles in k order, ready for
+`vpmaddubsw` against 32 int8 activations.
+
+`"cpu"` (any other CPU): torch's own `_convert_weight_to_int4pack_for_cpu` packing, multiplied by
 `_weight_int4pack_mm_for_cpu` (which wants bf16 activations: with fp32 ones it is an order
 of magnitude slower, so fp32 callers are cast). Its zero convention is
 `W = (q - 8) * s + zero`, hence `zero = (8 - z) * s`.
@@ -50,7 +60,7 @@ import torch.nn.functional as F
 K_BLOCK = 128
 """K width of one packed tile (eight 16-wide nibble planes)."""
 N_TILE = 16
-LAYOUTS = ("triton", "cpu")
+LAYOUTS = ("triton", "avx2", "cpu")
 
 
 def int4_group_size(in_features: int) -> int:
@@ -68,8 +78,8 @@ class Int4Weight:
 
     layout: str
     qweight: torch.Tensor
-    scales: torch.Tensor  # "triton": [K'/G, N]; "cpu": scale-and-zero [K/G, N, 2]
-    zeros: torch.Tensor | None  # "triton" only
+    scales: torch.Tensor  # "triton": [K'/G, N]; "avx2": [N, K/G]; "cpu": scale-and-zero [K/G, N, 2]
+    zeros: torch.Tensor | None  # None for "cpu"
     out_features: int
     in_features: int
     group_size: int
@@ -92,6 +102,20 @@ def pack_int4(
     assert layout in LAYOUTS, f"unknown INT4 layout {layout!r}; choose one of {LAYOUTS}"
     q, scales, zeros = q.cpu(), scales.cpu(), zeros.cpu()  # packed once, at load
     assert k % group_size == 0 and scales.shape == zeros.shape == (n, k // group_size)
+    if layout == "avx2":
+        if k % 32:
+            raise ValueError(f"the avx2 INT4 layout needs in_features divisible by 32, got {k}")
+        halves = q.to(torch.uint8).view(n, k // 32, 2, 16)
+        packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
+        return Int4Weight(
+            "avx2",
+            packed.contiguous().to(device),
+            scales.to(torch.bfloat16).contiguous().to(device),
+            zeros.to(torch.uint8).contiguous().to(device),
+            n,
+            k,
+            group_size,
+        )
     if layout == "cpu":
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         s, z = scales.float(), zeros.float()
@@ -120,6 +144,15 @@ def pack_int4(
         k,
         group_size,
     )
+
+
+def default_layout(device: str | torch.device) -> str:
+    """The packing the fastest INT4 kernel on `device` reads."""
+    if torch.device(device).type != "cpu":
+        return "triton"
+    from kernels import native
+
+    return "avx2" if native.library() is not None else "cpu"
 
 
 def _tile_k_index() -> torch.Tensor:
@@ -158,7 +191,11 @@ def int4_linear_torch(
 ) -> torch.Tensor:
     """x [T, K] -> [T, N] in x's dtype: the CPU kernel, or dequantize-and-matmul."""
     assert x.dim() == 2 and x.shape[1] == weight.in_features, (x.shape, weight.in_features)
-    if weight.layout == "cpu":
+    if weight.layout == "avx2":
+        from kernels.int4_linear_cpu import int4_linear_avx2
+
+        y = int4_linear_avx2(x, weight)
+    elif weight.layout == "cpu":
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             xb.contiguous(), weight.qweight, weight.group_size, weight.scales

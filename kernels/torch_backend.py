@@ -1,19 +1,32 @@
-"""The torch backend: reference semantics everywhere, and the CPU fast paths."""
+"""The torch backend: reference semantics everywhere, and the CPU fast paths.
+
+With bf16 activations on a CPU that `kernels.native` serves (x86 with AVX2 and a C++
+compiler), the per-token ops of a decoder layer run as native kernels: one call each
+instead of five to twenty torch ops, which is most of a small model's decode step.
+fp32 stays on torch, whose arithmetic the Hugging Face comparisons match bit for bit.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
+from kernels import native
 from kernels.activation import silu_and_mul_torch
+from kernels.activation_cpu import silu_and_mul_cpu
 from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend
 from kernels.fp8_linear import Fp8Weight, fp8_linear_torch, quantize_fp8_torch
 from kernels.int4_linear import Int4Weight, int4_linear_torch
 from kernels.kv_cache_fp8 import paged_attention_fp8_torch, write_kv_fp8_torch
 from kernels.paged_attention import paged_attention_torch, plan_attention_torch, write_kv_torch
+from kernels.paged_attention_cpu import paged_decode_attention_cpu, write_kv_cpu
 from kernels.rmsnorm import rms_norm_torch
+from kernels.rmsnorm_cpu import rms_norm_cpu
 from kernels.rope import apply_rope_torch
+from kernels.rope_cpu import apply_rope_cpu
 
 
 class TorchBackend(KernelBackend):
@@ -26,14 +39,20 @@ class TorchBackend(KernelBackend):
         eps: float,
         residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if native.handles(x, weight):
+            return rms_norm_cpu(x, weight, eps, residual)
         return rms_norm_torch(x, weight, eps, residual)
 
     def apply_rope(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if native.handles(q, k) and q.shape[-1] % 16 == 0:
+            return apply_rope_cpu(q, k, cos, sin)
         return apply_rope_torch(q, k, cos, sin)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if native.handles(x) and x.shape[-1] % 16 == 0:
+            return silu_and_mul_cpu(x)
         return silu_and_mul_torch(x)
 
     def write_kv(
@@ -43,7 +62,10 @@ class TorchBackend(KernelBackend):
         kv_layer: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        write_kv_torch(k, v, kv_layer, slot_mapping)
+        if native.handles(k, v, kv_layer):
+            write_kv_cpu(k, v, kv_layer, slot_mapping)
+        else:
+            write_kv_torch(k, v, kv_layer, slot_mapping)
 
     def plan_attention(self, meta: AttentionMetadata) -> None:
         meta.plan = plan_attention_torch(meta)
@@ -51,7 +73,17 @@ class TorchBackend(KernelBackend):
     def paged_attention(
         self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        return paged_attention_torch(q, kv_layer, meta, scale)
+        decodes = meta.num_decodes
+        if decodes == 0 or not native.handles(q, kv_layer):
+            return paged_attention_torch(q, kv_layer, meta, scale)
+        out = paged_decode_attention_cpu(q, kv_layer, meta, scale)
+        if decodes == meta.batch_size:
+            return out
+        # Prefill chunks in the same step: torch attends those sequences.
+        rest = dataclasses.replace(meta.plan, sequences=meta.plan.sequences[decodes:])
+        full = paged_attention_torch(q, kv_layer, dataclasses.replace(meta, plan=rest), scale)
+        full[:decodes] = out
+        return full
 
     def dense_linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

@@ -6,8 +6,8 @@ Per group of G input channels (G = 128, or 64 where K is not a multiple of 128):
     z = clamp(round(-w_min / s), 0, 15)     q = clamp(round(w / s) + z, 0, 15)
     W ≈ (q - z) * s
 
-The packed layout belongs to the kernel (`kernels.int4_linear`): the format picks the
-GPU layout for CUDA devices and torch's CPU kernel layout otherwise.
+The packed layout belongs to the kernel (`kernels.int4_linear`): the format picks the one
+the fastest kernel on the device reads (`default_layout`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ import torch
 
 from engine.linear import LinearFormat, check_activation_dtype, register_format
 from kernels.backend import KernelBackend
-from kernels.int4_linear import Int4Weight, dequantize_int4, int4_group_size, pack_int4
+from kernels.int4_linear import (
+    Int4Weight,
+    default_layout,
+    dequantize_int4,
+    int4_group_size,
+    pack_int4,
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class Int4Format(LinearFormat):
     ) -> Int4Weight:
         check_activation_dtype(self, dtype, ops)
         groups = quantize_int4(weight)
-        layout = ops.int4_layout or ("cpu" if torch.device(device).type == "cpu" else "triton")
+        layout = ops.int4_layout or default_layout(device)
         return pack_int4(groups.q, groups.scales, groups.zeros, groups.group_size, layout, device)
 
     def apply(

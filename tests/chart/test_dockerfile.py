@@ -71,3 +71,13 @@ def test_dockerignore_keeps_the_context_to_what_is_installed() -> None:
     assert "*" in lines  # everything else is left out
     assert copied <= kept
     assert all((ROOT / path).exists() for path in kept)
+
+
+def test_native_cpu_kernels_are_built_into_the_image() -> None:
+    """Built once at image build into BATON_CACHE_DIR, so pods need no compiler (the CPU
+    flavor removes it again) and no writable home to build into."""
+    envs = [i.value for i in instructions() if i.keyword == "ENV"]
+    assert any("BATON_CACHE_DIR=/opt/baton" in e for e in envs)
+    assert "apt-get install -y --no-install-recommends g++" in runs()
+    assert "from kernels import native; assert native.library()" in runs()
+    assert "chmod -R a+rX /opt/baton" in runs()

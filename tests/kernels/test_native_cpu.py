@@ -1,0 +1,178 @@
+"""The native CPU kernels (kernels/cpu/*.cpp) against float64 references.
+
+On x86-64 with a C++ compiler (CI's machines, and this project's) the library must build:
+nothing here is skipped there. Elsewhere the module is skipped as a whole, because the
+kernels are not meant to run.
+"""
+
+import platform
+import shutil
+
+import pytest
+import torch
+
+from kernels import native
+from kernels.activation_cpu import silu_and_mul_cpu
+from kernels.backend import get_backend
+from kernels.int4_linear import default_layout, dequantize_int4, pack_int4
+from kernels.paged_attention import plan_attention_torch, write_kv_torch
+from kernels.paged_attention_cpu import write_kv_cpu
+from kernels.rmsnorm import rms_norm_torch
+from kernels.rmsnorm_cpu import rms_norm_cpu
+from kernels.rope_cpu import apply_rope_cpu
+from tests.kernels.bounds import ROUND, assert_within, poisoned_outputs
+from tests.kernels.test_paged_attention import _batch, _kv_rows, _reference
+
+if platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None:
+    pytest.skip("the native kernels are built for x86-64 with g++", allow_module_level=True)
+
+BF16 = torch.bfloat16
+
+
+def test_library_builds_and_is_the_cpu_default():
+    assert native.unavailable_reason() is None
+    assert native.library() is not None
+    assert default_layout("cpu") == "avx2"
+
+
+def _int4_weight(n, k, g):
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scales = (torch.rand(n, k // g) * 0.02 + 1e-3).to(BF16)
+    zeros = torch.randint(0, 16, (n, k // g)).to(BF16)
+    return pack_int4(q, scales, zeros, g, "avx2"), dequantize_int4(q, scales, zeros).double()
+
+
+def _activation_rounding(x, w, g):
+    """Worst error of int8 activations per (row, group): sum_k |W[n, k]| * step / 2."""
+    m, k = x.shape
+    step = x.double().abs().view(m, k // g, g).amax(-1) / 127  # [M, K/G]
+    w_abs = w.abs().view(w.shape[0], k // g, g).sum(-1)  # [N, K/G]
+    return step @ w_abs.T / 2
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize(("n", "k"), [(64, 576), (40, 1536), (6, 256)])
+@pytest.mark.parametrize("x_dtype", [BF16, torch.float32])
+def test_int4_linear_within_activation_rounding(m, n, k, x_dtype):
+    g = 128 if k % 128 == 0 else 64
+    weight, w = _int4_weight(n, k, g)
+    x = torch.randn(m, k).to(x_dtype)
+    with poisoned_outputs():
+        out = get_backend("torch").int4_linear(x, weight, None)
+    assert out.dtype == x_dtype and out.shape == (m, n)
+    ref = x.double() @ w.T
+    size = x.double().abs() @ w.abs().T
+    out_round = ROUND * ref.abs() if x_dtype == BF16 else 0
+    bound = _activation_rounding(x, w, g) + 2**-20 * size + out_round
+    assert_within(out, ref, bound, f"int4 avx2 m={m} n={n} k={k}")
+
+
+def test_int4_linear_rows_do_not_depend_on_the_batch_or_threads():
+    weight, _ = _int4_weight(96, 576, 64)
+    x = torch.randn(7, 576).to(BF16)
+    ops = get_backend("torch")
+    batched = ops.int4_linear(x, weight, None)
+    alone = torch.cat([ops.int4_linear(row, weight, None) for row in x.split(1)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = ops.int4_linear(x, weight, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batched, alone) and torch.equal(batched, two)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_the_torch_path(with_residual):
+    x = torch.randn(5, 576).to(BF16)
+    residual = torch.randn(5, 576).to(BF16) if with_residual else None
+    weight = (torch.rand(576) + 0.5).to(BF16)
+    with poisoned_outputs():
+        out, summed = rms_norm_cpu(x, weight, 1e-5, residual)
+    ref_out, ref_summed = rms_norm_torch(x, weight, 1e-5, residual)
+    assert torch.equal(summed, ref_summed)  # one bf16 rounding of the same fp32 sum
+    s = summed.double()
+    exact = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    # Two roundings, as the torch path makes (normalized value, then times the weight).
+    assert_within(out, exact, 2.01 * ROUND * exact.abs(), "rms_norm")
+    assert_within(ref_out, exact, 2.01 * ROUND * exact.abs(), "rms_norm torch")
+
+
+def test_rope_rotates_strided_rows():
+    t, hq, hk, d = 4, 3, 1, 64
+    qkv = torch.randn(t, (hq + 2 * hk) * d).to(BF16)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
+    angles = torch.rand(t, d // 2) * 100
+    cos, sin = angles.cos(), angles.sin()
+    with poisoned_outputs():
+        rq, rk = apply_rope_cpu(q, k, cos, sin)
+    c, s = cos.to(BF16).double()[:, None], sin.to(BF16).double()[:, None]
+    for x, out in ((q, rq), (k, rk)):
+        x1, x2 = x.double().chunk(2, dim=-1)
+        ref = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        size = torch.cat((x1.abs() + x2.abs(),) * 2, dim=-1)
+        assert_within(out, ref, ROUND * ref.abs() + 2**-22 * size, "rope")
+
+
+def test_silu_and_mul():
+    x = (torch.randn(3, 2 * 1536) * 4).to(BF16)
+    with poisoned_outputs():
+        out = silu_and_mul_cpu(x)
+    gate, up = x.double().chunk(2, dim=-1)
+    ref = gate * torch.sigmoid(gate) * up
+    assert_within(out, ref, ROUND * ref.abs() + 2**-20 * (gate * up).abs(), "silu_and_mul")
+
+
+def test_write_kv_matches_the_torch_path():
+    meta, kv, _, (_, hk, d) = _batch(torch.device("cpu"), BF16)
+    k, v = _kv_rows(meta.num_tokens, hk, d, "cpu")
+    expected = kv.clone()
+    write_kv_torch(k, v, expected, meta.slot_mapping)
+    write_kv_cpu(k, v, kv, meta.slot_mapping)
+    assert torch.equal(kv.view(torch.int16), expected.view(torch.int16))  # NaN slots too
+
+
+def test_paged_attention_decodes_natively_in_a_mixed_batch():
+    """The backend sends the decode rows to the native kernel, the prefill chunks to torch."""
+    meta, kv, cached, (hq, hk, d) = _batch(torch.device("cpu"), BF16)
+    assert 0 < meta.num_decodes < meta.batch_size
+    write_kv_cpu(*_kv_rows(cached.numel(), hk, d, "cpu"), kv, cached)
+    write_kv_cpu(*_kv_rows(meta.num_tokens, hk, d, "cpu"), kv, meta.slot_mapping)
+    q = torch.randn(meta.num_tokens, hq, d).to(BF16)
+    meta.plan = plan_attention_torch(meta)
+    with poisoned_outputs():
+        out = get_backend("torch").paged_attention(q, kv, meta, d**-0.5)
+    ref, size = _reference(q, kv, meta, d**-0.5, None)
+    # Decode rows: fp32 throughout, one rounding; the torch rows as the torch path's test.
+    assert_within(out, ref, 3 * ROUND * size + 1e-6, "paged attention")
+    decodes = slice(0, meta.num_decodes)
+    assert_within(out[decodes], ref[decodes], ROUND * size[decodes] + 1e-6, "native decode")
+
+
+def _layout_in_subprocess(env, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "from kernels.int4_linear import default_layout; print(default_layout('cpu'))"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "BATON_CACHE_DIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip(), done.stderr
+
+
+def test_switched_off_or_unbuildable_means_the_torch_paths(tmp_path):
+    assert _layout_in_subprocess({"BATON_NATIVE_KERNELS": "0"}, tmp_path)[0] == "cpu"
+    # A compiler that fails: a warning, the torch layout, and no half-built file left.
+    layout, err = _layout_in_subprocess({"CXX": "/bin/false"}, tmp_path)
+    assert layout == "cpu" and "building the CPU kernels failed" in err
+    assert list((tmp_path / "native").iterdir()) == []
+    # A working build is cached: the next process loads it without a compiler.
+    assert _layout_in_subprocess({}, tmp_path)[0] == "avx2"
+    assert _layout_in_subprocess({"CXX": "/bin/false"}, tmp_path)[0] == "avx2"
