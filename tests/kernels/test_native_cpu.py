@@ -67,8 +67,9 @@ def test_int4_linear_within_activation_rounding(m, n, k, x_dtype):
     assert_within(out, ref, bound, f"int4 avx2 m={m} n={n} k={k}")
 
 
-def test_int4_linear_rows_do_not_depend_on_the_batch_or_threads():
-    weight, _ = _int4_weight(96, 576, 64)
+@pytest.mark.parametrize("n", [96, 6])  # whole tiles of 4 channels, and a tail of 2
+def test_int4_linear_rows_do_not_depend_on_the_batch_or_threads(n):
+    weight, _ = _int4_weight(n, 576, 64)
     x = torch.randn(7, 576).to(BF16)
     ops = get_backend("torch")
     batched = ops.int4_linear(x, weight, None)
