@@ -23,6 +23,7 @@ from pathlib import Path
 import openai
 import psutil
 import pytest
+import torch
 import yaml
 
 from engine.disaggregated import InProcessDisaggregation
@@ -83,8 +84,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         # A step budget that takes all 16 concurrent prompts whole: split across steps, a
         # prompt's attention runs in other blocks (another summation order), so outputs
         # would match their solo runs only to fp32 rounding, not token for token.
-        "prefill": {"replicas": 1, "linear": "fp8", "max_num_batched_tokens": 4096, **POOL},
-        "decode": {"replicas": 2, "linear": "int4", **POOL},  # one may be killed
+        # One torch thread per replica, as the in-process reference below runs: torch's
+        # single-query attention splits keys across threads, so fp32 sums would differ.
+        "prefill": {
+            "replicas": 1,
+            "linear": "fp8",
+            "max_num_batched_tokens": 4096,
+            "torch_threads": 1,
+            **POOL,
+        },
+        "decode": {"replicas": 2, "linear": "int4", "torch_threads": 1, **POOL},  # one may die
         "kvstore": {"targets": [f"127.0.0.1:{free_port()}"], "capacity": "256MiB"},
         # Every prompt takes the remote prefill path, however short, so outputs compare
         # with the in-process FP8-prefill/INT4-decode pipeline.
@@ -194,7 +203,10 @@ def test_stop_n_and_seed(client: openai.OpenAI) -> None:
 
 
 def test_matches_the_in_process_pipeline(
-    server: Server, client: openai.OpenAI, default_checkpoint: LoadedCheckpoint
+    server: Server,
+    client: openai.OpenAI,
+    default_checkpoint: LoadedCheckpoint,
+    request: pytest.FixtureRequest,
 ) -> None:
     def engine(linear: str):  # type: ignore[no-untyped-def]
         return EngineArgs(dtype="float32", linear=linear, max_model_len=1024, **POOL).create_engine(
@@ -203,6 +215,9 @@ def test_matches_the_in_process_pipeline(
 
     local = InProcessDisaggregation(engine("fp8"), engine("int4"))
     params = SamplingParams(max_tokens=24, min_tokens=24, temperature=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replicas' count (server fixture)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     tok = local.decode_engine.tokenizer
     # Long enough for several full blocks to travel through the KV store; the shared
     # opening makes later prompts reuse cached blocks, in the same order on both sides.
