@@ -104,10 +104,11 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     checkpoint = load_checkpoint(None)
     for linear in args.baton_linear:
-        head = "int4" if linear == "int4" else "dense"
+        # The LM head as the decode pool serves it on a CPU (services.serving_config).
+        head = "int8" if linear == "int4" else "dense"
         engine = EngineArgs(linear=linear, lm_head_linear=head).create_engine(checkpoint)
         baton_decode(engine, 1)  # warm-up
-        name = f"baton bf16 act, {linear} weights"
+        name = f"baton bf16 act, {linear} weights, {head} head"
         rows[name] = {"prefill": median_of(args.repeats, partial(baton_prefill, engine))}
         for b in BATCHES:
             rows[name][f"decode b{b}"] = median_of(args.repeats, partial(baton_decode, engine, b))
@@ -128,13 +129,13 @@ def main() -> None:
         f"torch threads {args.threads}, torch {torch.__version__}"
     )
     print(f"tokens/s (median of {args.repeats}); x = ratio to transformers bfloat16")
-    print(f"{'engine':40s}" + "".join(f"{c:>20s}" for c in cols))
+    print(f"{'engine':44s}" + "".join(f"{c:>20s}" for c in cols))
     for name, r in rows.items():
         cells = []
         for c in cols:
             ratio = f" ({r[c] / peer[c]:.2f}x)" if peer else ""
             cells.append(f"{r[c]:.1f}{ratio}")
-        print(f"{name:40s}" + "".join(f"{x:>20s}" for x in cells))
+        print(f"{name:44s}" + "".join(f"{x:>20s}" for x in cells))
 
 
 if __name__ == "__main__":

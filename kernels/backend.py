@@ -17,6 +17,7 @@ import torch
 from kernels.attention_metadata import AttentionMetadata
 from kernels.fp8_linear import Fp8Weight
 from kernels.int4_linear import Int4Weight
+from kernels.int8_linear import Int8Weight, int8_linear
 
 
 class KernelBackend(ABC):
@@ -131,6 +132,11 @@ class KernelBackend(ABC):
         self, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """x [T, in] @ W.T (+ bias) with group-quantized INT4 weights; output in x's dtype."""
+
+    def int8_linear(self, x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+        """x [T, in] @ W.T with per-channel INT8 weights; output in x's dtype. One
+        implementation for every backend: the native CPU kernel, else dequantize-and-matmul."""
+        return int8_linear(x, weight)
 
     # FP8 KV cache (DESIGN.md "KV block format"): `kv_scales` is this layer's [2, num_kv_heads]
     # fp32 (K|V, head) scales, cached value = fp8(value / scale).

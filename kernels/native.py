@@ -122,6 +122,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures = {
         "baton_int4_linear_avx2": [p, p, p, p, p, i32, i64, i64, i64, i64, i32],
+        "baton_int8_linear_avx2": [p, p, p, p, i32, i64, i64, i64, i32],
         "baton_rms_norm_bf16": [p, p, p, p, p, i64, i64, f32, i32],
         "baton_rope_bf16": [p, i64, p, p, p, i64, i64, i64, i32],
         "baton_write_kv_bf16": [p, i64, p, i64, p, i64, i64, i64, p, i64, i64],

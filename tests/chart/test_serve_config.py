@@ -89,6 +89,7 @@ def test_args_follow_the_values() -> None:
     assert (config.model.kernel_backend, config.model.device) == ("triton", "cuda")
     assert config.model.max_model_len == 8192
     assert (config.prefill.linear, config.decode.linear) == ("fp8", "int4")
+    assert config.engine_args(config.decode).lm_head_linear == "dense"  # on GPUs
     assert (config.prefill.replicas, config.decode.replicas) == (2, 4)
     assert config.decode.kv_cache_bytes == 512 * 2**20
     default = ServingConfig.model_validate(render("default").serving_config)

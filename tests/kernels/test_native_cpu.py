@@ -11,10 +11,12 @@ import shutil
 import pytest
 import torch
 
+from engine.quant.int8 import quantize_int8
 from kernels import native
 from kernels.activation_cpu import silu_and_mul_cpu
 from kernels.backend import get_backend
 from kernels.int4_linear import default_layout, dequantize_int4, pack_int4
+from kernels.int8_linear import ACTIVATION_GROUP, dequantize_int8, int8_linear
 from kernels.paged_attention import plan_attention_torch, write_kv_torch
 from kernels.paged_attention_cpu import write_kv_cpu
 from kernels.rmsnorm import rms_norm_torch
@@ -81,6 +83,48 @@ def test_int4_linear_rows_do_not_depend_on_the_batch_or_threads(n):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(batched, alone) and torch.equal(batched, two)
+
+
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("n", [64, 6])  # whole tiles of 4 channels, and a tail of 2
+@pytest.mark.parametrize("x_dtype", [BF16, torch.float32])
+def test_int8_linear_within_activation_rounding(m, n, x_dtype):
+    k = 576
+    weight = quantize_int8(torch.randn(n, k) * 0.05)
+    w = dequantize_int8(weight).double()
+    x = (torch.randn(m, k) * torch.rand(m, 1) * 4).to(x_dtype)
+    with poisoned_outputs():
+        out = get_backend("torch").int8_linear(x, weight)
+    assert out.dtype == x_dtype and out.shape == (m, n)
+    ref = x.double() @ w.T
+    size = x.double().abs() @ w.abs().T
+    bound = _activation_rounding(x, w, ACTIVATION_GROUP) + 2**-20 * size
+    bound = bound + (ROUND * ref.abs() if x_dtype == BF16 else 0)
+    assert_within(out, ref, bound, f"int8 m={m} n={n}")
+
+
+def test_int8_linear_rows_do_not_depend_on_the_batch_or_threads():
+    weight = quantize_int8(torch.randn(38, 576))
+    x = torch.randn(5, 576).to(BF16)
+    batched = int8_linear(x, weight)
+    alone = torch.cat([int8_linear(row, weight) for row in x.split(1)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = int8_linear(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batched, alone) and torch.equal(batched, two)
+
+
+def test_int8_linear_reference_path_for_other_shapes():
+    """K not a multiple of the activation group: dequantize and multiply in fp32."""
+    weight = quantize_int8(torch.randn(10, 96))
+    x = torch.randn(3, 96)
+    w = dequantize_int8(weight).double()
+    ref = x.double() @ w.T
+    size = x.double().abs() @ w.abs().T
+    assert_within(int8_linear(x, weight), ref, 2**-20 * size, "int8 reference")
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

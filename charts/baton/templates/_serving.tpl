@@ -50,6 +50,7 @@ router:
 {{- toJson (dict
   "replicas" (int .replicas)
   "linear" .linear
+  "lm_head_linear" .lmHeadLinear
   "kv_cache_bytes" (int64 .kvCacheBytes)
   "max_num_seqs" (int .maxNumSeqs)
   "max_num_batched_tokens" (int .maxNumBatchedTokens)
