@@ -6,9 +6,7 @@ that asked for them. torch releases the GIL inside its kernels, so the event loo
 serving while a step computes.
 
 A caller that stops iterating (client disconnect, cancellation) aborts its request, which
-frees its blocks at once. A caller that falls behind gets what queued up as one output
-(`RequestOutput.followed_by`): under load each message to a remote consumer (a Ray
-stream, an SSE event) costs more CPU than the step that made its token.
+frees its blocks at once.
 """
 
 from __future__ import annotations
@@ -65,20 +63,10 @@ class AsyncEngine:
         self._wake.set()
         finished = False
         try:
-            error: BaseException | None = None
             while not finished:
-                item = error or await stream.queue.get()
+                item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                while not item.finished:
-                    try:
-                        later = stream.queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        break
-                    if isinstance(later, BaseException):
-                        error = later  # raised once what came before it is out
-                        break
-                    item = item.followed_by(later)
                 finished = item.finished
                 yield item
         finally:

@@ -26,22 +26,6 @@ class RequestOutput:
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
 
-    def followed_by(self, later: RequestOutput) -> RequestOutput:
-        """This increment and the next one of the same request, reported as one."""
-        assert later.request_id == self.request_id and not self.finished
-        return RequestOutput(
-            request_id=self.request_id,
-            new_token_ids=self.new_token_ids + later.new_token_ids,
-            new_text=self.new_text + later.new_text,
-            finished=later.finished,
-            num_prompt_tokens=later.num_prompt_tokens,
-            num_cached_tokens=later.num_cached_tokens,
-            num_output_tokens=later.num_output_tokens,
-            finish_reason=later.finish_reason,
-            stop_reason=later.stop_reason,
-            logprobs=self.logprobs + later.logprobs,
-        )
-
 
 @dataclass
 class Completion:
