@@ -208,12 +208,13 @@ def test_matches_the_in_process_pipeline(
     default_checkpoint: LoadedCheckpoint,
     request: pytest.FixtureRequest,
 ) -> None:
-    def engine(linear: str):  # type: ignore[no-untyped-def]
-        return EngineArgs(dtype="float32", linear=linear, max_model_len=1024, **POOL).create_engine(
-            default_checkpoint
-        )
+    def engine(linear: str, lm_head: str):  # type: ignore[no-untyped-def]
+        return EngineArgs(
+            dtype="float32", linear=linear, lm_head_linear=lm_head, max_model_len=1024, **POOL
+        ).create_engine(default_checkpoint)
 
-    local = InProcessDisaggregation(engine("fp8"), engine("int4"))
+    # The pools' LM heads as `baton serve` builds them on a CPU (services.serving_config).
+    local = InProcessDisaggregation(engine("fp8", "dense"), engine("int4", "int8"))
     params = SamplingParams(max_tokens=24, min_tokens=24, temperature=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the replicas' count (server fixture)
