@@ -305,17 +305,21 @@ def test_concurrent_streams_equal_their_solo_runs(client: openai.OpenAI) -> None
 
 
 def stream_text(
-    client: openai.OpenAI, prompt: str, salt: str, started: threading.Event | None = None
+    client: openai.OpenAI,
+    prompt: str,
+    salt: str,
+    started: threading.Event | None = None,
+    tokens: int = 48,
 ) -> tuple[str, str | None]:
-    """A greedy 48-token stream's text and finish reason; `started` is set at its first
-    chunk."""
+    """A greedy `tokens`-token stream's text and finish reason; `started` is set at its
+    first chunk."""
     stream = client.completions.create(
         model="smollm2-135m-instruct",
         prompt=prompt,
-        max_tokens=48,
+        max_tokens=tokens,
         temperature=0,
         stream=True,
-        extra_body={"cache_salt": salt, "min_tokens": 48},
+        extra_body={"cache_salt": salt, "min_tokens": tokens},
     )
     text, finish = "", None
     for chunk in stream:
@@ -417,7 +421,9 @@ def test_sigterm_drains_then_stops_every_process(server: Server, client: openai.
     assert children, "baton serve should have started Ray and a KV store shard"
     started = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(stream_text, client, f"{SYSTEM}\n{PROMPTS[0]}", "term", started)
+        # Long enough to be still streaming when the refused request below arrives.
+        prompt = f"{SYSTEM}\n{PROMPTS[0]}"
+        running = pool.submit(stream_text, client, prompt, "term", started, 400)
         assert started.wait(120)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(2)  # the router is draining: the stream goes on, new requests are refused
