@@ -22,8 +22,7 @@ def int4_linear_avx2(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     assert weight.qweight.shape == (n, k // 2) and weight.qweight.dtype == torch.uint8
     assert weight.scales.shape == weight.zeros.shape == (n, k // g)
     assert x.device.type == "cpu" and 32 <= g <= 512 and g % 32 == 0
-    bf16 = x.dtype == torch.bfloat16
-    xc = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
+    xc, bf16 = native.activation_rows(x)
     y = torch.empty((x.shape[0], n), dtype=xc.dtype)
     native.lib().baton_int4_linear_avx2(
         xc.data_ptr(),

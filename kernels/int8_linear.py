@@ -44,8 +44,7 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     assert x.dim() == 2 and x.shape[1] == k, (tuple(x.shape), k)
     if x.device.type != "cpu" or k % ACTIVATION_GROUP or native.library() is None:
         return (x.float() @ dequantize_int8(weight).T).to(x.dtype)
-    bf16 = x.dtype == torch.bfloat16
-    xc = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
+    xc, bf16 = native.activation_rows(x)
     y = torch.empty((x.shape[0], n), dtype=xc.dtype)
     native.lib().baton_int8_linear_avx2(
         xc.data_ptr(),

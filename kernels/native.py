@@ -111,6 +111,14 @@ def handles(*tensors: torch.Tensor) -> bool:
     )
 
 
+def activation_rows(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x as the linear kernels read activations, contiguous: bf16 kept (True), anything
+    else as fp32 (False). Their output takes the same dtype."""
+    if x.dtype == torch.bfloat16:
+        return x.contiguous(), True
+    return x.to(torch.float32).contiguous(), False
+
+
 def lib() -> ctypes.CDLL:
     """The library, for launchers whose callers checked `handles` (or `library()`)."""
     loaded = library()

@@ -18,7 +18,7 @@ from kernels.backend import get_backend
 from kernels.int4_linear import default_layout, dequantize_int4, pack_int4
 from kernels.int8_linear import ACTIVATION_GROUP, dequantize_int8, int8_linear
 from kernels.paged_attention import plan_attention_torch, write_kv_torch
-from kernels.paged_attention_cpu import write_kv_cpu
+from kernels.paged_attention_cpu import paged_decode_attention_cpu, write_kv_cpu
 from kernels.rmsnorm import rms_norm_torch
 from kernels.rmsnorm_cpu import rms_norm_cpu
 from kernels.rope_cpu import apply_rope_cpu
@@ -193,6 +193,8 @@ def test_paged_attention_decodes_natively_in_a_mixed_batch():
     assert_within(out, ref, 3 * ROUND * size + 1e-6, "paged attention")
     decodes = slice(0, meta.num_decodes)
     assert_within(out[decodes], ref[decodes], ROUND * size[decodes] + 1e-6, "native decode")
+    # The decode rows are the native kernel's, bit for bit (not torch's SDPA).
+    assert torch.equal(out[decodes], paged_decode_attention_cpu(q, kv, meta, d**-0.5))
 
 
 def _layout_in_subprocess(env, tmp_path):
