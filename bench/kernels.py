@@ -447,6 +447,15 @@ def _tiles(meta: AttentionMetadata, block_m: int) -> torch.Tensor:
     return host.to(meta.block_tables.device)
 
 
+PREFILL_SWEEP = [  # block_m, block_n, warps, stages (the plan's choice: 128, 128, 8, 3)
+    (128, 128, 8, 3),
+    (128, 128, 8, 2),
+    (128, 64, 8, 3),
+    (128, 64, 8, 4),
+    (64, 64, 4, 2),
+]
+
+
 def bench_prefill(device: torch.device, smoke: bool, sweep: bool) -> None:
     print("Paged prefill attention (causal, 32 q / 8 kv heads, D 128) vs SDPA (flash), 4k")
     hq, hk, d = (32, 8, 128) if not smoke else (4, 2, 64)
@@ -455,32 +464,6 @@ def bench_prefill(device: torch.device, smoke: bool, sweep: bool) -> None:
         kv, bt = _paged_cache(device, 1, ctx, hk, d, torch.bfloat16, gen)
         q = torch.randn(new, hq, d, device=device, generator=gen, dtype=torch.bfloat16)
         meta = _meta(bt, [ctx], [new], 0)
-        if sweep and not smoke:
-            base = meta.plan
-            for bm, bn, warps, stages in (
-                (128, 128, 8, 2),
-                (128, 128, 8, 3),
-                (128, 64, 8, 3),
-                (64, 128, 4, 2),
-                (128, 128, 4, 2),
-            ):
-                meta.plan = attention.plan_attention(meta)
-                meta.plan = dataclasses.replace(
-                    meta.plan,
-                    block_m=bm,
-                    block_n=bn,
-                    prefill_warps=warps,
-                    prefill_stages=stages,
-                    prefill_tiles=_tiles(meta, bm),
-                )
-                us = time_us(lambda i: attention.paged_attention(q, kv, meta, d**-0.5), 1, smoke)
-                print(
-                    f"    sweep prefill ctx={ctx} new={new} {bm}x{bn} w{warps} s{stages}: "
-                    f"{us:.0f} us",
-                    flush=True,
-                )
-            meta.plan = base
-        out = attention.paged_attention(q, kv, meta, d**-0.5)
         k, v = _dense_kv(kv, bt, 0, ctx)
         rows = torch.arange(0, new, max(1, new // 64), device=device)  # a sample of query rows
         kk = k.double().repeat_interleave(hq // hk, 0)
@@ -488,8 +471,30 @@ def bench_prefill(device: torch.device, smoke: bool, sweep: bool) -> None:
         s = (q[rows].double().transpose(0, 1) @ kk.transpose(1, 2)) * d**-0.5
         visible = torch.arange(ctx, device=device)[None, :] <= (ctx - new + rows)[:, None]
         ref = (torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ vv).transpose(0, 1)
-        check(f"prefill ctx={ctx} new={new}", rel_err(out[rows], ref), 8e-3)
         flops = 4 * d * hq * sum(ctx - new + r + 1 for r in range(new))
+        if sweep and not smoke:
+            base = meta.plan
+            for bm, bn, warps, stages in PREFILL_SWEEP:
+                meta.plan = dataclasses.replace(
+                    base,
+                    block_m=bm,
+                    block_n=bn,
+                    prefill_warps=warps,
+                    prefill_stages=stages,
+                    prefill_tiles=_tiles(meta, bm),
+                )
+                tag = f"{bm}x{bn} w{warps} s{stages}"
+                out = attention.paged_attention(q, kv, meta, d**-0.5)
+                check(f"prefill ctx={ctx} new={new} {tag}", rel_err(out[rows], ref), 8e-3)
+                us = time_us(lambda i: attention.paged_attention(q, kv, meta, d**-0.5), 1, smoke)
+                print(
+                    f"    sweep prefill ctx={ctx} new={new} {tag}: "
+                    f"{us:.0f} us {flops / us / 1e6:.0f} TF",
+                    flush=True,
+                )
+            meta.plan = base
+        out = attention.paged_attention(q, kv, meta, d**-0.5)
+        check(f"prefill ctx={ctx} new={new}", rel_err(out[rows], ref), 8e-3)
         us = time_us(lambda i: attention.paged_attention(q, kv, meta, d**-0.5), 1, smoke)
         case = f"ctx={ctx} new={new}"
         if new == ctx:

@@ -21,6 +21,11 @@ the diagonal are masked:
     keys   0 ......... P+m0 ...... P+m0+BLOCK_M      (P = cached prefix, m0 = tile's first row)
            [ unmasked tiles ][ masked tiles ]
 
+Programs run longest tile first, every head of a tile before the next tile (causal work
+per tile grows with m0; this order packs the grid's tail with short tiles), and each
+tile's page numbers are fetched one key tile early so that the K/V copies run
+`num_stages - 1` key tiles ahead of the MMAs.
+
 FP8 caches hold fp8(value / scale) per (K|V, head); the K scale folds into the softmax
 scale and the V scale into the output, so the tiles themselves are only widened.
 """
@@ -111,12 +116,18 @@ def write_kv(
 
 
 @triton.jit
+def _page_rows(pages, toks, kv_head, stride_block, stride_tok, PAGE: tl.constexpr, D: tl.constexpr):
+    """Cache offsets of token rows `toks` (of one KV head) on their pages `pages`."""
+    return pages.to(tl.int64) * stride_block + (toks % PAGE) * stride_tok + kv_head * D
+
+
+@triton.jit
 def _kv_rows(
     bt_row_ptr, toks, tmask, kv_head, stride_block, stride_tok, PAGE: tl.constexpr, D: tl.constexpr
 ):
     """Cache offsets of token rows `toks` (of one KV head) through a block-table row."""
-    pages = tl.load(bt_row_ptr + toks // PAGE, mask=tmask, other=0).to(tl.int64)
-    return pages * stride_block + (toks % PAGE) * stride_tok + kv_head * D
+    pages = tl.load(bt_row_ptr + toks // PAGE, mask=tmask, other=0)
+    return _page_rows(pages, toks, kv_head, stride_block, stride_tok, PAGE, D)
 
 
 @triton.jit
@@ -260,8 +271,9 @@ def _prefill_kernel(
     HQ: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
+    # Heads vary fastest, so every head's longest tile starts first (see the docstring).
+    tile = tl.program_id(0) // HQ
+    head = tl.program_id(0) % HQ
     kv_head = head // GQA
     seq = tl.load(tiles_ptr + 2 * tile)
     m0 = tl.load(tiles_ptr + 2 * tile + 1)
@@ -288,18 +300,29 @@ def _prefill_kernel(
 
     # Keys below prefix + m0 are visible to every row of the tile.
     full = ((prefix + m0) // BLOCK_N) * BLOCK_N
+    end = tl.minimum(prefix + m0 + BLOCK_M, seq_len)
+    # Page numbers are loaded one key tile ahead: a tile's K/V copies then depend on no
+    # load of their own iteration, and the pipeliner issues them num_stages - 1 tiles ahead
+    # of the MMAs (with an in-iteration block-table load it kept them one tile ahead).
+    toks = tl.arange(0, BLOCK_N)
+    pages = tl.load(bt_row + toks // PAGE, mask=toks < full, other=0)
     for n0 in range(0, full, BLOCK_N):
         toks = n0 + tl.arange(0, BLOCK_N)
-        rows = _kv_rows(bt_row, toks, toks < full, kv_head, stride_block, stride_tok, PAGE, D)
+        rows = _page_rows(pages, toks, kv_head, stride_block, stride_tok, PAGE, D)
+        ahead = toks + BLOCK_N
+        pages = tl.load(bt_row + ahead // PAGE, mask=ahead < full, other=0)
         acc, m_i, l_i = _attend(
             q, acc, m_i, l_i, cache_ptr, rows, None, None, qk_scale, stride_kv,
             D, False, UPCAST,
         )  # fmt: skip
-    end = tl.minimum(prefix + m0 + BLOCK_M, seq_len)
+    toks = full + tl.arange(0, BLOCK_N)
+    pages = tl.load(bt_row + toks // PAGE, mask=toks < seq_len, other=0)
     for n0 in range(full, end, BLOCK_N):
         toks = n0 + tl.arange(0, BLOCK_N)
         tmask = toks < seq_len
-        rows = _kv_rows(bt_row, toks, tmask, kv_head, stride_block, stride_tok, PAGE, D)
+        rows = _page_rows(pages, toks, kv_head, stride_block, stride_tok, PAGE, D)
+        ahead = toks + BLOCK_N
+        pages = tl.load(bt_row + ahead // PAGE, mask=ahead < seq_len, other=0)
         visible = (toks[None, :] <= pos[:, None]) & tmask[None, :]
         acc, m_i, l_i = _attend(
             q, acc, m_i, l_i, cache_ptr, rows, tmask, visible, qk_scale, stride_kv,
@@ -341,7 +364,7 @@ def _decode_splits(batch: int, kv_heads: int, max_len: int, sms: int, block_n: i
 
 def plan_attention(meta: AttentionMetadata) -> TritonAttentionPlan:
     decode_n, block_m, block_n, warps, stages = (
-        (16, 16, 16, 4, 1) if INTERPRET else (64, 128, 128, 8, 2)
+        (16, 16, 16, 4, 1) if INTERPRET else (64, 128, 128, 8, 3)
     )
     device = meta.block_tables.device
     nd = meta.num_decodes
@@ -349,7 +372,7 @@ def plan_attention(meta: AttentionMetadata) -> TritonAttentionPlan:
     for b in range(nd, meta.batch_size):
         prefix = meta.seq_lens_host[b] - meta.query_lens_host[b]
         tiles += [(prefix + m0, b, m0) for m0 in range(0, meta.query_lens_host[b], block_m)]
-    tiles.sort(reverse=True)  # longest first: the tail of the grid is short work
+    tiles.sort(reverse=True)  # longest first (the kernel runs all heads of a tile together)
     prefill_tiles = None
     if tiles:
         host = torch.tensor([(b, m0) for _, b, m0 in tiles], dtype=torch.int32)
@@ -413,7 +436,7 @@ def paged_attention(
                 part_o, part_lse, out, out.stride(0), hq, splits, S_P2=s_p2, D=d, num_warps=4
             )
     if plan.prefill_tiles is not None:
-        _prefill_kernel[(plan.prefill_tiles.shape[0], hq)](
+        _prefill_kernel[(plan.prefill_tiles.shape[0] * hq,)](
             q, kv_layer, bt, plan.prefill_tiles, meta.query_start_loc, seq_lens, scales, out,
             q.stride(0), out.stride(0), *strides, scale,
             HQ=hq, GQA=gqa, D=d, PAGE=meta.block_size, BLOCK_M=plan.block_m,

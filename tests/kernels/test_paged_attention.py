@@ -118,9 +118,12 @@ def test_write_kv_touches_exactly_its_slots(device, kv_dtype):
     )
 
 
+# Pages smaller and larger than the interpreter's 16-key tiles, and several per GPU tile:
+# prefill reads each key tile's page numbers one tile ahead of its K/V.
+@pytest.mark.parametrize("page", [16, 8, 32])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
-def test_paged_attention_mixed_batch(device, kv_dtype):
-    meta, kv, cached, (hq, hk, d) = _batch(device, kv_dtype)
+def test_paged_attention_mixed_batch(device, kv_dtype, page):
+    meta, kv, cached, (hq, hk, d) = _batch(device, kv_dtype, page)
     scales = torch.rand(2, hk, device=device) + 0.5 if kv_dtype == FP8 else None
     # The cached prefixes, then this step's new tokens, go in through the write kernel.
     write_kv(*_kv_rows(cached.numel(), hk, d, device), kv, cached, scales)
