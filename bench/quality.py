@@ -3,12 +3,16 @@
     python bench/quality.py                      # CPU, torch backend (the embedded default)
     python bench/quality.py --device cuda --backend triton
 
-Reports perplexity on `engine/quant/data/heldout.txt` for bf16 (dense), FP8, INT4-RTN and
-INT4-AWQ (calibrated on `calibration.txt`), and the greedy agreement with bf16 of the
-disaggregated pipeline: FP8 prefill writes the KV cache, INT4 decode continues from it.
+Reports perplexity on `engine/quant/data/heldout.txt` for bf16 (dense), FP8 rounded to
+nearest and by GPTQ, INT4-RTN and INT4-AWQ (both calibrated on `calibration.txt`), and the
+greedy agreement with bf16 of the disaggregated pipeline: FP8-GPTQ prefill writes the KV
+cache, INT4-AWQ decode continues from it.
 
-AWQ here is the calibration plumbing the engine will need: the dense model runs over the
-calibration text with each projection's input recorded (`ActivationStats`), then
+The calibration here is the plumbing the engine will need: the dense model runs over the
+calibration text with each projection's input shown to an observer (`calibrate`). GPTQ
+(`engine.quant.gptq`) rounds every decoder projection to FP8 against its input Hessian
+and leaves `Fp8Channels` in the checkpoint, which the `fp8` format serves as they are.
+For AWQ, each projection's input is recorded (`ActivationStats`), then
 `engine.quant.awq.awq_transform` rewrites the checkpoint tensors (scaled and clipped
 weights; 1/s folded into the RMSNorm weights and the up_proj rows) before an `int4` model
 is built from them. o_proj stays round-to-nearest: SmolLM2 shares KV heads (GQA), so its
@@ -21,78 +25,32 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from bench.paged_runner import Runner  # noqa: E402
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from engine.linear import QuantizedWeight  # noqa: E402
 from engine.loaders import LoadedCheckpoint, load_checkpoint  # noqa: E402
 from engine.model import LlamaModel  # noqa: E402
 from engine.quant.awq import ActivationStats, awq_transform  # noqa: E402
-from kernels.attention_metadata import AttentionMetadata  # noqa: E402
+from engine.quant.gptq import Hessian, gptq_fp8  # noqa: E402
 
 DATA = ROOT / "engine" / "quant" / "data"
 WINDOW = 1024
-BLOCK = 16
-
-
-class Runner:
-    """Runs a model over explicit sequences with a private paged KV cache: sequence b
-    owns a contiguous run of blocks, so any model can continue where another stopped."""
-
-    def __init__(self, cfg: ModelConfig, seqs: int, max_len: int, device: str) -> None:
-        self.cfg = cfg
-        self.per_seq = math.ceil(max_len / BLOCK)
-        self.cache = torch.zeros(
-            (seqs * self.per_seq, cfg.num_layers, 2, BLOCK, cfg.num_kv_heads, cfg.head_dim),
-            dtype=torch.bfloat16,
-            device=device,
-        )
-        self.device = device
-
-    @torch.inference_mode()
-    def step(
-        self, model: LlamaModel, chunks: list[tuple[int, list[int], int]], decodes: int
-    ) -> torch.Tensor:
-        """chunks: (sequence, new token ids, first position); decodes first. Hidden states."""
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        q_lens: list[int] = []
-        s_lens: list[int] = []
-        starts = [0]
-        tables = []
-        for seq, tokens, start in chunks:
-            base = seq * self.per_seq
-            ids += tokens
-            positions = range(start, start + len(tokens))
-            pos += positions
-            slots += [(base + p // BLOCK) * BLOCK + p % BLOCK for p in positions]
-            q_lens.append(len(tokens))
-            s_lens.append(start + len(tokens))
-            starts.append(starts[-1] + len(tokens))
-            tables.append(list(range(base, base + self.per_seq)))
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(s_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            num_decodes=decodes,
-            block_size=BLOCK,
-            query_lens_host=q_lens,
-            seq_lens_host=s_lens,
-        )
-        t = lambda v: torch.tensor(v, dtype=torch.int64, device=dev)  # noqa: E731
-        return model.forward(t(ids), t(pos), self.cache, meta)
 
 
 def build(
-    ck: LoadedCheckpoint, tensors: dict[str, torch.Tensor], linear: str, args: argparse.Namespace
+    ck: LoadedCheckpoint,
+    tensors: Mapping[str, torch.Tensor | QuantizedWeight],
+    linear: str,
+    args: argparse.Namespace,
 ) -> LlamaModel:
     config = EngineConfig(
         model=ck.config,
@@ -138,54 +96,90 @@ def greedy(
     return out
 
 
-class _Recorder:
-    """Stands in for a projection during calibration, recording its input rows."""
+class _Observer(Protocol):
+    def observe(self, x: torch.Tensor) -> None: ...
 
-    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor], stats: ActivationStats):
-        self.linear, self.stats = linear, stats
+
+class _Recorder:
+    """Stands in for a projection during calibration, showing its input rows to `observer`."""
+
+    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor], observer: _Observer):
+        self.linear, self.observer = linear, observer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.stats.observe(x)
+        self.observer.observe(x)
         return self.linear(x)
+
+
+PARTS = {
+    "qkv_proj": [f"self_attn.{x}_proj.weight" for x in "qkv"],
+    "o_proj": ["self_attn.o_proj.weight"],
+    "gate_up_proj": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+    "down_proj": ["mlp.down_proj.weight"],
+}
+"""The model's merged projections and the checkpoint tensors each is made of."""
+
+Obs = TypeVar("Obs", bound=_Observer)
+
+
+def calibrate(
+    ck: LoadedCheckpoint, args: argparse.Namespace, observer: Callable[[int], Obs], names: list[str]
+) -> list[dict[str, Obs]]:
+    """Run the dense model over calibration.txt; per layer, an observer of each named
+    projection's input rows."""
+    model = build(ck, ck.tensors, "dense", args)
+    seen = []
+    for layer in model.layers:
+        per_layer = {}
+        for name in names:
+            linear = getattr(layer, name)
+            per_layer[name] = observer(linear.in_features)
+            setattr(layer, name, _Recorder(linear, per_layer[name]))
+        seen.append(per_layer)
+    tokens = ck.tokenizer.encode((DATA / "calibration.txt").read_text())
+    runner = Runner(ck.config, 1, WINDOW, args.device)
+    for lo in range(0, len(tokens), WINDOW):
+        runner.step(model, [(0, tokens[lo : lo + WINDOW], 0)], 0)
+    return seen
 
 
 def awq_tensors(ck: LoadedCheckpoint, args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """The checkpoint rewritten by AWQ, calibrated with the dense model on calibration.txt."""
-    cfg = ck.config
-    model = build(ck, ck.tensors, "dense", args)
-    stats = []
-    for layer in model.layers:
-        s = {
-            "qkv": ActivationStats(cfg.hidden_size),
-            "gate_up": ActivationStats(cfg.hidden_size),
-            "down": ActivationStats(cfg.intermediate_size),
-        }
-        layer.qkv_proj = _Recorder(layer.qkv_proj, s["qkv"])  # type: ignore[assignment]
-        layer.gate_up_proj = _Recorder(layer.gate_up_proj, s["gate_up"])  # type: ignore[assignment]
-        layer.down_proj = _Recorder(layer.down_proj, s["down"])  # type: ignore[assignment]
-        stats.append(s)
-    tokens = ck.tokenizer.encode((DATA / "calibration.txt").read_text())
-    runner = Runner(cfg, 1, WINDOW, args.device)
-    for lo in range(0, len(tokens), WINDOW):
-        runner.step(model, [(0, tokens[lo : lo + WINDOW], 0)], 0)
-    del model, runner
+    stats = calibrate(ck, args, ActivationStats, ["qkv_proj", "gate_up_proj", "down_proj"])
     t = dict(ck.tensors)
     for i, s in enumerate(stats):
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
         # down first: its 1/s folds into the up_proj rows, which gate_up then quantizes.
-        (down,), s_down = awq_transform([t[mlp + "down_proj.weight"]], s["down"])
+        (down,), s_down = awq_transform([t[mlp + "down_proj.weight"]], s["down_proj"])
         t[mlp + "down_proj.weight"] = down
         t[mlp + "up_proj.weight"] = t[mlp + "up_proj.weight"].float() / s_down[:, None]
         names = [mlp + "gate_proj.weight", mlp + "up_proj.weight"]
-        new, s_gu = awq_transform([t[n] for n in names], s["gate_up"])
+        new, s_gu = awq_transform([t[n] for n in names], s["gate_up_proj"])
         t.update(zip(names, new, strict=True))
         norm = p + "post_attention_layernorm.weight"
         t[norm] = t[norm].float() / s_gu
         names = [attn + f"{x}_proj.weight" for x in "qkv"]
-        new, s_qkv = awq_transform([t[n] for n in names], s["qkv"])
+        new, s_qkv = awq_transform([t[n] for n in names], s["qkv_proj"])
         t.update(zip(names, new, strict=True))
         t[p + "input_layernorm.weight"] = t[p + "input_layernorm.weight"].float() / s_qkv
+    return t
+
+
+def gptq_fp8_tensors(
+    ck: LoadedCheckpoint, args: argparse.Namespace
+) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """The checkpoint with every decoder projection rounded to FP8 by GPTQ against its
+    input Hessian on calibration.txt (rows of a merged projection are independent in
+    GPTQ, so each checkpoint tensor is rounded on its own with the shared Hessian)."""
+    hessians = calibrate(ck, args, Hessian, list(PARTS))
+    t: dict[str, torch.Tensor | QuantizedWeight] = dict(ck.tensors)
+    for i, per_layer in enumerate(hessians):
+        for projection, parts in PARTS.items():
+            h = per_layer[projection].matrix
+            for part in parts:
+                name = f"model.layers.{i}.{part}"
+                t[name] = gptq_fp8(ck.tensors[name], h)
     return t
 
 
@@ -214,6 +208,7 @@ def main() -> None:
     models = {
         "bf16": build(ck, ck.tensors, "dense", args),
         "fp8": build(ck, ck.tensors, "fp8", args),
+        "fp8-gptq": build(ck, gptq_fp8_tensors(ck, args), "fp8", args),
         "int4-rtn": build(ck, ck.tensors, "int4", args),
         "int4-awq": build(ck, awq_tensors(ck, args), "int4", args),
     }
@@ -225,12 +220,12 @@ def main() -> None:
     prompts = prompts_from((DATA / "heldout.txt").read_text(), ck, args.prompts, 24)
     runner = Runner(ck.config, len(prompts), 24 + args.new_tokens, args.device)
     ref = greedy(models["bf16"], models["bf16"], runner, prompts, args.new_tokens)
-    pipe = greedy(models["fp8"], models["int4-awq"], runner, prompts, args.new_tokens)
+    pipe = greedy(models["fp8-gptq"], models["int4-awq"], runner, prompts, args.new_tokens)
     same = [next((i for i, (a, b) in enumerate(zip(r, q, strict=True)) if a != b), len(r))
             for r, q in zip(ref, pipe, strict=True)]  # fmt: skip
     exact = sum(s == args.new_tokens for s in same)
     tokens_agree = sum(s for s in same) / (len(same) * args.new_tokens)
-    print(f"  greedy fp8-prefill + int4-awq-decode vs bf16 ({len(prompts)} prompts x "
+    print(f"  greedy fp8-gptq-prefill + int4-awq-decode vs bf16 ({len(prompts)} prompts x "
           f"{args.new_tokens} tokens): {exact}/{len(prompts)} identical, "
           f"{tokens_agree:.1%} of tokens before the first divergence")  # fmt: skip
     print(f"  ({time.time() - t0:.0f} s)")

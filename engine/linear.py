@@ -2,8 +2,10 @@
 
 A `LinearFormat` turns a full-precision weight into whatever its kernel multiplies
 (dense activations-dtype weights, FP8 with per-channel scales, packed INT4 groups) and
-applies it. The model only ever builds `Linear(weight, bias, format)` and calls it, so a
-new format slots in by registering here, never by touching the model.
+applies it. A weight a calibrated quantizer already rounded (`engine.quant.gptq`) arrives
+as a `QuantizedWeight` of that format instead, and only that format takes it. The model
+only ever builds `Linear(weight, bias, format)` and calls it, so a new format slots in by
+registering here, never by touching the model.
 """
 
 from __future__ import annotations
@@ -15,6 +17,35 @@ from typing import Any, ClassVar
 import torch
 
 from kernels.backend import KernelBackend
+
+
+class QuantizedWeight(ABC):
+    """A weight already in a format's quantized form, standing in for its full-precision
+    tensor in a checkpoint. Merged projections (q/k/v, gate/up) concatenate along the
+    output dimension, like the tensors they replace."""
+
+    format: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int]:
+        """[out_features, in_features]."""
+
+    @classmethod
+    @abstractmethod
+    def cat(cls, parts: list[Any]) -> Any:
+        """The parts stacked along the output dimension."""
+
+
+def cat_weights(parts: list[Any]) -> Any:
+    """Stack full-precision tensors, or quantized weights of one format, along dim 0."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts, dim=0)
+    kinds = {type(p) for p in parts}
+    if len(kinds) == 1 and issubclass(next(iter(kinds)), QuantizedWeight):
+        return parts[0].cat(parts)
+    names = sorted(getattr(p, "format", "full precision") for p in parts)
+    raise ValueError(f"cannot merge projections held as {', '.join(names)}; quantize all alike")
 
 
 class LinearFormat(ABC):
@@ -29,6 +60,12 @@ class LinearFormat(ABC):
         self, weight: torch.Tensor, dtype: torch.dtype, device: str, ops: KernelBackend
     ) -> Any:
         """Convert a full-precision [out, in] weight into the stored form `ops` multiplies."""
+
+    def prepare_quantized(
+        self, weight: QuantizedWeight, dtype: torch.dtype, device: str, ops: KernelBackend
+    ) -> Any:
+        """The stored form of a weight already quantized in this format."""
+        raise ValueError(f"the {self.name} format has no ahead-of-time quantized weights")
 
     @abstractmethod
     def apply(
@@ -99,7 +136,7 @@ class Linear:
 
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: torch.Tensor | QuantizedWeight,
         bias: torch.Tensor | None,
         fmt: LinearFormat,
         ops: KernelBackend,
@@ -107,11 +144,19 @@ class Linear:
         device: str,
         batch_invariant: bool = False,
     ) -> None:
+        if isinstance(weight, QuantizedWeight) and weight.format != fmt.name:
+            raise ValueError(
+                f"this weight was quantized as {weight.format} ahead of time; it can only be "
+                f"served with linear={weight.format!r}, not {fmt.name!r}"
+            )
         self.out_features, self.in_features = weight.shape
         self.batch_invariant = batch_invariant
         self.fmt = fmt
         self.ops = ops
-        self.stored = fmt.prepare(weight, dtype, device, ops)
+        if isinstance(weight, QuantizedWeight):
+            self.stored = fmt.prepare_quantized(weight, dtype, device, ops)
+        else:
+            self.stored = fmt.prepare(weight, dtype, device, ops)
         self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,12 @@ The paged cache is block-major (engine.kv_format): `kv_cache[:, layer]` is that 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.linear import Linear, LinearFormat, linear_format
+from engine.linear import Linear, LinearFormat, QuantizedWeight, cat_weights, linear_format
 from engine.rope import RotaryTable
 from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend, get_backend
@@ -22,19 +24,25 @@ from kernels.backend import KernelBackend, get_backend
 class _Weights:
     """Checkpoint tensors by HF name, moved to the engine's device and dtype on demand."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor | QuantizedWeight], dtype: torch.dtype, device: str
+    ):
         self.tensors = tensors
         self.dtype = dtype
         self.device = device
 
-    def raw(self, name: str) -> torch.Tensor:
+    def raw(self, name: str) -> torch.Tensor | QuantizedWeight:
+        """A projection weight as the checkpoint holds it (the Linear's format converts it)."""
         return self.tensors[name]
 
     def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name].to(device=self.device, dtype=self.dtype)
+        t = self.tensors[name]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must stay full precision, but it was quantized as {t.format}")
+        return t.to(device=self.device, dtype=self.dtype)
 
-    def cat(self, names: list[str]) -> torch.Tensor:
-        return torch.cat([self.tensors[n] for n in names], dim=0)
+    def cat(self, names: list[str]) -> torch.Tensor | QuantizedWeight:
+        return cat_weights([self.tensors[n] for n in names])
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -53,11 +61,14 @@ class DecoderLayer:
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
 
-        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        def linear(
+            weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+        ) -> Linear:
             return Linear(weight, bias, fmt, ops, w.dtype, w.device, batch_invariant)
 
         qkv = [attn + f"{x}_proj.weight" for x in "qkv"]
-        bias = w.cat([n.replace(".weight", ".bias") for n in qkv]) if cfg.qkv_bias else None
+        biases = [n.replace(".weight", ".bias") for n in qkv]
+        bias = torch.cat([w.get(n) for n in biases]) if cfg.qkv_bias else None
         self.qkv_proj = linear(w.cat(qkv), bias)
         self.o_proj = linear(w.raw(attn + "o_proj.weight"))
         self.gate_up_proj = linear(w.cat([mlp + "gate_proj.weight", mlp + "up_proj.weight"]))
@@ -97,7 +108,9 @@ class DecoderLayer:
 class LlamaModel:
     """Embedding, decoder layers, final norm and LM head."""
 
-    def __init__(self, config: EngineConfig, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, config: EngineConfig, tensors: Mapping[str, torch.Tensor | QuantizedWeight]
+    ) -> None:
         cfg = config.model
         self.cfg = cfg
         self.ops = get_backend(config.kernel_backend)

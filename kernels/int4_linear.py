@@ -100,8 +100,10 @@ def pack_int4(
     """Pack canonical q [N, K] (0..15), scales/zeros [N, K/G] into `layout` on `device`."""
     n, k = q.shape
     assert layout in LAYOUTS, f"unknown INT4 layout {layout!r}; choose one of {LAYOUTS}"
-    q, scales, zeros = q.cpu(), scales.cpu(), zeros.cpu()  # packed once, at load
     assert k % group_size == 0 and scales.shape == zeros.shape == (n, k // group_size)
+    # Packed once, at load, where the kernel runs: on a GPU the int64 temporaries of a large
+    # projection take a fraction of a second there and many seconds on a host core.
+    q, scales, zeros = q.to(device), scales.to(device), zeros.to(device)
     if layout == "avx2":
         if k % 32:
             raise ValueError(f"the avx2 INT4 layout needs in_features divisible by 32, got {k}")
@@ -128,8 +130,8 @@ def pack_int4(
     k_pad = -(-k // K_BLOCK) * K_BLOCK
     qp = F.pad(q.to(torch.int64), (0, k_pad - k))
     tiles = qp.view(n // N_TILE, N_TILE, k_pad // K_BLOCK, K_BLOCK).transpose(1, 2)
-    nibbles = tiles[..., _tile_k_index()]  # [N/16, b, r, j, t]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    nibbles = tiles[..., _tile_k_index().to(qp.device)]  # [N/16, b, r, j, t]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=qp.device)
     words = (nibbles << shifts).sum(dim=-1)  # disjoint bit ranges: the sum is an OR
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     g_pad = k_pad // group_size - k // group_size

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from engine.linear import LinearFormat, check_activation_dtype, register_format
+from engine.linear import LinearFormat, QuantizedWeight, check_activation_dtype, register_format
 from kernels.backend import KernelBackend
 from kernels.fp8_linear import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, Fp8Weight, make_fp8_weight
 
@@ -21,6 +22,35 @@ def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.
     return q, scale
 
 
+@dataclass(frozen=True)
+class Fp8Channels(QuantizedWeight):
+    """A weight already in FP8 (`q` [out, in] float8_e4m3fn, `scale` [out] fp32, W ≈ q * s),
+    as a calibrated quantizer (`engine.quant.gptq`) leaves it."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    format: ClassVar[str] = "fp8"
+
+    def __post_init__(self) -> None:
+        if self.q.dtype != FP8_DTYPE or self.q.dim() != 2:
+            raise ValueError(
+                f"FP8 weights are 2-D {FP8_DTYPE}, got {self.q.dtype} {self.q.dim()}-D"
+            )
+        if self.scale.shape != self.q.shape[:1]:
+            raise ValueError(f"one scale per output channel: {tuple(self.scale.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.q.shape[0]), int(self.q.shape[1])
+
+    @classmethod
+    def cat(cls, parts: list[Fp8Channels]) -> Fp8Channels:
+        return cls(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.float()[:, None]
+
+
 class Fp8Format(LinearFormat):
     """W8A8 FP8: per-channel weight scales, per-token dynamic activation scales."""
 
@@ -32,6 +62,13 @@ class Fp8Format(LinearFormat):
     ) -> Fp8Weight:
         check_activation_dtype(self, dtype, ops)
         return make_fp8_weight(*quantize_fp8_per_channel(weight), device)
+
+    def prepare_quantized(
+        self, weight: QuantizedWeight, dtype: torch.dtype, device: str, ops: KernelBackend
+    ) -> Fp8Weight:
+        check_activation_dtype(self, dtype, ops)
+        assert isinstance(weight, Fp8Channels)  # Linear hands a format only its own kind
+        return make_fp8_weight(weight.q, weight.scale.float(), device)
 
     def apply(
         self,
