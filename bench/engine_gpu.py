@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.paged_runner import BLOCK, Runner
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.kv_port import copy_blocks
 from engine.loaders.tensor_layout import expected_shapes
 from engine.model import LlamaModel
 
@@ -133,14 +134,16 @@ def prefill_ms(model: LlamaModel, cfg: ModelConfig, length: int) -> float:
 
 
 def handoff_ms(cfg: ModelConfig, length: int) -> float:
-    """Copy one prompt's KV blocks (every layer) into other slots of another cache."""
+    """The same-GPU handoff of one prompt: `engine.kv_port.copy_blocks` (what
+    `InProcessDisaggregation.transfer` runs) from a prefill cache into free blocks of
+    another cache."""
     blocks = -(-length // BLOCK)
     src = Runner(cfg, 1, length, "cuda").cache
     dst = Runner(cfg, 2, length, "cuda").cache
     src.normal_()
-    src_ids = torch.arange(blocks, device="cuda")
-    dst_ids = torch.randperm(2 * blocks, device="cuda")[:blocks]
-    ms = median_ms(lambda: dst.index_copy_(0, dst_ids, src.index_select(0, src_ids)), 20)
+    src_ids = list(range(blocks))
+    dst_ids = torch.randperm(2 * blocks)[:blocks].tolist()
+    ms = median_ms(lambda: copy_blocks(src, src_ids, dst, dst_ids), 20)
     assert torch.equal(dst[dst_ids[3]], src[3])
     return ms
 

@@ -20,13 +20,18 @@ class Runner:
     owns a contiguous run of blocks, so any model can continue where another stopped."""
 
     def __init__(
-        self, cfg: ModelConfig, seqs: int, max_len: int, device: str | torch.device
+        self,
+        cfg: ModelConfig,
+        seqs: int,
+        max_len: int,
+        device: str | torch.device,
+        dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         self.cfg = cfg
         self.per_seq = math.ceil(max_len / BLOCK)
         self.cache = torch.zeros(
             (seqs * self.per_seq, cfg.num_layers, 2, BLOCK, cfg.num_kv_heads, cfg.head_dim),
-            dtype=torch.bfloat16,
+            dtype=dtype,
             device=device,
         )
         self.device = device

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.handoff import Handoff, prefill_params
+from engine.kv_port import copy_blocks
 from engine.llm_engine import LLMEngine
 from engine.outputs import Completion, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -61,8 +62,7 @@ class InProcessDisaggregation:
         ids = dst.reserve(len(missing))
         if ids is None:
             return []  # decode is full: it will recompute the prompt itself
-        for block_id, h in zip(ids, missing, strict=True):
-            dst.block(block_id).copy_(src.block(held[h]))
+        copy_blocks(src.kv_cache, [held[h] for h in missing], dst.kv_cache, ids)
         dst.publish(ids, missing)
         return ids
 

@@ -18,6 +18,21 @@ import torch
 from engine.block_pool import BlockPool, KVBlock
 
 
+def copy_blocks(
+    src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]
+) -> None:
+    """Copy whole blocks (every layer) between two block-major caches in one gather and one
+    scatter, device to device where both live on one GPU (no host round trip, two launches
+    however many blocks)."""
+    if len(src_ids) != len(dst_ids):
+        raise ValueError(f"{len(src_ids)} source blocks for {len(dst_ids)} destinations")
+    if not src_ids:
+        return
+    gather = torch.tensor(src_ids, dtype=torch.int64).to(src.device, non_blocking=True)
+    scatter = torch.tensor(dst_ids, dtype=torch.int64).to(dst.device, non_blocking=True)
+    dst.index_copy_(0, scatter, src.index_select(0, gather).to(dst.device))
+
+
 class KVPort:
     def __init__(self, pool: BlockPool, kv_cache: torch.Tensor) -> None:
         self.pool = pool
