@@ -40,6 +40,7 @@ from engine.linear import QuantizedWeight  # noqa: E402
 from engine.loaders import LoadedCheckpoint, load_checkpoint  # noqa: E402
 from engine.model import LlamaModel  # noqa: E402
 from engine.quant.awq import ActivationStats, awq_transform  # noqa: E402
+from engine.quant.fp8 import Fp8Channels, quantize_fp8_per_channel  # noqa: E402
 from engine.quant.gptq import Hessian, gptq_fp8  # noqa: E402
 
 DATA = ROOT / "engine" / "quant" / "data"
@@ -166,20 +167,26 @@ def awq_tensors(ck: LoadedCheckpoint, args: argparse.Namespace) -> dict[str, tor
     return t
 
 
-def gptq_fp8_tensors(
-    ck: LoadedCheckpoint, args: argparse.Namespace
+def fp8_tensors(
+    ck: LoadedCheckpoint, hessians: list[dict[str, Hessian]] | None, eps: float = 0.0
 ) -> dict[str, torch.Tensor | QuantizedWeight]:
-    """The checkpoint with every decoder projection rounded to FP8 by GPTQ against its
-    input Hessian on calibration.txt (rows of a merged projection are independent in
-    GPTQ, so each checkpoint tensor is rounded on its own with the shared Hessian)."""
-    hessians = calibrate(ck, args, Hessian, list(PARTS))
+    """The checkpoint with every decoder projection as `Fp8Channels`: rounded by GPTQ
+    against its input Hessian when `hessians` are given (rows of a merged projection are
+    independent in GPTQ, so each checkpoint tensor is rounded on its own with the shared
+    Hessian), else to nearest. `eps` multiplies the weight by 1 + eps before rounding and
+    divides the scales by it after: the same model on a slightly shifted FP8 grid, whose
+    spread of perplexities is this measurement's noise (`--spread`)."""
     t: dict[str, torch.Tensor | QuantizedWeight] = dict(ck.tensors)
-    for i, per_layer in enumerate(hessians):
+    for i in range(ck.config.num_layers):
         for projection, parts in PARTS.items():
-            h = per_layer[projection].matrix
             for part in parts:
                 name = f"model.layers.{i}.{part}"
-                t[name] = gptq_fp8(ck.tensors[name], h)
+                w = ck.tensors[name].float() * (1 + eps)
+                if hessians is None:
+                    q = Fp8Channels(*quantize_fp8_per_channel(w))
+                else:
+                    q = gptq_fp8(w, hessians[i][projection].matrix)
+                t[name] = Fp8Channels(q.q, q.scale / (1 + eps))
     return t
 
 
@@ -197,6 +204,9 @@ def main() -> None:
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--spread", action="store_true", help="also FP8 on grids shifted by 0.1%% and 0.3%%"
+    )
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     t0 = time.time()
@@ -205,10 +215,11 @@ def main() -> None:
     runner = Runner(ck.config, 1, WINDOW, args.device)
     print(f"{ck.model_id}: held-out {len(held)} tokens; device {args.device}, {args.backend}")
 
+    hessians = calibrate(ck, args, Hessian, list(PARTS))
     models = {
         "bf16": build(ck, ck.tensors, "dense", args),
         "fp8": build(ck, ck.tensors, "fp8", args),
-        "fp8-gptq": build(ck, gptq_fp8_tensors(ck, args), "fp8", args),
+        "fp8-gptq": build(ck, fp8_tensors(ck, hessians), "fp8", args),
         "int4-rtn": build(ck, ck.tensors, "int4", args),
         "int4-awq": build(ck, awq_tensors(ck, args), "int4", args),
     }
@@ -216,6 +227,11 @@ def main() -> None:
     for name, value in ppl.items():
         delta = value / ppl["bf16"] - 1
         print(f"  perplexity {name:<9} {value:8.3f}  ({delta:+.2%} vs bf16)", flush=True)
+    for eps in (1e-3, 3e-3) if args.spread else ():
+        for name, h in (("fp8", None), ("fp8-gptq", hessians)):
+            value = perplexity(build(ck, fp8_tensors(ck, h, eps), "fp8", args), runner, held)
+            delta = value / ppl["bf16"] - 1
+            print(f"  perplexity {name:<9} {value:8.3f}  ({delta:+.2%} vs bf16), grid x(1+{eps:g})")
 
     prompts = prompts_from((DATA / "heldout.txt").read_text(), ck, args.prompts, 24)
     runner = Runner(ck.config, len(prompts), 24 + args.new_tokens, args.device)
