@@ -9,6 +9,8 @@ in one process:
 
 - decode tokens/s at batch 1 and 32 over a 512-token context, eager (one Python call of
   `LlamaModel.forward` per step) and replayed from a CUDA graph of that same call;
+- the same through the whole `LLMEngine` (scheduler, model runner, sampler) with its
+  decode steps replayed from CUDA graphs (`engine.cuda_graphs`) and without;
 - prefill tokens/s of one 2k and one 8k-token prompt (FP8 against bf16);
 - the same-GPU KV handoff of a 2k-token prompt: its cache blocks copied into another
   engine's cache (device to device, block-major, so one gather-scatter) against the
@@ -23,18 +25,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import tokenizers
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.paged_runner import BLOCK, Runner
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.engine_args import EngineArgs
 from engine.kv_port import copy_blocks
+from engine.loaders import LoadedCheckpoint
 from engine.loaders.tensor_layout import expected_shapes
 from engine.model import LlamaModel
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 
 CONTEXT = 512
 
@@ -121,6 +129,40 @@ def decode_rates(model: LlamaModel, cfg: ModelConfig, batch: int) -> tuple[float
     return batch / eager * 1e3, graphed
 
 
+def engine_decode_rate(cfg: ModelConfig, linear: str, graphs: int, batch: int) -> float:
+    """Tokens/s of `LLMEngine.step` (scheduler, model, sampler) once `batch` requests with
+    512-token prompts all decode; `graphs` is the engine's cuda_graph_max_batch."""
+    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    checkpoint = LoadedCheckpoint(
+        config=cfg, tensors=RandomWeights(cfg, "cuda"),  # type: ignore[arg-type]
+        tokenizer=Tokenizer(backend, bos_token_id=None, eos_token_ids=cfg.eos_token_ids),
+        model_id="random-llama-3-8b-shapes", weights_digest="0" * 64, source=Path("<memory>"),
+    )  # fmt: skip
+    engine = EngineArgs(
+        dtype="bfloat16", linear=linear, kernel_backend="triton", device="cuda",
+        max_model_len=CONTEXT + 256, kv_cache_bytes=4 << 30, max_num_seqs=batch,
+        max_num_batched_tokens=CONTEXT * batch, cuda_graph_max_batch=graphs,
+    ).create_engine(checkpoint)  # fmt: skip
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    for b in range(batch):
+        engine.add_request([(b * 31 + i) % cfg.vocab_size for i in range(CONTEXT)], params)
+    started: set[str] = set()
+    while len(started) < batch:  # prefill chunks until every request has its first token
+        started.update(out.request_id for out in engine.step())
+    for _ in range(3):
+        engine.step()  # every request decodes now; captures the graph
+    steps = 50
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = sum(len(out.new_token_ids) for _ in range(steps) for out in engine.step())
+    elapsed = time.perf_counter() - start
+    assert tokens == steps * batch, tokens
+    del engine
+    torch.cuda.empty_cache()
+    return tokens / elapsed
+
+
 def prefill_ms(model: LlamaModel, cfg: ModelConfig, length: int) -> float:
     runner = Runner(cfg, 1, length, "cuda")
     prompt = [(0, [(i * 7919) % cfg.vocab_size for i in range(length)], 0)]
@@ -165,16 +207,22 @@ def main() -> None:
             r[f"b{batch} eager"], r[f"b{batch} graph"] = decode_rates(model, cfg, batch)
         for length in (2048, 8192):
             r[f"prefill {length}"] = length / prefill_ms(model, cfg, length) * 1e3
-        results[linear] = r
         del model
         torch.cuda.empty_cache()
+        if linear != "fp8":  # the decode pool's formats, through the whole engine
+            for batch in (1, 32):
+                for graphs in (64, 0):
+                    key = f"engine b{batch} {'graphs' if graphs else 'eager'}"
+                    r[key] = engine_decode_rate(cfg, linear, graphs, batch)
+        results[linear] = r
         for key, value in r.items():
             shown = f"{value:9.1f} tok/s" if isinstance(value, float) else value
             rows.append((f"{linear:<5} {key}", shown))
             print(f"  {linear:<5} {key:<14} {shown}", flush=True)
     dense, int4, fp8 = results["dense"], results["int4"], results["fp8"]
     ratios = []
-    for key in ("b1 eager", "b1 graph", "b32 eager", "b32 graph"):
+    for key in ("b1 eager", "b1 graph", "b32 eager", "b32 graph", "engine b1 graphs",
+                "engine b32 graphs"):  # fmt: skip
         ours, peer = int4[key], dense[key]
         if isinstance(ours, float) and isinstance(peer, float):
             ratios.append((f"int4 / bf16 decode {key}", f"{ours / peer:.2f}x"))

@@ -141,6 +141,8 @@ class EngineConfig:
     decoder projections and `lm_head_linear` that of the LM head (see `engine.linear`).
     `batch_invariant` makes every request's arithmetic independent of its batch mates
     (see `engine.linear.Linear`), at the cost of one weight pass per row.
+    `cuda_graph_max_batch` is the largest decode batch replayed from a CUDA graph on a GPU
+    with the Triton backend (`engine.cuda_graphs`); 0 runs every step eagerly.
     """
 
     model: ModelConfig
@@ -152,9 +154,12 @@ class EngineConfig:
     kernel_backend: str = "torch"
     device: str = "cpu"
     batch_invariant: bool = False
+    cuda_graph_max_batch: int = 64
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)
+        if self.cuda_graph_max_batch < 0:
+            raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
         if self.scheduler.max_model_len > self.model.max_position_embeddings:
             raise ValueError(
                 f"max_model_len ({self.scheduler.max_model_len}) exceeds the model's context "
@@ -164,3 +169,11 @@ class EngineConfig:
     @cached_property
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return (
+            self.cuda_graph_max_batch > 0
+            and torch.device(self.device).type == "cuda"
+            and self.kernel_backend == "triton"
+        )

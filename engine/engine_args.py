@@ -30,6 +30,7 @@ class EngineArgs:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     batch_invariant: bool = False
+    cuda_graph_max_batch: int = 64
 
     def engine_config(self, checkpoint: LoadedCheckpoint) -> EngineConfig:
         model = checkpoint.config
@@ -59,6 +60,7 @@ class EngineArgs:
             kernel_backend=self.kernel_backend,
             device=self.device,
             batch_invariant=self.batch_invariant,
+            cuda_graph_max_batch=self.cuda_graph_max_batch,
         )
 
     def create_engine(self, checkpoint: LoadedCheckpoint | None = None) -> LLMEngine:

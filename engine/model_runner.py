@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import LlamaModel
 from engine.sampler import Sampler, SampleResult
@@ -29,10 +30,22 @@ class ModelRunner:
         self.config = config
         self.model = model
         self.block_size = config.cache.block_size
+        self.graphs: DecodeGraphs | None = None
+        pad_blocks = 0
+        if config.uses_cuda_graphs:
+            pad_blocks = 1  # engine.cuda_graphs: the padding rows' block, never pooled
+            self.graphs = DecodeGraphs(
+                lambda ids, pos, meta: model.forward(ids, pos, self.kv_cache, meta),
+                config.device,
+                self.block_size,
+                config.scheduler.max_model_len,
+                min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs),
+                pad_block=config.cache.num_blocks,
+            )
         # Block-major: one block of every layer is one contiguous transferable slice.
         self.kv_cache = torch.zeros(
             (
-                config.cache.num_blocks,
+                config.cache.num_blocks + pad_blocks,
                 cfg.num_layers,
                 2,
                 self.block_size,
@@ -70,6 +83,36 @@ class ModelRunner:
                 last_rows.append(len(input_ids) - 1)
                 finishing.append(request)
         device = self.config.device
+        decodes = len(batch.decodes)
+        if self.graphs is not None and decodes == len(entries) and self.graphs.covers(decodes):
+            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+        else:
+            hidden = self._forward(
+                input_ids, positions, slots, query_lens, seq_lens, tables, decodes
+            )
+        if not finishing:
+            return StepResult([], SampleResult([], []))
+        logits = self.model.logits(hidden[torch.tensor(last_rows, device=device)])
+        samples = self.sampler(
+            logits,
+            [r.params for r in finishing],
+            [r.generator for r in finishing],
+            [self._suppressed(r) for r in finishing],
+        )
+        return StepResult(finishing, samples)
+
+    def _forward(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        query_lens: list[int],
+        seq_lens: list[int],
+        tables: list[list[int]],
+        num_decodes: int,
+    ) -> torch.Tensor:
+        """One eager forward over the step's rows (any mix of decodes and prefill chunks)."""
+        device = self.config.device
         width = max(len(t) for t in tables)
         table = torch.zeros((len(tables), width), dtype=torch.int32)
         for i, t in enumerate(tables):
@@ -82,27 +125,17 @@ class ModelRunner:
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             block_tables=table.to(device),
-            num_decodes=len(batch.decodes),
-            block_size=bs,
+            num_decodes=num_decodes,
+            block_size=self.block_size,
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
         )
-        hidden = self.model.forward(
+        return self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
             self.kv_cache,
             meta,
         )
-        if not finishing:
-            return StepResult([], SampleResult([], []))
-        logits = self.model.logits(hidden[torch.tensor(last_rows, device=device)])
-        samples = self.sampler(
-            logits,
-            [r.params for r in finishing],
-            [r.generator for r in finishing],
-            [self._suppressed(r) for r in finishing],
-        )
-        return StepResult(finishing, samples)
 
     def _suppressed(self, request: Request) -> tuple[int, ...]:
         p = request.params

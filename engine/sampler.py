@@ -3,7 +3,8 @@
 Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw
 with the exponential-race trick (argmax of p / E, E ~ Exp(1)), which needs one random
 vector per row: a seeded request draws it from its own generator, so its samples never
-depend on what else is in the batch.
+depend on what else is in the batch. Logits may live on any device; the noise is drawn on
+the host.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ class Sampler:
         for i, ids in enumerate(suppressed or ()):
             if ids:
                 logits[i, list(ids)] = float("-inf")
-        tokens = torch.empty(logits.shape[0], dtype=torch.long)
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
-            idx = torch.tensor(greedy)
+            idx = torch.tensor(greedy, device=logits.device)
             tokens[idx] = logits[idx].argmax(dim=-1)
         for i, p in enumerate(params):
             if not p.greedy:
@@ -75,8 +76,10 @@ class Sampler:
             drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        noise = torch.empty_like(probs).exponential_(generator=generator)
-        return int((probs / noise).argmax())
+        # Drawn on the host from the request's (CPU) generator, whatever device the logits
+        # are on: a seeded request samples the same noise on a CPU and on a GPU.
+        noise = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=generator)
+        return int((probs / noise.to(probs.device)).argmax())
 
 
 def _row_logprobs(lp: torch.Tensor, token: int, k: int) -> TokenLogprobs:
