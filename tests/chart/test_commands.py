@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -166,7 +165,6 @@ def test_ray_start_resources_survive_kuberays_shell(where: str, params: dict[str
         assert int(parsed["num-cpus"]) >= 0 and int(parsed["num-gpus"]) >= 0
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_redis_takes_the_chart_arguments(tmp_path: Path) -> None:
     (redis_container,) = {tuple(c.argv()): c for c in of_image("docker.io/library/redis")}.values()
     argv = redis_container.argv()

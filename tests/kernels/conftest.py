@@ -12,6 +12,7 @@ import a kernel module.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import zlib
 
@@ -30,18 +31,26 @@ if not HAS_CUDA:
         )
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("cpu", id="interp"),
-        pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
-    ]
-)
-def device(request: pytest.FixtureRequest) -> torch.device:
-    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("CUDA is present, so Triton compiles and the interpreter is off")
-    if request.param == "cuda" and not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
-    return torch.device(request.param)
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+"""Where this machine runs the kernels: compiled on its GPU, else through the interpreter."""
+
+NATIVE_CPU = platform.machine() in ("x86_64", "AMD64")
+collect_ignore = [] if NATIVE_CPU else ["test_native_cpu.py"]
+"""The native CPU kernels exist for x86-64 only (elsewhere the torch paths are the CPU
+path, which test_torch_paths covers); on x86-64 they must build, so g++ is required."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`device` is this machine's one device, chosen at collection, so no test is ever
+    skipped for running on the other kind: `cuda` cases are marked `gpu` (CI never sees
+    them; the device tool runs them with -m gpu), `interp` cases run in CI."""
+    if "device" in metafunc.fixturenames:
+        param = (
+            pytest.param(DEVICE, id="cuda", marks=pytest.mark.gpu)
+            if HAS_CUDA
+            else pytest.param(DEVICE, id="interp")
+        )
+        metafunc.parametrize("device", [param])
 
 
 @pytest.fixture(autouse=True)

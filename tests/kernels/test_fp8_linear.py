@@ -11,6 +11,7 @@ from tests.kernels.bounds import (
     assert_within,
     poisoned_outputs,
 )
+from tests.kernels.conftest import DEVICE
 
 
 def _weight(n, k, device):
@@ -43,17 +44,11 @@ SHAPES = {
 }
 
 
-# Cases past the interpreter's list are GPU-sized: marked `gpu`, so CI deselects them.
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(i, marks=pytest.mark.gpu) if i >= len(SHAPES["cpu"]) else i for i in range(4)],
-)
+# Interpreter-sized cases in CI, GPU-sized ones on a GPU (conftest.DEVICE).
+@pytest.mark.parametrize("case", range(len(SHAPES[DEVICE.type])))
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fp8_gemm_matches_fp64(device, case, with_bias):
-    shapes = SHAPES[device.type]
-    if case >= len(shapes):
-        pytest.skip("GPU-only shape")
-    m, n, k = shapes[case]
+    m, n, k = SHAPES[device.type][case]
     weight = _weight(n, k, device)
     x = torch.randn(m, k, device=device).to(torch.bfloat16)
     xq, xs = quantize_fp8_torch(x)

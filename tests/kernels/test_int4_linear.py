@@ -4,6 +4,7 @@ import torch
 from kernels.int4_linear import dequantize_int4, int4_group_size, pack_int4, unpack_int4
 from kernels.int4_linear_triton import Int4GemmConfig, int4_linear
 from tests.kernels.bounds import ROUND, assert_within, poisoned_outputs
+from tests.kernels.conftest import DEVICE
 
 
 def _quantized(n, k, device):
@@ -44,17 +45,11 @@ CASES = {
 }
 
 
-# Cases past the interpreter's list are GPU-sized: marked `gpu`, so CI deselects them.
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(i, marks=pytest.mark.gpu) if i >= len(CASES["cpu"]) else i for i in range(6)],
-)
+# Interpreter-sized cases in CI, GPU-sized ones on a GPU (conftest.DEVICE).
+@pytest.mark.parametrize("case", range(len(CASES[DEVICE.type])))
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int4_linear_matches_fp64(device, case, with_bias):
-    cases = CASES[device.type]
-    if case >= len(cases):
-        pytest.skip("GPU-only shape")
-    m, n, k, cfg = cases[case]
+    m, n, k, cfg = CASES[device.type][case]
     q, scales, zeros, g = _quantized(n, k, device)
     weight = pack_int4(q, scales, zeros, g, "triton", device)
     x = torch.randn(m, k, device=device).to(torch.bfloat16)
