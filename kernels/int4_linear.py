@@ -38,8 +38,8 @@ on the fp32 accumulator:
 
     qweight  uint8 [N, K/2]   per 32-wide k block b, 16 bytes:
                               byte i = q[32b + i] | q[32b + 16 + i] << 4
-    scales   bf16 [N, K/G]    channel-major: one output channel's groups are adjacent
-    zeros    uint8 [N, K/G]
+    scales   bf16 [K/G, N]    group-major: a tile's four channels are adjacent
+    zeros    uint8 [K/G, N]
 
 so a 16-byte load, a shift and two ands give the block's 32 nibbles in k order, ready for
 `vpmaddubsw` against 32 int8 activations.
@@ -78,7 +78,7 @@ class Int4Weight:
 
     layout: str
     qweight: torch.Tensor
-    scales: torch.Tensor  # "triton": [K'/G, N]; "avx2": [N, K/G]; "cpu": scale-and-zero [K/G, N, 2]
+    scales: torch.Tensor  # "triton": [K'/G, N]; "avx2": [K/G, N]; "cpu": scale-and-zero [K/G, N, 2]
     zeros: torch.Tensor | None  # None for "cpu"
     out_features: int
     in_features: int
@@ -112,8 +112,8 @@ def pack_int4(
         return Int4Weight(
             "avx2",
             packed.contiguous().to(device),
-            scales.to(torch.bfloat16).contiguous().to(device),
-            zeros.to(torch.uint8).contiguous().to(device),
+            scales.to(torch.bfloat16).T.contiguous().to(device),
+            zeros.to(torch.uint8).T.contiguous().to(device),
             n,
             k,
             group_size,

@@ -20,6 +20,7 @@ from kernels.paged_attention_cpu import paged_decode_attention_cpu, write_kv_cpu
 from kernels.rmsnorm import rms_norm_torch
 from kernels.rmsnorm_cpu import rms_norm_cpu
 from kernels.rope_cpu import apply_rope_cpu
+from tests.kernels import test_paged_attention
 from tests.kernels.bounds import ROUND, assert_within, poisoned_outputs
 from tests.kernels.test_paged_attention import _batch, _kv_rows, _reference
 
@@ -173,9 +174,14 @@ def test_write_kv_matches_the_torch_path():
     assert torch.equal(kv.view(torch.int16), expected.view(torch.int16))  # NaN slots too
 
 
-def test_paged_attention_decodes_natively_in_a_mixed_batch():
+# (query heads, KV heads, head dim): the tests' default; SmolLM2's; a group of 6 (slices of
+# 4 and 2) with a head dim that ends in a half 16-wide chunk; no grouping.
+@pytest.mark.parametrize("heads", [(4, 2, 64), (9, 3, 64), (12, 2, 24), (3, 3, 16)])
+def test_paged_attention_decodes_natively_in_a_mixed_batch(heads, monkeypatch):
     """The backend sends the decode rows to the native kernel, the prefill chunks to torch."""
+    monkeypatch.setitem(test_paged_attention.HEADS, "cpu", heads)
     meta, kv, cached, (hq, hk, d) = _batch(torch.device("cpu"), BF16)
+    assert (hq, hk, d) == heads
     assert 0 < meta.num_decodes < meta.batch_size
     write_kv_cpu(*_kv_rows(cached.numel(), hk, d, "cpu"), kv, cached)
     write_kv_cpu(*_kv_rows(meta.num_tokens, hk, d, "cpu"), kv, meta.slot_mapping)
