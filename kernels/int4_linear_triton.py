@@ -11,13 +11,17 @@ replica prefilling a short prompt) runs in 64-row tiles. (An mma.sync variant wi
 weight as the B operand measured the same at M = 1 and up to 2x slower at M >= 16.)
 
 Per 128-wide K block a program loads one [BLOCK_N, 16] int32 tile (16-byte loads, 512
-contiguous bytes a warp), and for each nibble plane t:
+contiguous bytes a warp), dequantizes each nibble plane t
 
-    w_t   = bf16x2(((word >> 4p) & 0x000F000F) | 0x43004300) - (128 + z)   = q - z, exactly
-    part += w_t @ x[:, 16t : 16t + 16]^T                        (tensor cores, fp32 acc)
+    w_t = bf16x2(((word >> 4p) & 0x000F000F) | 0x43004300) - (128 + z)   = q - z, exactly
 
-(one shift, one and-or and one bf16x2 subtract per two weights, in inline PTX on Hopper)
-and per quantization group, once: acc += s * part.
+(one shift, one and-or and one bf16x2 subtract per two weights, in inline PTX on Hopper),
+sets a group's planes side by side, [BLOCK_N, G] (register moves only: every thread
+already holds its columns of each plane), and multiplies that by x[:, group]^T in one
+tensor-core product: one wait per group instead of a chain of eight dependent 16-deep
+MMAs. Then, per group, acc += s * part. Scales and zeros are read once per tile, straight
+from memory, so they are prefetched a block or two ahead (`Int4GemmConfig.prefetch`;
+without that each block waited on them: up to 17% slower at M = 32 to 64).
 
 Small M leaves few output tiles, so K is split (SPLIT_K programs per tile); each writes
 an fp32 partial and the last one to finish a tile (an acq_rel counter) sums the partials
@@ -35,7 +39,14 @@ import triton
 import triton.language as tl
 
 from kernels.int4_linear import K_BLOCK, N_TILE, Int4Weight
-from kernels.triton_runtime import INTERPRET, check_device, mma, num_sms, tile_counters
+from kernels.triton_runtime import (
+    _INTERPRET,
+    INTERPRET,
+    check_device,
+    mma,
+    num_sms,
+    tile_counters,
+)
 
 _TILE_WORDS = tl.constexpr(N_TILE * 16)  # int32 words in one packed 16 x 128 tile
 
@@ -71,12 +82,52 @@ def _dequant_plane(words, words_odd, zeros, t: tl.constexpr, j, ASM: tl.constexp
 
 
 @triton.jit
+def _cat_columns(a, b):
+    """[R, W] and [R, W] -> [R, 2W], a's columns first."""
+    ab = tl.permute(tl.join(a, b), (0, 2, 1))  # [R, 2, W]
+    return tl.reshape(ab, (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
+def _dequant_group(words, words_odd, zeros, T0: tl.constexpr, PLANES: tl.constexpr, j, ASM):
+    """Planes T0 .. T0 + PLANES - 1 (4 or 8) side by side, [BLOCK_N, 16 * PLANES]: column c
+    <-> k = 16 * T0 + c of the block, so one MMA covers the group."""
+    w = _cat_columns(
+        _cat_columns(
+            _dequant_plane(words, words_odd, zeros, T0, j, ASM),
+            _dequant_plane(words, words_odd, zeros, T0 + 1, j, ASM),
+        ),
+        _cat_columns(
+            _dequant_plane(words, words_odd, zeros, T0 + 2, j, ASM),
+            _dequant_plane(words, words_odd, zeros, T0 + 3, j, ASM),
+        ),
+    )
+    if PLANES == 8:
+        w = _cat_columns(w, _dequant_group(words, words_odd, zeros, T0 + 4, 4, j, ASM))
+    return w
+
+
+@triton.constexpr_function
+def _prefetch_asm(level: int) -> str:
+    return f"{{ prefetch.global.L{level} [$1]; mov.u32 $0, 0; }}"
+
+
+@triton.jit
+def _prefetch(ptrs, LEVEL: tl.constexpr):
+    """Start moving the lines at `ptrs` into L1 or L2 (nothing under the interpreter)."""
+    if not _INTERPRET:
+        tl.inline_asm_elementwise(
+            _prefetch_asm(LEVEL), "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
+@triton.jit
 def _int4_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, stride_xm, stride_om, blocks_per_split,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ASM: tl.constexpr, UPCAST: tl.constexpr,
+    ASM: tl.constexpr, UPCAST: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -99,6 +150,13 @@ def _int4_gemm_kernel(
     first = pid_k * blocks_per_split
     last = tl.minimum(first + blocks_per_split, k_blocks)
     for b in range(first, last):
+        # Scales and zeros of block b + AHEAD (into L1 if AHEAD is 1, else L2).
+        ahead = tl.minimum(b + AHEAD, last - 1) * (128 // GROUP) * N + rn
+        _prefetch(z_ptr + ahead, 1 if AHEAD == 1 else 2)
+        _prefetch(s_ptr + ahead, 1 if AHEAD == 1 else 2)
+        if GROUP == 64:
+            _prefetch(z_ptr + ahead + N, 1 if AHEAD == 1 else 2)
+            _prefetch(s_ptr + ahead + N, 1 if AHEAD == 1 else 2)
         words = tl.load(w_ptrs + b * _TILE_WORDS)  # [BLOCK_N, 16] int32
         words_odd = words
         if not ASM:
@@ -108,15 +166,13 @@ def _int4_gemm_kernel(
             z = tl.load(z_ptr + grp + rn).to(tl.int32)[:, None]
             if ASM:
                 z = tl.broadcast_to((z | 0x4300) * 0x10001, (BLOCK_N, 16))
-            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for t in tl.static_range(g * (GROUP // 16), (g + 1) * (GROUP // 16)):
-                w = _dequant_plane(words, words_odd, z, t, j, ASM)
-                k = b * 128 + t * 16 + j
-                if EVEN_K:
-                    xt = tl.load(x_rows + k[:, None], mask=m_mask, other=0.0)
-                else:
-                    xt = tl.load(x_rows + k[:, None], mask=m_mask & (k[:, None] < K), other=0.0)
-                part = mma(w, xt, part, UPCAST)
+            w = _dequant_group(words, words_odd, z, g * (GROUP // 16), GROUP // 16, j, ASM)
+            k = b * 128 + g * GROUP + tl.arange(0, GROUP)
+            if EVEN_K:
+                xt = tl.load(x_rows + k[:, None], mask=m_mask, other=0.0)
+            else:
+                xt = tl.load(x_rows + k[:, None], mask=m_mask & (k[:, None] < K), other=0.0)
+            part = mma(w, xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), UPCAST)
             acc += tl.load(s_ptr + grp + rn).to(tl.float32)[:, None] * part
 
     out_mask = (offs_n[:, None] < N) & m_mask
@@ -150,20 +206,29 @@ class Int4GemmConfig:
     split_k: int
     num_warps: int
     num_stages: int
+    prefetch: int = 2
+    """Blocks ahead that scales and zeros are prefetched: 1 into L1, 2 into L2."""
 
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int) -> Int4GemmConfig:
-    """Tiles by batch size; K is split until there are about 3.5 programs per SM for
-    small batches (bandwidth needs many loads in flight), 1.5 for M = 64 (MMA-heavier).
-    Tuned with bench/kernels.py --sweep on an H100."""
+    """Tiles by batch size, then K is split until there are about `per_sm` programs per
+    SM (bandwidth needs many loads in flight; each split costs an fp32 partial). Swept on
+    an H100 over the Llama-3-8B projections: 64-channel tiles beat 128-channel ones at
+    every M but 64 with N = 28672, where one wave of 128-channel tiles wins."""
     block_m = max(16, min(64, triton.next_power_of_2(m)))
-    tiles = triton.cdiv(n, 128) * triton.cdiv(m, block_m)
+    block_n, warps, stages, per_sm, prefetch = 64, 4, 3, 7.0, 2
+    if block_m == 32:
+        stages, per_sm = 4, 3.5
+    elif block_m == 64:
+        per_sm, prefetch = 3.0, 1
+        if triton.cdiv(n, 64) > 2 * sms:
+            block_n, warps, per_sm = 128, 8, 1.5
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     k_blocks = triton.cdiv(k, K_BLOCK)
-    want = (7 * sms) // 2 if block_m < 64 else (3 * sms) // 2
-    split = max(1, min(k_blocks, round(want / tiles)))
+    split = max(1, min(k_blocks, round(per_sm * sms / tiles)))
     split = triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty splits
-    warps, stages = (8, 3) if block_m == 64 else (4, 3)
-    return Int4GemmConfig(128, block_m, split, warps, 1 if INTERPRET else stages)
+    stages = 1 if INTERPRET else stages
+    return Int4GemmConfig(block_n, block_m, split, warps, stages, prefetch)
 
 
 @functools.cache
@@ -211,7 +276,7 @@ def int4_linear(
         m, n, k, x.stride(0), out.stride(0), triton.cdiv(k_blocks, cfg.split_k),
         GROUP=g, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SPLIT=cfg.split_k > 1,
         EVEN_K=k % K_BLOCK == 0, HAS_BIAS=bias is not None, ASM=_use_asm(x.device),
-        UPCAST=INTERPRET,
+        UPCAST=INTERPRET, AHEAD=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
