@@ -14,11 +14,14 @@ reading the token the shard sent it over gRPC.
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import xxhash
 
 MAGIC = b"BATONKV1"
@@ -29,20 +32,44 @@ COPY_PIECE_BYTES = 256 * 1024
 in the core's L2 cache (512 KiB here): a checksum then costs ~1/6 of the copy instead of
 a second pass over memory (bench/RESULTS.md)."""
 
+Copy = Callable[[int, int, int], None]
 
-def copy_hashed(dest: memoryview, source: memoryview, *, hash_dest: bool) -> int:
-    """Copies `source` into `dest` (same length); returns the xxh3-64 of the bytes copied,
-    read from `dest` (what a receiver will use) or from `source` (what a sender made)."""
+
+@functools.cache
+def _streaming_copy() -> Copy | None:
+    """The native copy with cache-bypassing stores (kernels/cpu/copy.cpp), or None where
+    the native kernels cannot run."""
+    from kernels import native
+
+    lib = native.library()
+    return None if lib is None else lib.baton_copy_streaming
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+def copy_hashed(dest: memoryview, source: memoryview) -> int:
+    """Copies `source` into `dest` (same length); returns the xxh3-64 of the bytes copied.
+
+    Each piece is hashed from the source right after the copy read it (cache-hot). Where
+    the native kernels run, the copy writes around the caches: piece by piece, glibc's
+    memcpy would read every destination line for ownership first, which halves its rate.
+    """
     assert len(dest) == len(source), f"copy of {len(source)} bytes into {len(dest)}"
-    hashed = dest if hash_dest else source
-    if len(source) <= COPY_PIECE_BYTES:
+    copy = _streaming_copy() if len(source) >= COPY_PIECE_BYTES else None
+    if copy is None and len(source) <= COPY_PIECE_BYTES:
         dest[:] = source
-        return xxhash.xxh3_64_intdigest(hashed)
+        return xxhash.xxh3_64_intdigest(source)
     hasher = xxhash.xxh3_64()
+    to, start_of = (_address(dest), _address(source)) if copy is not None else (0, 0)
     for start in range(0, len(source), COPY_PIECE_BYTES):
         stop = min(start + COPY_PIECE_BYTES, len(source))
-        dest[start:stop] = source[start:stop]
-        hasher.update(hashed[start:stop])  # just copied: still in cache
+        if copy is not None:
+            copy(to + start, start_of + start, stop - start)
+        else:
+            dest[start:stop] = source[start:stop]
+        hasher.update(source[start:stop])
     return hasher.intdigest()
 
 

@@ -270,7 +270,7 @@ class ShardClient:
                     if not offset:  # 0: the shard already holds this block
                         continue
                     slot = segment.view[offset : offset + len(view)]
-                    checksums.append(copy_hashed(slot, view, hash_dest=False))
+                    checksums.append(copy_hashed(slot, view))
                     batch_bytes += len(view)
                     if batch_bytes >= WRITTEN_BATCH_BYTES:
                         await self._announce(call, checksums)
@@ -312,7 +312,7 @@ class ShardClient:
                     header = block.header
                     verify(header)
                     source = segment.view[block.offset : block.offset + header.size]
-                    checksum = copy_hashed(out[header.hash], source, hash_dest=True)
+                    checksum = copy_hashed(out[header.hash], source)
                     if checksum != header.checksum:
                         raise ChecksumError(
                             f"block {header.hash.hex()}: checksum {checksum:016x} of the "

@@ -368,10 +368,10 @@ async def test_shared_memory_put_of_a_bad_batch_fails_and_stores_nothing(
     copy_hashed = shard_client_module.copy_hashed
     copies = 0
 
-    def third_copy_misreported(dest: memoryview, source: memoryview, *, hash_dest: bool) -> int:
+    def third_copy_misreported(dest: memoryview, source: memoryview) -> int:
         nonlocal copies
         copies += 1
-        return copy_hashed(dest, source, hash_dest=hash_dest) ^ (copies == 3)
+        return copy_hashed(dest, source) ^ (copies == 3)
 
     monkeypatch.setattr(shard_client_module, "copy_hashed", third_copy_misreported)
     blocks, hashes = make_blocks(8), make_hashes(8)
