@@ -1,10 +1,11 @@
 """engine.cuda_graphs through the engine: decode steps replayed from CUDA graphs give the
 eager engine's tokens exactly (GPU only; CI deselects it).
 
-Exactness needs both paths to launch the same kernels: prompts longer than 512 tokens
-and max_model_len 600 give the decode attention the same split count either way (the
-graph plans for max_model_len, the eager step for the longest live sequence), and the
-INT4 GEMM picks the same tiles for a batch of 3 and its padded 4.
+Exactness needs both paths to launch the same kernels: contexts of 512-575 tokens
+(prompts longer than 512, max_model_len 575) give the decode attention the same split
+count either way (the graph plans for max_model_len, the eager step for the longest live
+sequence: one split per 64-key tile, 8), and the INT4 GEMM picks the same tiles for a
+batch of 3 and its padded 4.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def test_graph_replayed_decode_matches_eager_tokens():
     for graphs in (64, 0):
         args = EngineArgs(
             dtype="bfloat16", linear="int4", kernel_backend="triton", device="cuda",
-            max_model_len=600, kv_cache_bytes=64 << 20, cuda_graph_max_batch=graphs,
+            max_model_len=575, kv_cache_bytes=64 << 20, cuda_graph_max_batch=graphs,
         )  # fmt: skip
         engine = args.create_engine(checkpoint)
         outputs[graphs] = [c.token_ids for c in engine.generate(prompts, params)]
