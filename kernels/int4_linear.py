@@ -38,8 +38,8 @@ on the fp32 accumulator:
 
     qweight  uint8 [N, K/2]   per 32-wide k block b, 16 bytes:
                               byte i = q[32b + i] | q[32b + 16 + i] << 4
-    scales   bf16 [K/G, N]    group-major: a tile's four channels are adjacent
-    zeros    uint8 [K/G, N]
+    scales   bf16 [N'/4, K/G, 4]  per tile of 4 output channels (N' = N rounded up to
+    zeros    uint8 [N'/4, K/G, 4] a multiple of 4, padded with zeros), group by group
 
 so a 16-byte load, a shift and two ands give the block's 32 nibbles in k order, ready for
 `vpmaddubsw` against 32 int8 activations.
@@ -78,7 +78,8 @@ class Int4Weight:
 
     layout: str
     qweight: torch.Tensor
-    scales: torch.Tensor  # "triton": [K'/G, N]; "avx2": [K/G, N]; "cpu": scale-and-zero [K/G, N, 2]
+    # "triton": [K'/G, N]; "avx2": [N'/4, K/G, 4]; "cpu": scale-and-zero [K/G, N, 2]
+    scales: torch.Tensor
     zeros: torch.Tensor | None  # None for "cpu"
     out_features: int
     in_features: int
@@ -112,8 +113,8 @@ def pack_int4(
         return Int4Weight(
             "avx2",
             packed.contiguous().to(device),
-            scales.to(torch.bfloat16).T.contiguous().to(device),
-            zeros.to(torch.uint8).T.contiguous().to(device),
+            _channel_quads(scales.to(torch.bfloat16)).to(device),
+            _channel_quads(zeros.to(torch.uint8)).to(device),
             n,
             k,
             group_size,
@@ -146,6 +147,13 @@ def pack_int4(
         k,
         group_size,
     )
+
+
+def _channel_quads(t: torch.Tensor) -> torch.Tensor:
+    """[N, G] -> [ceil(N/4), G, 4]: the "avx2" layout's per-tile scales or zeros."""
+    n, g = t.shape
+    padded = F.pad(t, (0, 0, 0, -n % 4)) if n % 4 else t
+    return padded.view(-1, 4, g).transpose(1, 2).contiguous()
 
 
 def default_layout(device: str | torch.device) -> str:

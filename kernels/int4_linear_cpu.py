@@ -20,7 +20,7 @@ def int4_linear_avx2(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     n, k, g = weight.out_features, weight.in_features, weight.group_size
     assert x.dim() == 2 and x.shape[1] == k, (tuple(x.shape), k)
     assert weight.qweight.shape == (n, k // 2) and weight.qweight.dtype == torch.uint8
-    assert weight.scales.shape == weight.zeros.shape == (k // g, n)
+    assert weight.scales.shape == weight.zeros.shape == (-(-n // 4), k // g, 4)
     assert x.device.type == "cpu" and 32 <= g <= 512 and g % 32 == 0
     xc, bf16 = native.activation_rows(x)
     y = torch.empty((x.shape[0], n), dtype=xc.dtype)

@@ -30,7 +30,8 @@ constexpr int kRows = 4;           // output channels of a tile
 constexpr int64_t kPrefetch = 8;   // tiles ahead that the weight stream is fetched
 constexpr int64_t kChunk = 16;     // tiles per scheduling unit when M > 1
 constexpr int64_t kRowBlock = 32;  // activation rows per pass over a chunk
-constexpr int kTileRows = 3;       // activation rows of a tile
+constexpr int kTileRows = 3;       // activation rows of a tile from unpacked nibbles
+constexpr int64_t kExpandRows = 4;  // rows from which unpacking a tile once pays
 
 struct QuantizedX {
   std::vector<int8_t> q;       // [M, K]
@@ -102,24 +103,17 @@ struct Tile {
   int channels;  // kRows, or fewer at the end of N (their lanes past `channels` are unused)
 };
 
-// Group g's scales (as floats) and zeros (as int32) of the tile's channels.
-inline void tile_params(const uint16_t* scales, const uint8_t* zeros, int64_t n, int64_t g,
+// Group g's scales (as floats) and zeros (as int32) of the tile's four channels: one 8-byte
+// and one 4-byte load, adjacent to the previous group's (a tail tile's missing channels
+// are zero-padded in the layout).
+inline void tile_params(const uint16_t* scales, const uint8_t* zeros, int64_t groups, int64_t g,
                         Tile t, __m128* s, __m128i* z) {
-  const uint16_t* sp = scales + g * n + t.n0;
-  const uint8_t* zp = zeros + g * n + t.n0;
-  __m128i sv, zv;
-  if (t.channels == kRows) {
-    int32_t zbytes;
-    std::memcpy(&zbytes, zp, sizeof zbytes);
-    sv = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp));
-    zv = _mm_cvtsi32_si128(zbytes);
-  } else {
-    sv = _mm_setr_epi16(sp[0], t.channels > 1 ? sp[1] : 0, t.channels > 2 ? sp[2] : 0, 0, 0, 0, 0, 0);
-    zv = _mm_setr_epi8(zp[0], t.channels > 1 ? zp[1] : 0, t.channels > 2 ? zp[2] : 0, 0, 0, 0, 0, 0,
-                       0, 0, 0, 0, 0, 0, 0, 0);
-  }
+  const int64_t at = (t.n0 / kRows * groups + g) * kRows;
+  int32_t zbytes;
+  std::memcpy(&zbytes, zeros + at, sizeof zbytes);
+  const __m128i sv = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + at));
   *s = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(sv), 16));
-  *z = _mm_cvtepu8_epi32(zv);
+  *z = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(zbytes));
 }
 
 // The tile's nibbles as bytes in k order, one K-long row per channel.
@@ -179,7 +173,7 @@ void tile_kernel(const QuantizedX& xq, int64_t i0, int64_t k, int64_t group, con
                    _MM_HINT_T0);
     __m128 s;
     __m128i z;
-    tile_params(scales, zeros, n, g, t, &s, &z);
+    tile_params(scales, zeros, groups, g, t, &s, &z);
     for (int m = 0; m < RM; ++m) {
       const int64_t at = (i0 + m) * groups + g;
       const __m128i exact = _mm_sub_epi32(group_sums(dot[m]), _mm_mullo_epi32(z, _mm_set1_epi32(xq.sum[at])));
@@ -203,7 +197,7 @@ void tile_kernel(const QuantizedX& xq, int64_t i0, int64_t k, int64_t group, con
 }  // namespace
 
 // x [M, K] and y [M, N] both fp32 or both bf16 (`bf16`); qweight [N, K/2]; scales bf16
-// [K/G, N]; zeros uint8 [K/G, N]. The caller (kernels.int4_linear_cpu) checks shapes.
+// and zeros uint8 [ceil(N/4), K/G, 4]. The caller (kernels.int4_linear_cpu) checks shapes.
 extern "C" void baton_int4_linear_avx2(const void* x, const uint8_t* qweight,
                                        const uint16_t* scales, const uint8_t* zeros, void* y,
                                        int bf16, int64_t m, int64_t n, int64_t k, int64_t group,
@@ -216,9 +210,11 @@ extern "C" void baton_int4_linear_avx2(const void* x, const uint8_t* qweight,
   const int64_t chunk_tiles = m == 1 ? 1 : kChunk;
 #pragma omp parallel num_threads(threads)
   {
-    // 32-byte aligned scratch for one tile's unpacked nibbles.
-    std::vector<__m256i> scratch(m > 1 ? kRows * k / kBlock : 0);
-    uint8_t* expanded = m > 1 ? reinterpret_cast<uint8_t*>(scratch.data()) : nullptr;
+    // 32-byte aligned scratch for one tile's unpacked nibbles, when enough rows share it.
+    const bool expand_tiles = m >= kExpandRows;
+    std::vector<uint8_t> scratch(expand_tiles ? kRows * k + 32 : 0);
+    uint8_t* expanded = expand_tiles ? scratch.data() + (32 - reinterpret_cast<uintptr_t>(scratch.data()) % 32) % 32
+                                     : nullptr;
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < (tiles + chunk_tiles - 1) / chunk_tiles; ++chunk) {
       const int64_t t_end = std::min(tiles, (chunk + 1) * chunk_tiles);
@@ -230,9 +226,9 @@ extern "C" void baton_int4_linear_avx2(const void* x, const uint8_t* qweight,
             tile_kernel<1>(xq, 0, k, group, qweight, scales, zeros, t, y, bf16, n, nullptr);
             continue;
           }
-          expand(qweight, k, t, expanded);
+          if (expanded != nullptr) expand(qweight, k, t, expanded);
           int64_t i = i_block;
-          for (; i + kTileRows <= i_end; i += kTileRows)
+          for (; expanded != nullptr && i + kTileRows <= i_end; i += kTileRows)
             tile_kernel<kTileRows>(xq, i, k, group, qweight, scales, zeros, t, y, bf16, n, expanded);
           for (; i + 2 <= i_end; i += 2)
             tile_kernel<2>(xq, i, k, group, qweight, scales, zeros, t, y, bf16, n, expanded);
