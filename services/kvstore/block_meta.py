@@ -8,8 +8,8 @@ its sender.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from functools import cached_property
 
 from engine.hashing import HASH_BYTES, KVFingerprint
 from engine.kv_format import KV_DTYPES, KV_LAYOUT_VERSION, KVBlockFormat
@@ -17,6 +17,13 @@ from proto.baton.v1 import kvstore_pb2 as pb
 from services.kvstore.errors import BlockFormatError
 
 _SHAPE_RANK = 5
+
+
+@functools.lru_cache(maxsize=64)  # bounded: shapes come from clients
+def _block_format(shape: tuple[int, ...], dtype: str) -> KVBlockFormat:
+    """Built once per (shape, dtype): a put of hundreds of blocks has one shape."""
+    num_layers, _, block_size, num_kv_heads, head_dim = shape
+    return KVBlockFormat(num_layers, num_kv_heads, head_dim, block_size, dtype)
 
 
 @dataclass(frozen=True)
@@ -95,10 +102,9 @@ class BlockMeta:
                 f"block_size {fingerprint.block_size}"
             )
 
-    @cached_property
+    @property
     def format(self) -> KVBlockFormat:
-        num_layers, _, block_size, num_kv_heads, head_dim = self.shape
-        return KVBlockFormat(num_layers, num_kv_heads, head_dim, block_size, self.dtype)
+        return _block_format(self.shape, self.dtype)
 
     def to_proto(self) -> pb.BlockHeader:
         return pb.BlockHeader(

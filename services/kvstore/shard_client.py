@@ -265,6 +265,9 @@ class ShardClient:
             assert slots is not grpc.aio.EOF, "PutShared ended without answering reserve"
             checksums: list[int] = []
             batch_bytes = 0
+            # An announcement is sent while the next batch is copied: awaiting each write
+            # before copying on stalled the copy ~0.4 ms a batch (a sixth of a put).
+            sending: asyncio.Future[None] | None = None
             try:
                 for (_, view), offset in zip(blocks, slots.slots.offsets, strict=True):
                     if not offset:  # 0: the shard already holds this block
@@ -273,12 +276,19 @@ class ShardClient:
                     checksums.append(copy_hashed(slot, view))
                     batch_bytes += len(view)
                     if batch_bytes >= WRITTEN_BATCH_BYTES:
-                        await self._announce(call, checksums)
+                        if sending is not None:
+                            await sending
+                        sending = asyncio.ensure_future(self._announce(call, checksums))
+                        await asyncio.sleep(0)  # the write is handed to gRPC before copying on
                         checksums, batch_bytes = [], 0
+                if sending is not None:
+                    await sending
                 if checksums:
                     await self._announce(call, checksums)
             except BaseException:
                 call.cancel()  # the shard frees the reserved slots at once
+                if sending is not None and not sending.done():
+                    sending.cancel()
                 raise
             await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
             await call.done_writing()
