@@ -2,6 +2,7 @@
 
     python bench/engine_gpu.py                   # on a CUDA GPU
     python bench/engine_gpu.py --layers 4        # a quicker, shallower model
+    python bench/engine_gpu.py --sections compile  # the torch.compile peer alone
 
 Builds the model three times from the same random weights (bf16 dense, FP8, INT4; one at
 a time, so at most one copy is on the card) with the Triton kernel backend and measures,
@@ -14,7 +15,11 @@ in one process:
 - prefill tokens/s of one 2k and one 8k-token prompt (FP8 against bf16);
 - the same-GPU KV handoff of a 2k-token prompt: its cache blocks copied into another
   engine's cache (device to device, block-major, so one gather-scatter) against the
-  prompt's FP8 prefill time.
+  prompt's FP8 prefill time;
+- the peer: the same bf16 weights decoded by a plain PyTorch loop (`StaticCacheLlama`, no
+  Baton code in its step) compiled with `torch.compile`, at batch 1 and 32: 50 steps from
+  position 512, each attending over the whole 576-slot static cache under a mask. Its step
+  includes the LM head and greedy argmax, as the engine's does.
 
 Weights are N(0, 1/fan-in) (no checkpoint can be downloaded); the numbers do not depend
 on their values. Timing: CUDA events around many steps after warm-up, median of 5.
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import tokenizers
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,10 +47,12 @@ from engine.kv_port import copy_blocks
 from engine.loaders import LoadedCheckpoint
 from engine.loaders.tensor_layout import expected_shapes
 from engine.model import LlamaModel
+from engine.rope import RotaryTable
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
 CONTEXT = 512
+SECTIONS = ("compile", "formats")
 
 
 def llama3_8b(layers: int) -> ModelConfig:
@@ -190,17 +198,225 @@ def handoff_ms(cfg: ModelConfig, length: int) -> float:
     return ms
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [batch, heads, head_dim]; cos/sin [1, head_dim // 2] in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class PeerLayer(torch.nn.Module):
+    """A Llama decoder layer with its own static KV cache [batch, kv_heads, max_len, head_dim]."""
+
+    attn_norm: torch.Tensor
+    wqkv: torch.Tensor
+    wo: torch.Tensor
+    mlp_norm: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+    def __init__(
+        self, cfg: ModelConfig, w: Mapping[str, torch.Tensor], i: int, batch: int, max_len: int,
+        dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.cfg = cfg
+        layer = f"model.layers.{i}."
+        attn, mlp = layer + "self_attn.", layer + "mlp."
+        # Fused q/k/v and gate/up, as gpt-fast and the engine both do: one GEMM each.
+        qkv = torch.cat([w[attn + f"{x}_proj.weight"] for x in "qkv"])
+        gate_up = torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]])
+        self.register_buffer("attn_norm", w[layer + "input_layernorm.weight"].to(dtype))
+        self.register_buffer("wqkv", qkv.to(dtype))
+        self.register_buffer("wo", w[attn + "o_proj.weight"].to(dtype))
+        self.register_buffer("mlp_norm", w[layer + "post_attention_layernorm.weight"].to(dtype))
+        self.register_buffer("w13", gate_up.to(dtype))
+        self.register_buffer("w2", w[mlp + "down_proj.weight"].to(dtype))
+        # Random, not zeros: the cache up to CONTEXT stands for a prefilled prompt.
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        gen = torch.Generator(device="cuda").manual_seed(1000 + i)
+        for name in ("k_cache", "v_cache"):
+            cache = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+            self.register_buffer(name, cache.to(dtype))
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        cfg, batch = self.cfg, x.shape[0]
+        heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = F.linear(rms_norm(x, self.attn_norm, cfg.rms_norm_eps), self.wqkv).split(
+            [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1
+        )
+        q = rope(q.view(batch, heads, dim), cos, sin)
+        k = rope(k.view(batch, kv_heads, dim), cos, sin)
+        self.k_cache[:, :, pos] = k.unsqueeze(2)
+        self.v_cache[:, :, pos] = v.view(batch, kv_heads, 1, dim)
+        # The query heads that share a KV head attend as that head's query rows, so the
+        # cache is read once, never repeated per query head; the mask hides slots > pos.
+        q = q.view(batch, kv_heads, heads // kv_heads, dim)
+        o = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask)
+        x = x + F.linear(o.reshape(batch, cfg.q_size), self.wo)
+        gate, up = F.linear(rms_norm(x, self.mlp_norm, cfg.rms_norm_eps), self.w13).chunk(2, -1)
+        return x + F.linear(F.silu(gate) * up, self.w2)
+
+
+class StaticCacheLlama(torch.nn.Module):
+    """The peer: Llama decode as a user writes it for `torch.compile`, without Baton (gpt-fast's
+    shape). Each call is one greedy decode step of every sequence: it reads `tokens` and the
+    device-tensor position `pos`, writes K/V at `pos`, attends over the whole static cache
+    under a mask, and leaves the argmax in `tokens` and `pos + 1` in `pos`, so one compiled
+    graph serves every step and nothing syncs with the host. Returns the logits."""
+
+    embed: torch.Tensor
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slots: torch.Tensor
+    tokens: torch.Tensor
+    pos: torch.Tensor
+
+    def __init__(
+        self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = RandomWeights(cfg, "cuda")  # the engine's dense model's very tensors
+        self.register_buffer("embed", w["model.embed_tokens.weight"].to(dtype))
+        self.layers = torch.nn.ModuleList(
+            PeerLayer(cfg, w, i, batch, max_len, dtype) for i in range(cfg.num_layers)
+        )
+        self.register_buffer("norm", w["model.norm.weight"].to(dtype))
+        self.register_buffer("lm_head", w["lm_head.weight"].to(dtype))
+        rotary = RotaryTable(cfg, max_len, "cuda")
+        self.register_buffer("cos", rotary.cos)
+        self.register_buffer("sin", rotary.sin)
+        self.register_buffer("slots", torch.arange(max_len, device="cuda"))
+        self.register_buffer("tokens", torch.zeros(batch, dtype=torch.int64, device="cuda"))
+        self.register_buffer("pos", torch.zeros(1, dtype=torch.int64, device="cuda"))
+
+    def restart(self, tokens: torch.Tensor) -> None:
+        self.tokens.copy_(tokens)
+        self.pos.fill_(CONTEXT)
+
+    def forward(self) -> torch.Tensor:
+        x = self.embed[self.tokens]
+        cos, sin = self.cos[self.pos], self.sin[self.pos]
+        mask = (self.slots <= self.pos).view(1, 1, 1, -1)
+        for layer in self.layers:
+            x = layer(x, cos, sin, self.pos, mask)
+        logits = F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+        self.tokens.copy_(logits.argmax(dim=-1))  # greedy, kept on the device
+        self.pos.add_(1)
+        return logits
+
+
+def compiled_decode_rate(cfg: ModelConfig, batch: int, mode: str) -> tuple[float, str]:
+    """Tokens/s of the compiled peer decoding `batch` sequences from CONTEXT, and how it got
+    there: compile and capture times, and the check of its first step's logits against
+    eager bf16's and against the same model's in fp32 (the same bf16 values, upcast)."""
+    steps = 50
+    max_len = -(-(CONTEXT + steps) // 16) * 16
+    first = (torch.arange(batch, device="cuda") * 31 + 7) % cfg.vocab_size
+    reference = StaticCacheLlama(cfg, batch, max_len, torch.float32)
+    reference.restart(first)
+    fp32 = reference()
+    del reference
+    model = StaticCacheLlama(cfg, batch, max_len)
+    model.restart(first)
+    eager = model().float()
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    # dynamic=False: batch 1 and 32 each get a graph specialised to their shapes.
+    step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+    try:
+        times = []
+        for _ in range(3):  # compile (and run once), record the CUDA graph, replay it
+            model.restart(first)
+            torch.compiler.cudagraph_mark_step_begin()
+            start = time.perf_counter()
+            logits = step().float()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        diff = (logits - eager).abs().max().item()
+        same = int((logits.argmax(-1) == eager.argmax(-1)).sum())
+        eager_err, compiled_err = (
+            ((x - fp32).norm() / fp32.norm()).item() for x in (eager, logits)
+        )
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
+        how = (f"compile {times[0]:.1f} s, capture {times[1]:.2f} s; vs eager bf16 max |diff| "
+               f"{diff:.3f}, argmax {same}/{batch}; rel err vs fp32: eager {eager_err:.1e}, "
+               f"compiled {compiled_err:.1e}")  # fmt: skip
+        if skips:
+            how += f", {skips} cudagraph skips"
+        # Random weights amplify bf16 rounding over 32 layers, so eager bf16 itself lands
+        # ~5e-2 from fp32; a replay reading a stale position or cache would be far worse.
+        assert compiled_err < 1.5 * eager_err + 1e-2, f"compiled logits are off: {how}"
+        runs = []
+        for _ in range(6):  # the first is warm-up
+            model.restart(first)
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(steps):
+                torch.compiler.cudagraph_mark_step_begin()
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            runs.append(begin.elapsed_time(end) / steps)
+        assert int(model.pos) == CONTEXT + steps, int(model.pos)
+    finally:
+        del step, model
+        torch._dynamo.reset()  # frees the compiled graphs and their CUDA graph pools
+        torch.cuda.empty_cache()
+    return batch / statistics.median(runs[1:]) * 1e3, how
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="compile: the torch.compile peer; formats: the engine's bf16/INT4/FP8",
+    )
+    ap.add_argument(
+        "--compile-mode",
+        default="reduce-overhead",
+        choices=("reduce-overhead", "max-autotune-no-cudagraphs"),
+    )
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     cfg = llama3_8b(args.layers)
     card = torch.cuda.get_device_name()
     print(f"{card}; Llama-3-8B shapes, {args.layers} layers, random weights, Triton backend")
     rows: list[tuple[str, str]] = []
+
+    def report(name: str, value: float | str) -> None:
+        shown = f"{value:9.1f} tok/s" if isinstance(value, float) else value
+        rows.append((name, shown))
+        print(f"  {name:<26} {shown}", flush=True)
+
+    peer: dict[int, float | str] = {}
+    if "compile" in args.sections:  # first, while the card holds nothing else
+        for batch in (1, 32):
+            name = f"torch.compile bf16 b{batch}"
+            try:
+                peer[batch], how = compiled_decode_rate(cfg, batch, args.compile_mode)
+            except Exception as e:  # report why the peer cannot run
+                peer[batch], how = f"failed: {type(e).__name__}: {str(e)[:200]}", ""
+            report(name, peer[batch])
+            report(f"{name} ({args.compile_mode})", how)
     results: dict[str, dict[str, float | str]] = {}
-    for linear in ("dense", "int4", "fp8"):
+    for linear in ("dense", "int4", "fp8") if "formats" in args.sections else ():
         model = build(cfg, linear, "cuda")
         r: dict[str, float | str] = {}
         for batch in (1, 32):
@@ -216,23 +432,28 @@ def main() -> None:
                     r[key] = engine_decode_rate(cfg, linear, graphs, batch)
         results[linear] = r
         for key, value in r.items():
-            shown = f"{value:9.1f} tok/s" if isinstance(value, float) else value
-            rows.append((f"{linear:<5} {key}", shown))
-            print(f"  {linear:<5} {key:<14} {shown}", flush=True)
-    dense, int4, fp8 = results["dense"], results["int4"], results["fp8"]
+            report(f"{linear:<5} {key}", value)
     ratios = []
-    for key in ("b1 eager", "b1 graph", "b32 eager", "b32 graph", "engine b1 graphs",
-                "engine b32 graphs"):  # fmt: skip
-        ours, peer = int4[key], dense[key]
-        if isinstance(ours, float) and isinstance(peer, float):
-            ratios.append((f"int4 / bf16 decode {key}", f"{ours / peer:.2f}x"))
-    for length in (2048, 8192):
-        key = f"prefill {length}"
-        ratios.append((f"fp8 / bf16 {key}", f"{float(fp8[key]) / float(dense[key]):.2f}x"))
-    hand = handoff_ms(cfg, 2048)
-    prefill_2k = 2048 / float(fp8["prefill 2048"]) * 1e3
-    ratios.append(("handoff 2k / fp8 prefill 2k", f"{hand:.3f} ms / {prefill_2k:.1f} ms = "
-                   f"{hand / prefill_2k:.1%}"))  # fmt: skip
+    if results:
+        dense, int4, fp8 = results["dense"], results["int4"], results["fp8"]
+        for key in ("b1 eager", "b1 graph", "b32 eager", "b32 graph", "engine b1 graphs",
+                    "engine b32 graphs"):  # fmt: skip
+            ours, other = int4[key], dense[key]
+            if isinstance(ours, float) and isinstance(other, float):
+                ratios.append((f"int4 / bf16 decode {key}", f"{ours / other:.2f}x"))
+        for length in (2048, 8192):
+            key = f"prefill {length}"
+            ratios.append((f"fp8 / bf16 {key}", f"{float(fp8[key]) / float(dense[key]):.2f}x"))
+        hand = handoff_ms(cfg, 2048)
+        prefill_2k = 2048 / float(fp8["prefill 2048"]) * 1e3
+        ratios.append(("handoff 2k / fp8 prefill 2k", f"{hand:.3f} ms / {prefill_2k:.1f} ms = "
+                       f"{hand / prefill_2k:.1%}"))  # fmt: skip
+    for batch, compiled in peer.items():
+        for linear in ("int4", "dense"):
+            engine = results.get(linear, {}).get(f"engine b{batch} graphs")
+            if isinstance(engine, float) and isinstance(compiled, float):
+                name = f"{linear} engine b{batch} graphs / torch.compile bf16 b{batch}"
+                ratios.append((name, f"{engine / compiled:.2f}x"))
     print(f"\n| {card} | {args.layers} layers | value |\n|---|---|---|")
     for name, value in rows + ratios:
         print(f"| {name} | | {value} |")
