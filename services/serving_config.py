@@ -6,7 +6,7 @@ model:
 prefill: {replicas: 1, linear: fp8}
 decode:  {replicas: 1, linear: int4}
 kvstore: {targets: ["127.0.0.1:50052"], capacity: 1GiB}
-router:  {http_port: 8000, grpc_port: 50051, local_prefill_threshold: 16}
+router:  {http_port: 8000, grpc_port: 50051, local_prefill_threshold: 64}
 """
 
 from __future__ import annotations
@@ -127,8 +127,11 @@ class RouterSection(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     grpc_port: int = Field(50051, ge=0, le=65535)
+    # 64: on the 2-core CPU box, a remote prefill of ~40 uncached tokens (a cached system
+    # prompt plus a question) cost 518 ms p50 TTFT against 217 ms computed on the decode
+    # replica (bench/RESULTS.md, "Serving on CPU"); longer tails go to the prefill pool.
     local_prefill_threshold: int = Field(
-        16,
+        64,
         ge=0,
         description="prompts with at most this many uncached tokens skip remote prefill",
     )
