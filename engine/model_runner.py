@@ -129,6 +129,7 @@ class ModelRunner:
             block_size=self.block_size,
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
+            row_invariant=self.config.batch_invariant,
         )
         return self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=device),

@@ -28,6 +28,10 @@ class AttentionMetadata:
     # Host copies, so CPU-side planning never syncs with the device.
     query_lens_host: list[int] = field(default_factory=list)
     seq_lens_host: list[int] = field(default_factory=list)
+    # Every query row attends alone, as a decode row does (the batch-invariant engine): a
+    # sequence's numbers then do not depend on how its tokens were chunked into steps.
+    # Honoured by the torch path; the native bf16 decode kernel still serves decode rows.
+    row_invariant: bool = False
     # Backend-private per-step state (gather indices, masks, split sizes), built once
     # per step by `KernelBackend.plan_attention` and reused by every layer.
     plan: Any = None

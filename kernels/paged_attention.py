@@ -41,6 +41,14 @@ def plan_attention_torch(meta: AttentionMetadata) -> TorchAttentionPlan:
     plans = []
     for b in range(meta.batch_size):
         qlen, slen = meta.query_lens_host[b], meta.seq_lens_host[b]
+        if meta.row_invariant and qlen > 1:
+            # Row r as the decode step at its position would attend: the same call on the
+            # same keys, so the result does not depend on the chunk it came in.
+            for r in range(qlen):
+                seen = slen - qlen + r + 1
+                blocks = meta.block_tables[b, : -(-seen // bs)].long()
+                plans.append(_SequencePlan(starts[b] + r, 1, seen, blocks, None))
+            continue
         mask = None
         if 1 < qlen < slen:
             q_pos = torch.arange(slen - qlen, slen, device=device)

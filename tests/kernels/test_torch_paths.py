@@ -97,3 +97,39 @@ def test_fp8_kv_cache_torch_path():
     ref = torch.einsum("hs,shd->hd", p, vv)
     size = torch.einsum("hs,shd->hd", p, vv.abs())
     assert_within(out[0], ref, 4 * ROUND * size, "fp8 kv attention")
+
+
+def _one_sequence(seq: int, qlen: int, table: torch.Tensor, page: int, row_invariant: bool):
+    slots = torch.tensor([int(table[0, p // page]) * page + p % page for p in range(seq)])
+    return AttentionMetadata(
+        slots[seq - qlen :],
+        torch.tensor([0, qlen], dtype=torch.int32),
+        torch.tensor([seq], dtype=torch.int32),
+        table,
+        1 if qlen == 1 else 0,
+        page,
+        [qlen],
+        [seq],
+        row_invariant=row_invariant,
+    )
+
+
+@pytest.mark.parametrize("cached", [0, 13])
+def test_row_invariant_chunk_attends_each_row_as_its_decode_step(cached):
+    """A chunk of 7 rows after `cached` tokens gives, bit for bit, what 7 decode steps give
+    (fp32, the batch-invariant engine's path); a plain chunk does not promise that."""
+    hq, hk, d, page, qlen = 4, 2, 32, 8, 7
+    seq = cached + qlen
+    table = torch.tensor([[4, 1, 3]], dtype=torch.int32)
+    kv = torch.randn(6, 2, page, hk, d)
+    q = torch.randn(qlen, hq, d)
+    meta = _one_sequence(seq, qlen, table, page, row_invariant=True)
+    ops.plan_attention(meta)
+    chunk = ops.paged_attention(q, kv, meta, d**-0.5)
+    for r in range(qlen):
+        step = _one_sequence(cached + r + 1, 1, table, page, row_invariant=True)
+        ops.plan_attention(step)
+        assert torch.equal(chunk[r : r + 1], ops.paged_attention(q[r : r + 1], kv, step, d**-0.5))
+    plain = _one_sequence(seq, qlen, table, page, row_invariant=False)
+    ops.plan_attention(plain)
+    assert_within(ops.paged_attention(q, kv, plain, d**-0.5), chunk.double(), 1e-5, "chunk")
