@@ -6,8 +6,7 @@ that asked for them. torch releases the GIL inside its kernels, so the event loo
 serving while a step computes.
 
 A caller that stops iterating (client disconnect, cancellation) aborts its request, which
-frees its blocks at once. A caller slower than the engine gets the steps it missed merged
-into one output (`RequestOutput.merge`).
+frees its blocks at once.
 """
 
 from __future__ import annotations
@@ -68,13 +67,6 @@ class AsyncEngine:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                # Steps that finished while the caller was busy go out as one report: a
-                # loaded server sends fewer, larger messages instead of falling behind.
-                while not item.finished and not stream.queue.empty():
-                    later = stream.queue.get_nowait()
-                    if isinstance(later, BaseException):
-                        raise later
-                    item.merge(later)
                 finished = item.finished
                 yield item
         finally:

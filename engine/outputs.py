@@ -26,18 +26,6 @@ class RequestOutput:
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
 
-    def merge(self, later: RequestOutput) -> None:
-        """Appends the next increment of the same request, as if one report carried both."""
-        assert later.request_id == self.request_id and not self.finished
-        self.new_token_ids += later.new_token_ids
-        self.new_text += later.new_text
-        self.logprobs += later.logprobs
-        self.finished = later.finished
-        self.num_cached_tokens = later.num_cached_tokens
-        self.num_output_tokens = later.num_output_tokens
-        self.finish_reason = later.finish_reason
-        self.stop_reason = later.stop_reason
-
 
 @dataclass
 class Completion:

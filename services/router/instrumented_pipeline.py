@@ -83,12 +83,9 @@ class InstrumentedPipeline(Pipeline):
 
     def _record_tokens(self, arrival: float, last: float | None, now: float, n: int) -> None:
         """`n` tokens arrived at `now`; the last ones before at `last` (None: these are the
-        first). Tokens arriving together share the gap, as vLLM counts them; those that
-        came with the first token (a merged output) arrived no later than it."""
+        first). Tokens arriving together share the gap, as vLLM counts them."""
         if last is None:
             self.telemetry.record(TTFT, now - arrival, pool=self.first_token_pool)
-            for _ in range(n - 1):
-                self.telemetry.record(ITL, 0.0, pool="decode")
             return
         for _ in range(n):
             self.telemetry.record(ITL, (now - last) / n, pool="decode")
