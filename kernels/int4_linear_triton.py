@@ -40,8 +40,8 @@ import triton.language as tl
 
 from kernels.int4_linear import K_BLOCK, N_TILE, Int4Weight
 from kernels.triton_runtime import (
-    _INTERPRET,
     INTERPRET,
+    INTERPRET_JIT,
     check_device,
     mma,
     num_sms,
@@ -115,7 +115,7 @@ def _prefetch_asm(level: int) -> str:
 @triton.jit
 def _prefetch(ptrs, LEVEL: tl.constexpr):
     """Start moving the lines at `ptrs` into L1 or L2 (nothing under the interpreter)."""
-    if not _INTERPRET:
+    if not INTERPRET_JIT:
         tl.inline_asm_elementwise(
             _prefetch_asm(LEVEL), "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
         )

@@ -22,7 +22,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Read once, like `triton.jit` itself, which decides at decoration time."""
 
 
-_INTERPRET = tl.constexpr(INTERPRET)
+INTERPRET_JIT = tl.constexpr(INTERPRET)
+"""`INTERPRET` for branches inside jitted kernels."""
 
 
 @triton.jit
@@ -33,7 +34,7 @@ def to_fp8(x):
     (127.9 -> 64), so there the value is first rounded onto the e4m3 grid in fp32, which
     leaves the cast nothing to round.
     """
-    if _INTERPRET:
+    if INTERPRET_JIT:
         exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         step = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
         magic = 12582912.0  # 1.5 * 2**23: adding it rounds |v| < 2**22 to an integer (RNE)

@@ -57,12 +57,12 @@ def copy_hashed(dest: memoryview, source: memoryview) -> int:
     memcpy would read every destination line for ownership first, which halves its rate.
     """
     assert len(dest) == len(source), f"copy of {len(source)} bytes into {len(dest)}"
-    copy = _streaming_copy() if len(source) >= COPY_PIECE_BYTES else None
-    if copy is None and len(source) <= COPY_PIECE_BYTES:
+    if len(source) <= COPY_PIECE_BYTES:
         dest[:] = source
         return xxhash.xxh3_64_intdigest(source)
-    hasher = xxhash.xxh3_64()
+    copy = _streaming_copy()
     to, start_of = (_address(dest), _address(source)) if copy is not None else (0, 0)
+    hasher = xxhash.xxh3_64()
     for start in range(0, len(source), COPY_PIECE_BYTES):
         stop = min(start + COPY_PIECE_BYTES, len(source))
         if copy is not None:

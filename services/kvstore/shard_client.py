@@ -287,8 +287,10 @@ class ShardClient:
                     await self._announce(call, checksums)
             except BaseException:
                 call.cancel()  # the shard frees the reserved slots at once
-                if sending is not None and not sending.done():
+                if sending is not None:
                     sending.cancel()
+                    # its failure, if any, is this one's consequence: retrieved, not raised
+                    sending.add_done_callback(lambda f: f.cancelled() or f.exception())
                 raise
             await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
             await call.done_writing()

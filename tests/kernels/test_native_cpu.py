@@ -65,10 +65,12 @@ def test_int4_linear_within_activation_rounding(m, n, k, x_dtype):
     assert_within(out, ref, bound, f"int4 avx2 m={m} n={n} k={k}")
 
 
+# M=2, 3: row pairs from packed nibbles; M=7: tiles of 3 rows from unpacked nibbles
+@pytest.mark.parametrize("m", [2, 3, 7])
 @pytest.mark.parametrize("n", [96, 6])  # whole tiles of 4 channels, and a tail of 2
-def test_int4_linear_rows_do_not_depend_on_the_batch_or_threads(n):
+def test_int4_linear_rows_do_not_depend_on_the_batch_or_threads(n, m):
     weight, _ = _int4_weight(n, 576, 64)
-    x = torch.randn(7, 576).to(BF16)
+    x = torch.randn(m, 576).to(BF16)
     ops = get_backend("torch")
     batched = ops.int4_linear(x, weight, None)
     alone = torch.cat([ops.int4_linear(row, weight, None) for row in x.split(1)])
