@@ -136,9 +136,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "baton_write_kv_bf16": [p, i64, p, i64, p, i64, i64, i64, p, i64, i64],
         "baton_silu_and_mul_bf16": [p, p, i64, i64, i32],
         "baton_paged_decode_bf16": [p, p, p, i64, i64, p, i64, p, *[i64] * 5, f32, i32],
-        "baton_copy_streaming": [p, p, i64],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = argtypes
+    lib.baton_copy_xxh3.restype = ctypes.c_uint64
+    lib.baton_copy_xxh3.argtypes = [p, p, i64]

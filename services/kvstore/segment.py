@@ -28,21 +28,22 @@ MAGIC = b"BATONKV1"
 TOKEN_BYTES = 16
 HEADER_BYTES = 4096
 COPY_PIECE_BYTES = 256 * 1024
-"""Copies are hashed in pieces this large, so that each piece is hashed while it is still
-in the core's L2 cache (512 KiB here): a checksum then costs ~1/6 of the copy instead of
-a second pass over memory (bench/RESULTS.md)."""
+"""Without the native kernels, copies are hashed in pieces this large, each while it is
+still in the core's L2 cache (512 KiB here)."""
+FUSED_MIN_BYTES = 241
+"""The native copy hashes inputs of at least this many bytes (xxh3's long-input form)."""
 
-Copy = Callable[[int, int, int], None]
+CopyHashed = Callable[[int, int, int], int]
 
 
 @functools.cache
-def _streaming_copy() -> Copy | None:
-    """The native copy with cache-bypassing stores (kernels/cpu/copy.cpp), or None where
-    the native kernels cannot run."""
+def _fused_copy() -> CopyHashed | None:
+    """The native copy that hashes what it moves (kernels/cpu/copy.cpp), or None where the
+    native kernels cannot run."""
     from kernels import native
 
     lib = native.library()
-    return None if lib is None else lib.baton_copy_streaming
+    return None if lib is None else lib.baton_copy_xxh3
 
 
 def _address(view: memoryview) -> int:
@@ -52,23 +53,18 @@ def _address(view: memoryview) -> int:
 def copy_hashed(dest: memoryview, source: memoryview) -> int:
     """Copies `source` into `dest` (same length); returns the xxh3-64 of the bytes copied.
 
-    Each piece is hashed from the source right after the copy read it (cache-hot). Where
-    the native kernels run, the copy writes around the caches: piece by piece, glibc's
-    memcpy would read every destination line for ownership first, which halves its rate.
+    Where the native kernels run, one pass reads the source, writes the destination around
+    the caches and hashes each 64-byte stripe from registers (kernels/cpu/copy.cpp).
+    Elsewhere each piece is hashed from the source right after the copy read it.
     """
     assert len(dest) == len(source), f"copy of {len(source)} bytes into {len(dest)}"
-    if len(source) <= COPY_PIECE_BYTES:
-        dest[:] = source
-        return xxhash.xxh3_64_intdigest(source)
-    copy = _streaming_copy()
-    to, start_of = (_address(dest), _address(source)) if copy is not None else (0, 0)
+    fused = _fused_copy()
+    if fused is not None and len(source) >= FUSED_MIN_BYTES:
+        return int(fused(_address(dest), _address(source), len(source)))
     hasher = xxhash.xxh3_64()
     for start in range(0, len(source), COPY_PIECE_BYTES):
         stop = min(start + COPY_PIECE_BYTES, len(source))
-        if copy is not None:
-            copy(to + start, start_of + start, stop - start)
-        else:
-            dest[start:stop] = source[start:stop]
+        dest[start:stop] = source[start:stop]
         hasher.update(source[start:stop])
     return hasher.intdigest()
 

@@ -5,17 +5,31 @@ import os
 import pytest
 import xxhash
 
+from services.kvstore import segment as segment_module
 from services.kvstore.malloc_tuning import tune_malloc
-from services.kvstore.segment import COPY_PIECE_BYTES, SharedSegment, copy_hashed
+from services.kvstore.segment import COPY_PIECE_BYTES, FUSED_MIN_BYTES, SharedSegment, copy_hashed
+
+# xxh3's length classes: short forms below FUSED_MIN_BYTES; then stripes of 64 bytes,
+# blocks of 1 KiB, the last block and the last stripe handled apart (kernels/cpu/xxh3.h)
+LENGTHS = [
+    *[0, 1, FUSED_MIN_BYTES - 1, FUSED_MIN_BYTES, 256, 1023, 1024, 1025, 1088, 1089, 2048],
+    *[2049, 16 * 1024 + 63, COPY_PIECE_BYTES, COPY_PIECE_BYTES + 1, 3 * COPY_PIECE_BYTES + 5],
+]
 
 
-@pytest.mark.parametrize(
-    "nbytes",
-    [1, COPY_PIECE_BYTES - 1, COPY_PIECE_BYTES, COPY_PIECE_BYTES + 1, 3 * COPY_PIECE_BYTES + 5],
-)
+@pytest.fixture(params=["native", "python"])
+def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "python":
+        monkeypatch.setattr(segment_module, "_fused_copy", lambda: None)
+    else:
+        assert segment_module._fused_copy() is not None, "the native kernels did not build"
+    return str(request.param)
+
+
+@pytest.mark.parametrize("nbytes", LENGTHS)
 @pytest.mark.parametrize("offset", [64, 65], ids=["aligned", "unaligned"])
 def test_copy_hashed_copies_exactly_and_returns_the_payload_checksum(
-    nbytes: int, offset: int
+    nbytes: int, offset: int, copy_path: str
 ) -> None:
     source = os.urandom(nbytes)
     segment = SharedSegment.create(nbytes + 128, directory=None)
