@@ -342,20 +342,28 @@ async def test_client_announces_shared_memory_writes_in_batches(
     shard: ShardFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(shard_client_module, "WRITTEN_BATCH_BYTES", 3 * BLOCK)
-    announced: list[int] = []
-    original = shard_client_module.ShardClient._announce
+    handed: list[int] = []  # batches the copy loop hands over
+    sent: list[int] = []  # `written` messages (a slow write's successors travel together)
+    add, written = shard_client_module._Announcer.add, pb.PutSharedWritten
 
-    async def counting(call: grpc.aio.StreamStreamCall, checksums: list[int]) -> None:
-        announced.append(len(checksums))
-        await original(call, checksums)
+    def counting_add(self: shard_client_module._Announcer, checksums: list[int]) -> None:
+        handed.append(len(checksums))
+        add(self, checksums)
 
-    monkeypatch.setattr(shard_client_module.ShardClient, "_announce", staticmethod(counting))
+    def counting_written(checksums: list[int]) -> pb.PutSharedWritten:
+        sent.append(len(checksums))
+        return written(checksums=checksums)
+
+    monkeypatch.setattr(shard_client_module._Announcer, "add", counting_add)
+    monkeypatch.setattr(pb, "PutSharedWritten", counting_written)
     blocks, hashes = make_blocks(8), make_hashes(8)
     async with shard() as server, client_for(server) as client:
         await client.put(hashes[:2], list(blocks[:2]))  # held already: skipped, not announced
-        announced.clear()
+        handed.clear()
+        sent.clear()
         assert await client.put(hashes, list(blocks)) == PutSummary(stored=6, deduplicated=2)
-        assert announced == [3, 3]
+        assert handed == [3, 3, 0]
+        assert sum(sent) == 6 and all(n % 3 == 0 for n in sent), sent
         out = torch.zeros_like(blocks)
         assert await client.get_into(hashes, list(out)) == 8
     assert as_bytes(out) == as_bytes(blocks)
