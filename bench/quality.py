@@ -1,22 +1,29 @@
 """Quality of the quantized formats on the default model (issue 3).
 
     python bench/quality.py                      # CPU, torch backend (the embedded default)
-    python bench/quality.py --device cuda --backend triton
+    python bench/quality.py --device cuda        # the same torch ops on a GPU
+    python bench/quality.py --only bf16,int4-rtn,int4-awq --threads 16
 
-Reports perplexity on `engine/quant/data/heldout.txt` for bf16 (dense), FP8 rounded to
-nearest and by GPTQ, INT4-RTN and INT4-AWQ (both calibrated on `calibration.txt`), and the
-greedy agreement with bf16 of the disaggregated pipeline: FP8-GPTQ prefill writes the KV
-cache, INT4-AWQ decode continues from it.
+Reports perplexity on `engine/quant/data/alice29.txt` (39k tokens) for bf16 (dense) and
+every quantized model below, each with the standard error of its difference from bf16
+(windows paired), and the greedy agreement with bf16 of the disaggregated pipeline:
+FP8-smooth prefill writes the KV cache, INT4-AWQ-GPTQ decode continues from it.
 
-The calibration here is the plumbing the engine will need: the dense model runs over the
-calibration text with each projection's input shown to an observer (`calibrate`). GPTQ
-(`engine.quant.gptq`) rounds every decoder projection to FP8 against its input Hessian
-and leaves `Fp8Channels` in the checkpoint, which the `fp8` format serves as they are.
-For AWQ, each projection's input is recorded (`ActivationStats`), then
-`engine.quant.awq.awq_transform` rewrites the checkpoint tensors (scaled and clipped
-weights; 1/s folded into the RMSNorm weights and the up_proj rows) before an `int4` model
-is built from them. o_proj stays round-to-nearest: SmolLM2 shares KV heads (GQA), so its
-input scale has nowhere exact to fold.
+    bf16            dense bf16
+    fp8             FP8 round to nearest (the format's default)
+    fp8-w, fp8-a    diagnostics: FP8 weights with bf16 activations, and the reverse
+    fp8-gptq        FP8 weights rounded by GPTQ (`engine.quant.gptq`)
+    fp8-smooth      SmoothQuant scaling (`engine.quant.smooth`), then round to nearest
+    int4-rtn        INT4 round to nearest (the format's default)
+    int4-awq        AWQ scales and clipping (`engine.quant.awq`), then round to nearest
+    int4-awq-gptq   AWQ scales and clipping, then GPTQ rounding (`gptq_int4`)
+
+Calibration runs the dense model over `calibration.txt` with each projection's input
+shown to an observer (`calibrate`): `Hessian`s for GPTQ, `ActivationStats` for the scale
+and clip searches. Scales fold into the norms and up_proj rows (`engine.quant.scaling`);
+o_proj is never scaled (grouped-query attention leaves its input scale nowhere exact to
+fold), but AWQ clips and GPTQ rounds it like the rest. The quantized weights reach the
+model as `Fp8Channels` / `Int4Groups`, which the formats serve as they are.
 """
 
 from __future__ import annotations
@@ -39,12 +46,19 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E4
 from engine.linear import QuantizedWeight  # noqa: E402
 from engine.loaders import LoadedCheckpoint, load_checkpoint  # noqa: E402
 from engine.model import LlamaModel  # noqa: E402
-from engine.quant.awq import ActivationStats, awq_transform  # noqa: E402
+from engine.quant.awq import ActivationStats, search_clip, search_scales  # noqa: E402
 from engine.quant.fp8 import Fp8Channels, quantize_fp8_per_channel  # noqa: E402
-from engine.quant.gptq import Hessian, gptq_fp8  # noqa: E402
+from engine.quant.gptq import Hessian, gptq_fp8, gptq_int4  # noqa: E402
+from engine.quant.int4 import quantize_int4  # noqa: E402
+from engine.quant.scaling import scale_checkpoint  # noqa: E402
+from engine.quant.smooth import smooth_scales  # noqa: E402
+from kernels.fp8_linear import quantize_fp8_torch  # noqa: E402
 
 DATA = ROOT / "engine" / "quant" / "data"
+HELD_OUT = "alice29.txt"
 WINDOW = 1024
+SAMPLE_ROWS = 4096
+"""Calibration rows each projection's scale search sees."""
 
 
 def build(
@@ -66,17 +80,30 @@ def build(
 
 
 @torch.inference_mode()
-def perplexity(model: LlamaModel, runner: Runner, tokens: list[int]) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows, each read from position 0."""
-    nll, count = 0.0, 0
+def window_nll(model: LlamaModel, runner: Runner, tokens: list[int]) -> torch.Tensor:
+    """[windows, 2] (summed next-token NLL, tokens) over non-overlapping windows, each read
+    from position 0."""
+    rows = []
     for lo in range(0, len(tokens) - 1, WINDOW):
         window = tokens[lo : lo + WINDOW + 1]
         hidden = runner.step(model, [(0, window[:-1], 0)], 0)
         logits = model.logits(hidden).float()
         target = torch.tensor(window[1:], device=logits.device)
-        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-        count += len(window) - 1
-    return math.exp(nll / count)
+        nll = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        rows.append((float(nll), len(window) - 1))
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    return math.exp(float(nll[:, 0].sum() / nll[:, 1].sum()))
+
+
+def paired_se(nll: torch.Tensor, ref: torch.Tensor) -> float:
+    """Standard error of log(ppl / ppl_ref) with windows as the paired units, as a ratio."""
+    w = nll[:, 1] / nll[:, 1].sum()
+    d = (nll[:, 0] - ref[:, 0]) / nll[:, 1]
+    mean = (w * d).sum()
+    return math.expm1(float(((d - mean).pow(2) * w).sum().sqrt()) / math.sqrt(len(d) - 1))
 
 
 @torch.inference_mode()
@@ -144,50 +171,77 @@ def calibrate(
     return seen
 
 
-def awq_tensors(ck: LoadedCheckpoint, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """The checkpoint rewritten by AWQ, calibrated with the dense model on calibration.txt."""
-    stats = calibrate(ck, args, ActivationStats, ["qkv_proj", "gate_up_proj", "down_proj"])
-    t = dict(ck.tensors)
-    for i, s in enumerate(stats):
-        p = f"model.layers.{i}."
-        attn, mlp = p + "self_attn.", p + "mlp."
-        # down first: its 1/s folds into the up_proj rows, which gate_up then quantizes.
-        (down,), s_down = awq_transform([t[mlp + "down_proj.weight"]], s["down_proj"])
-        t[mlp + "down_proj.weight"] = down
-        t[mlp + "up_proj.weight"] = t[mlp + "up_proj.weight"].float() / s_down[:, None]
-        names = [mlp + "gate_proj.weight", mlp + "up_proj.weight"]
-        new, s_gu = awq_transform([t[n] for n in names], s["gate_up_proj"])
-        t.update(zip(names, new, strict=True))
-        norm = p + "post_attention_layernorm.weight"
-        t[norm] = t[norm].float() / s_gu
-        names = [attn + f"{x}_proj.weight" for x in "qkv"]
-        new, s_qkv = awq_transform([t[n] for n in names], s["qkv_proj"])
-        t.update(zip(names, new, strict=True))
-        t[p + "input_layernorm.weight"] = t[p + "input_layernorm.weight"].float() / s_qkv
+def smooth_tensors(
+    ck: LoadedCheckpoint, stats: list[dict[str, ActivationStats]], device: str
+) -> dict[str, torch.Tensor]:
+    """The checkpoint with SmoothQuant's scales folded in, for the `fp8` format."""
+    return scale_checkpoint(ck.tensors, ck.config.num_layers, stats, smooth_scales, device)[0]
+
+
+def awq_tensors(
+    ck: LoadedCheckpoint,
+    stats: list[dict[str, ActivationStats]],
+    hessians: list[dict[str, Hessian]] | None,
+    device: str,
+) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Every decoder projection as `Int4Groups`: AWQ-scaled (`scale_checkpoint`), each
+    group's range clipped where AWQ's search chose to, rounded to nearest or, given
+    `hessians`, by GPTQ against the Hessian of the scaled inputs."""
+    scaled, scales = scale_checkpoint(
+        ck.tensors, ck.config.num_layers, stats, search_scales, device
+    )
+    t: dict[str, torch.Tensor | QuantizedWeight] = dict(scaled)
+    for i in range(ck.config.num_layers):
+        for projection, parts in PARTS.items():
+            s = scales[i].get(projection, torch.ones(1, device=device))
+            x = stats[i][projection].sample.to(device) / s
+            for part in parts:
+                name = f"model.layers.{i}.{part}"
+                w = scaled[name].to(device)
+                ratios = search_clip(w, x)
+                if hessians is None:
+                    t[name] = quantize_int4(w, ratios=ratios)
+                else:
+                    t[name] = gptq_int4(w, hessians[i][projection].scaled(s), ratios=ratios)
     return t
 
 
 def fp8_tensors(
-    ck: LoadedCheckpoint, hessians: list[dict[str, Hessian]] | None, eps: float = 0.0
+    ck: LoadedCheckpoint, hessians: list[dict[str, Hessian]] | None
 ) -> dict[str, torch.Tensor | QuantizedWeight]:
     """The checkpoint with every decoder projection as `Fp8Channels`: rounded by GPTQ
     against its input Hessian when `hessians` are given (rows of a merged projection are
     independent in GPTQ, so each checkpoint tensor is rounded on its own with the shared
-    Hessian), else to nearest. `eps` multiplies the weight by 1 + eps before rounding and
-    divides the scales by it after: the same model on a slightly shifted FP8 grid, whose
-    spread of perplexities is this measurement's noise (`--spread`)."""
+    Hessian), else to nearest."""
     t: dict[str, torch.Tensor | QuantizedWeight] = dict(ck.tensors)
     for i in range(ck.config.num_layers):
         for projection, parts in PARTS.items():
             for part in parts:
                 name = f"model.layers.{i}.{part}"
-                w = ck.tensors[name].float() * (1 + eps)
+                w = ck.tensors[name].float()
                 if hessians is None:
-                    q = Fp8Channels(*quantize_fp8_per_channel(w))
+                    t[name] = Fp8Channels(*quantize_fp8_per_channel(w))
                 else:
-                    q = gptq_fp8(w, hessians[i][projection].matrix)
-                t[name] = Fp8Channels(q.q, q.scale / (1 + eps))
+                    t[name] = gptq_fp8(w, hessians[i][projection].matrix)
     return t
+
+
+class _Fp8Input:
+    """A dense projection whose input is rounded as the `fp8` format rounds it (`fp8-a`)."""
+
+    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.linear = linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_fp8_torch(x)
+        return self.linear((q.float() * scale).to(x.dtype))
+
+
+def fp8_inputs(model: LlamaModel) -> LlamaModel:
+    for layer in model.layers:
+        for name in PARTS:
+            setattr(layer, name, _Fp8Input(getattr(layer, name)))
+    return model
 
 
 def prompts_from(text: str, ck: LoadedCheckpoint, count: int, length: int) -> list[list[int]]:
@@ -198,52 +252,82 @@ def prompts_from(text: str, ck: LoadedCheckpoint, count: int, length: int) -> li
     return [ck.tokenizer.encode(s)[:length] for s in picked]
 
 
+ROWS = ["bf16", "fp8", "fp8-w", "fp8-a", "fp8-gptq", "fp8-smooth", "int4-rtn", "int4-awq",
+        "int4-awq-gptq"]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="torch")
-    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
+    ap.add_argument("--only", default=",".join(ROWS), help="rows to measure (bf16 always)")
+    ap.add_argument("--prompts", type=int, default=32, help="0: no greedy agreement")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument(
-        "--spread", action="store_true", help="also FP8 on grids shifted by 0.1%% and 0.3%%"
-    )
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     ck = load_checkpoint()
-    held = ck.tokenizer.encode((DATA / "heldout.txt").read_text())
+    held = ck.tokenizer.encode((DATA / HELD_OUT).read_text())
     runner = Runner(ck.config, 1, WINDOW, args.device)
-    print(f"{ck.model_id}: held-out {len(held)} tokens; device {args.device}, {args.backend}")
+    rows = ["bf16"] + [r for r in args.only.split(",") if r in ROWS and r != "bf16"]
+    print(f"{ck.model_id}: held-out {HELD_OUT} {len(held)} tokens; device {args.device}, "
+          f"{args.backend}")  # fmt: skip
 
-    hessians = calibrate(ck, args, Hessian, list(PARTS))
-    models = {
-        "bf16": build(ck, ck.tensors, "dense", args),
-        "fp8": build(ck, ck.tensors, "fp8", args),
-        "fp8-gptq": build(ck, fp8_tensors(ck, hessians), "fp8", args),
-        "int4-rtn": build(ck, ck.tensors, "int4", args),
-        "int4-awq": build(ck, awq_tensors(ck, args), "int4", args),
-    }
-    ppl = {name: perplexity(m, runner, held) for name, m in models.items()}
-    for name, value in ppl.items():
-        delta = value / ppl["bf16"] - 1
-        print(f"  perplexity {name:<9} {value:8.3f}  ({delta:+.2%} vs bf16)", flush=True)
-    for eps in (1e-3, 3e-3) if args.spread else ():
-        for name, h in (("fp8", None), ("fp8-gptq", hessians)):
-            value = perplexity(build(ck, fp8_tensors(ck, h, eps), "fp8", args), runner, held)
-            delta = value / ppl["bf16"] - 1
-            print(f"  perplexity {name:<9} {value:8.3f}  ({delta:+.2%} vs bf16), grid x(1+{eps:g})")
+    hessians = stats = None
+    if {"fp8-gptq", "int4-awq-gptq"} & set(rows):
+        hessians = calibrate(ck, args, Hessian, list(PARTS))
+    if {"fp8-smooth", "int4-awq", "int4-awq-gptq"} & set(rows):
+        stats = calibrate(ck, args, lambda k: ActivationStats(k, SAMPLE_ROWS), list(PARTS))
+    dev = args.device
 
-    prompts = prompts_from((DATA / "heldout.txt").read_text(), ck, args.prompts, 24)
-    runner = Runner(ck.config, len(prompts), 24 + args.new_tokens, args.device)
-    ref = greedy(models["bf16"], models["bf16"], runner, prompts, args.new_tokens)
-    pipe = greedy(models["fp8-gptq"], models["int4-awq"], runner, prompts, args.new_tokens)
-    same = [next((i for i, (a, b) in enumerate(zip(r, q, strict=True)) if a != b), len(r))
-            for r, q in zip(ref, pipe, strict=True)]  # fmt: skip
-    exact = sum(s == args.new_tokens for s in same)
-    tokens_agree = sum(s for s in same) / (len(same) * args.new_tokens)
-    print(f"  greedy fp8-gptq-prefill + int4-awq-decode vs bf16 ({len(prompts)} prompts x "
-          f"{args.new_tokens} tokens): {exact}/{len(prompts)} identical, "
-          f"{tokens_agree:.1%} of tokens before the first divergence")  # fmt: skip
+    def model(row: str) -> LlamaModel:
+        if row == "bf16":
+            return build(ck, ck.tensors, "dense", args)
+        if row in ("fp8", "int4-rtn"):
+            return build(ck, ck.tensors, row.split("-")[0], args)
+        if row == "fp8-w":
+            fp8 = fp8_tensors(ck, None).items()
+            weights = {n: w.dequantize() if isinstance(w, Fp8Channels) else w for n, w in fp8}
+            return build(ck, weights, "dense", args)
+        if row == "fp8-a":
+            return fp8_inputs(build(ck, ck.tensors, "dense", args))
+        if row == "fp8-gptq":
+            return build(ck, fp8_tensors(ck, hessians), "fp8", args)
+        assert stats is not None
+        if row == "fp8-smooth":
+            return build(ck, smooth_tensors(ck, stats, dev), "fp8", args)
+        gptq_h = hessians if row == "int4-awq-gptq" else None
+        return build(ck, awq_tensors(ck, stats, gptq_h, dev), "int4", args)
+
+    nll: dict[str, torch.Tensor] = {}
+    models = {}
+    for row in rows:
+        models[row] = model(row)
+        nll[row] = window_nll(models[row], runner, held)
+        ppl, ref = perplexity(nll[row]), perplexity(nll["bf16"])
+        se = paired_se(nll[row], nll["bf16"])
+        vs = "" if row == "bf16" else f"  ({ppl / ref - 1:+.2%} vs bf16, se {se:.2%})"
+        print(f"  perplexity {row:<13} {ppl:8.3f}{vs}  ({time.time() - t0:.0f} s)", flush=True)
+        if row not in ("bf16", "fp8-smooth", "int4-awq-gptq"):
+            del models[row]  # keep only what the pipeline below needs
+
+    if args.prompts and {"fp8-smooth", "int4-awq-gptq"} <= set(models):
+        text = (DATA / HELD_OUT).read_text()
+        prompts = prompts_from(text, ck, args.prompts, 24)
+        runner = Runner(ck.config, len(prompts), 24 + args.new_tokens, args.device)
+        ref_tokens = greedy(models["bf16"], models["bf16"], runner, prompts, args.new_tokens)
+        pipe = greedy(
+            models["fp8-smooth"], models["int4-awq-gptq"], runner, prompts, args.new_tokens
+        )
+        same = [next((i for i, (a, b) in enumerate(zip(r, q, strict=True)) if a != b), len(r))
+                for r, q in zip(ref_tokens, pipe, strict=True)]  # fmt: skip
+        exact = sum(s == args.new_tokens for s in same)
+        agree = sum(same) / (len(same) * args.new_tokens)
+        print(f"  greedy fp8-smooth prefill + int4-awq-gptq decode vs bf16 ({len(prompts)} "
+              f"prompts x {args.new_tokens} tokens): {exact}/{len(prompts)} identical, "
+              f"{agree:.1%} of tokens before the first divergence")  # fmt: skip
     print(f"  ({time.time() - t0:.0f} s)")
 
 

@@ -6,8 +6,11 @@
                                 round-to-nearest; packed for the backend (kernels.int4_linear)
     int8     engine.quant.int8  symmetric int8 per output channel (the decode LM head on CPUs)
 
-Activation-aware scaling (AWQ, engine.quant.awq) rewrites full-precision weights before
-they reach the `int4` format, so it needs no format of its own.
+Calibrated quantizers need no format of their own: activation-aware scaling (AWQ for
+int4, engine.quant.awq; SmoothQuant for fp8, engine.quant.smooth) rewrites the
+full-precision checkpoint (engine.quant.scaling folds the scales), and AWQ's clipping and
+GPTQ's rounding (engine.quant.gptq) leave `Int4Groups` / `Fp8Channels`, which the formats
+serve as they are.
 """
 
 from engine.quant import fp8, int4, int8  # noqa: F401  (each registers its format)

@@ -1,10 +1,15 @@
-"""INT4 weight-only quantization, round-to-nearest: the decode pool's format.
+"""INT4 weight-only quantization: the decode pool's format.
 
 Per group of G input channels (G = 128, or 64 where K is not a multiple of 128):
 
-    s = max(w_max - w_min, 1e-5) / 15       (rounded to bf16 first, as stored)
-    z = clamp(round(-w_min / s), 0, 15)     q = clamp(round(w / s) + z, 0, 15)
+    s = max(r w_max - r w_min, 1e-5) / 15   (rounded to bf16 first, as stored)
+    z = clamp(round(-r w_min / s), 0, 15)   q = clamp(round(w / s) + z, 0, 15)
     W ≈ (q - z) * s
+
+with r = 1 (round-to-nearest, `quantize_int4`) or a per-group clip ratio r <= 1 that a
+calibrated quantizer chose (`engine.quant.awq.search_clip`). A calibrated quantizer may
+also pick q itself against the group's grid (`int4_grid`; GPTQ, `engine.quant.gptq`) and
+hand the format an `Int4Groups`, which it packs as it is.
 
 The packed layout belongs to the kernel (`kernels.int4_linear`): the format picks the one
 the fastest kernel on the device reads (`default_layout`).
@@ -17,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from engine.linear import LinearFormat, check_activation_dtype, register_format
+from engine.linear import LinearFormat, QuantizedWeight, check_activation_dtype, register_format
 from kernels.backend import KernelBackend
 from kernels.int4_linear import (
     Int4Weight,
@@ -29,20 +34,47 @@ from kernels.int4_linear import (
 
 
 @dataclass(frozen=True)
-class Int4Groups:
+class Int4Groups(QuantizedWeight):
     """Canonical quantized form: q [N, K] uint8 in [0, 15], scales/zeros [N, K/G] bf16."""
 
     q: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     group_size: int
+    format: ClassVar[str] = "int4"
+
+    def __post_init__(self) -> None:
+        n, k = self.q.shape
+        if self.scales.shape != (n, k // self.group_size) or self.zeros.shape != self.scales.shape:
+            raise ValueError(
+                f"INT4 groups of {self.group_size} over {tuple(self.q.shape)} need scales and "
+                f"zeros of shape {(n, k // self.group_size)}, got {tuple(self.scales.shape)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.q.shape[0]), int(self.q.shape[1])
+
+    @classmethod
+    def cat(cls, parts: list[Int4Groups]) -> Int4Groups:
+        if len({p.group_size for p in parts}) != 1:
+            raise ValueError("cannot merge INT4 weights of different group sizes")
+        return cls(
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scales for p in parts]),
+            torch.cat([p.zeros for p in parts]),
+            parts[0].group_size,
+        )
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.q, self.scales, self.zeros)
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int | None = None) -> Int4Groups:
-    """Asymmetric round-to-nearest per group of `group_size` input channels."""
+def int4_grid(
+    weight: torch.Tensor, group_size: int | None = None, ratios: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-group (scales, zeros) [N, K/G] bf16 of `weight` [N, K], each group's range
+    shrunk by `ratios` [N, K/G] where given."""
     if weight.dim() != 2:
         raise ValueError(f"INT4 quantization takes a 2-D weight, got shape {tuple(weight.shape)}")
     n, k = weight.shape
@@ -51,11 +83,32 @@ def quantize_int4(weight: torch.Tensor, group_size: int | None = None) -> Int4Gr
         raise ValueError(f"in_features {k} is not a multiple of the group size {g}")
     w = weight.float().reshape(n, k // g, g)
     w_min, w_max = w.amin(dim=-1), w.amax(dim=-1)
+    if ratios is not None:
+        w_min, w_max = w_min * ratios, w_max * ratios
     scales = ((w_max - w_min).clamp_min(1e-5) / 15).to(torch.bfloat16)
-    s = scales.float()
-    zeros = (-w_min / s).round().clamp(0, 15)
-    q = ((w / s[..., None]).round() + zeros[..., None]).clamp(0, 15)
-    return Int4Groups(q.reshape(n, k).to(torch.uint8), scales, zeros.to(torch.bfloat16), g)
+    zeros = (-w_min / scales.float()).round().clamp(0, 15)
+    return scales, zeros.to(torch.bfloat16)
+
+
+def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """q = clamp(round(w / s) + z, 0, 15) for w [N, K'] whose K' columns share one group
+    (scales, zeros [N]) or span whole groups (scales, zeros [N, K'/G])."""
+    s, z = scales.to(w.dtype), zeros.to(w.dtype)
+    if s.dim() == 2:
+        g = w.shape[1] // s.shape[1]
+        s, z = s.repeat_interleave(g, dim=1), z.repeat_interleave(g, dim=1)
+    else:
+        s, z = s[:, None], z[:, None]
+    return ((w / s).round() + z).clamp(0, 15)
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int | None = None, ratios: torch.Tensor | None = None
+) -> Int4Groups:
+    """Asymmetric round-to-nearest per group of `group_size` input channels."""
+    scales, zeros = int4_grid(weight, group_size, ratios)
+    q = round_to_grid(weight.float(), scales, zeros)
+    return Int4Groups(q.to(torch.uint8), scales, zeros, weight.shape[1] // scales.shape[1])
 
 
 class Int4Format(LinearFormat):
@@ -67,10 +120,15 @@ class Int4Format(LinearFormat):
     def prepare(
         self, weight: torch.Tensor, dtype: torch.dtype, device: str, ops: KernelBackend
     ) -> Int4Weight:
+        return self.prepare_quantized(quantize_int4(weight), dtype, device, ops)
+
+    def prepare_quantized(
+        self, weight: QuantizedWeight, dtype: torch.dtype, device: str, ops: KernelBackend
+    ) -> Int4Weight:
         check_activation_dtype(self, dtype, ops)
-        groups = quantize_int4(weight)
+        assert isinstance(weight, Int4Groups)  # Linear hands a format only its own kind
         layout = ops.int4_layout or default_layout(device)
-        return pack_int4(groups.q, groups.scales, groups.zeros, groups.group_size, layout, device)
+        return pack_int4(weight.q, weight.scales, weight.zeros, weight.group_size, layout, device)
 
     def apply(
         self,

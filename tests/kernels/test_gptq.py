@@ -1,14 +1,20 @@
-"""engine.quant.gptq: GPTQ rounding to FP8, and weights quantized ahead of time in the model."""
+"""engine.quant.gptq: GPTQ rounding to FP8 and INT4, weights quantized ahead of time in the
+model, and scaled checkpoints (engine.quant.scaling)."""
+
+import dataclasses
 
 import pytest
 import torch
 
+from bench.paged_runner import Runner
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.linear import Linear, cat_weights, linear_format
 from engine.loaders.tensor_layout import expected_shapes
 from engine.model import LlamaModel
 from engine.quant.fp8 import Fp8Channels, quantize_fp8_per_channel
-from engine.quant.gptq import Hessian, gptq, gptq_fp8
+from engine.quant.gptq import Hessian, gptq, gptq_fp8, gptq_int4
+from engine.quant.int4 import quantize_int4
+from engine.quant.scaling import SCALED, scale_checkpoint
 from kernels.backend import get_backend
 from tests.kernels.bounds import FP8_ROUND, FP8_SUBNORMAL, assert_within
 
@@ -78,9 +84,10 @@ def test_gptq_rounds_every_column_once_in_order():
     x = _correlated_rows(300, torch.randn(8, 200, generator=gen), gen).double()
     seen = []
 
-    def to_integers(column: torch.Tensor) -> torch.Tensor:
-        seen.append(column.clone())
-        return column.round()
+    def to_integers(j: int, rest: torch.Tensor) -> torch.Tensor:
+        assert j == len(seen) and rest.shape == (5, 128 - j % 128 if j < 128 else 200 - j)
+        seen.append(rest[:, 0].clone())
+        return rest[:, 0].round()
 
     out = gptq(w, x.T @ x / 300, to_integers)
     assert len(seen) == 200 and torch.equal(out, out.round())
@@ -160,3 +167,61 @@ def test_model_builds_merged_projections_from_quantized_weights():
     )
     with pytest.raises(ValueError, match="quantized as fp8 ahead of time"):
         LlamaModel(_tiny_config("dense"), tensors)
+
+
+def test_gptq_int4_lowers_the_output_error_on_unseen_rows():
+    gen = torch.Generator().manual_seed(6)
+    k, n = 256, 64
+    mix = torch.randn(8, k, generator=gen)
+    calib, held_out = _correlated_rows(1024, mix, gen), _correlated_rows(512, mix, gen)
+    w = torch.randn(n, k, generator=gen)
+    hessian = Hessian(k)
+    hessian.observe(calib)
+    got = gptq_int4(w, hessian.matrix)
+    assert got.group_size == 128 and got.scales.shape == (n, 2)
+    assert got.q.dtype == torch.uint8 and int(got.q.max()) <= 15
+    z = got.zeros.float()
+    assert torch.equal(z, z.round()) and z.min() >= 0 and z.max() <= 15
+    err_gptq = _output_error(held_out, w, got.dequantize())
+    err_rtn = _output_error(held_out, w, quantize_int4(w).dequantize())
+    assert err_gptq < 0.1 * err_rtn, (err_gptq, err_rtn)
+    # Clip ratios shrink each group's range (here all groups to half: smaller steps).
+    half = gptq_int4(w, hessian.matrix, ratios=torch.full((n, 2), 0.5))
+    assert float(half.scales.float().mean()) < 0.6 * float(got.scales.float().mean())
+
+
+def test_hessian_of_scaled_inputs():
+    gen = torch.Generator().manual_seed(7)
+    x, s = torch.randn(50, 6, generator=gen), torch.rand(6, generator=gen) + 0.5
+    h = Hessian(6)
+    h.observe(x)
+    expected = (x / s).double().T @ (x / s).double() / 50
+    assert torch.allclose(h.scaled(s), expected)
+
+
+def test_scaling_a_checkpoint_keeps_its_function():
+    """s folded upstream (norms, up_proj rows): the same logits in full precision."""
+    config = dataclasses.replace(_tiny_config("dense"), dtype="float32")
+    gen = torch.Generator().manual_seed(8)
+    tensors = {
+        n: torch.randn(s, generator=gen) * 0.2 for n, s in expected_shapes(config.model).items()
+    }
+    layers = config.model.num_layers
+    scales = {}
+
+    def search(weights: list[torch.Tensor], key: str) -> torch.Tensor:
+        scales[key] = torch.rand(weights[0].shape[1], generator=gen) * 4 + 0.25
+        return scales[key]
+
+    stats = [{p: f"{i}.{p}" for p in SCALED} for i in range(layers)]
+    scaled, chosen = scale_checkpoint(tensors, layers, stats, search)
+    assert chosen[1]["qkv_proj"] is scales["1.qkv_proj"]
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.allclose(scaled[q], tensors[q] * scales["1.qkv_proj"])
+    runner = Runner(config.model, 1, 64, "cpu", torch.float32)
+    ids = torch.randint(0, 96, (20,), generator=gen).tolist()
+    before, after = (
+        LlamaModel(config, t).logits(runner.step(LlamaModel(config, t), [(0, ids, 0)], 0))
+        for t in (tensors, scaled)
+    )
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4), (after - before).abs().max()
