@@ -14,6 +14,7 @@ reading the token the shard sent it over gRPC.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import mmap
 import os
@@ -47,6 +48,8 @@ def _fused_copy() -> CopyHashed | None:
 
 
 def _address(view: memoryview) -> int:
+    if not view.readonly:  # a tenth of numpy's cost, which is 128 blocks x 3 us a put
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 

@@ -162,12 +162,11 @@ class KVStoreServicer:
             assembler.finish()
             outcome = self._store.commit_put(txn, start)
         except KVStoreError as exc:
+            self._abandon(txn)  # before the client hears of the failure
             await _abort(context, exc)
         finally:
             if outcome is None:
-                if txn is not None:
-                    txn.abort()
-                self._sync.forget(self._store.drain_evicted())
+                self._abandon(txn)
         await self._sync.publish(outcome.stored, self._store.drain_evicted())
         self._store.metrics.record_transfer("put", "grpc", nbytes, time.perf_counter() - began)
         return pb.PutResponse(stored=len(outcome.stored), deduplicated=len(outcome.deduplicated))
@@ -243,10 +242,8 @@ class KVStoreServicer:
             self._check_token(reserve.reserve.token)
             start = reserve.reserve.start
             txn = self._store.begin_put(start)
-            metas = [BlockMeta.from_proto(h) for h in reserve.reserve.headers]
-            offsets = [txn.stage(meta) for meta in metas]
-            yield pb.PutSharedResponse(slots=pb.SharedSlots(offsets=[o or 0 for o in offsets]))
-            slots = [(m, o) for m, o in zip(metas, offsets, strict=True) if o is not None]
+            slots: list[tuple[BlockMeta, int]] = []  # written in this order
+            yield self._reserve_slots(txn, reserve.reserve.headers, slots)
             written = 0
             # A bad batch is reported when the client commits: one that is still writing
             # would only see its next write fail, without the reason.
@@ -255,6 +252,13 @@ class KVStoreServicer:
                 step = request.WhichOneof("step")
                 if step == "commit":
                     break
+                if step == "reserve":  # more blocks, while the first ones are copied
+                    if request.reserve.HasField("start") or request.reserve.token:
+                        raise MalformedMessageError(
+                            "only the first `reserve` carries `start` and `token`"
+                        )
+                    yield self._reserve_slots(txn, request.reserve.headers, slots)
+                    continue
                 if step != "written":
                     raise MalformedMessageError(f"PutShared got `{step}` after `reserve`")
                 checksums = request.written.checksums
@@ -276,12 +280,11 @@ class KVStoreServicer:
                 )
             outcome = self._store.commit_put(txn, start)
         except KVStoreError as exc:
+            self._abandon(txn)  # before the client hears of the failure
             await _abort(context, exc)
         finally:
             if outcome is None:
-                if txn is not None:
-                    txn.abort()
-                self._sync.forget(self._store.drain_evicted())
+                self._abandon(txn)
         await self._sync.publish(outcome.stored, self._store.drain_evicted())
         nbytes = sum(b.meta.size for b in outcome.stored)
         self._store.metrics.record_transfer("put", "shm", nbytes, time.perf_counter() - began)
@@ -326,6 +329,25 @@ class KVStoreServicer:
             return None if offset is None else arena.view(offset, meta.size)
 
         return begin
+
+    @staticmethod
+    def _reserve_slots(
+        txn: PutTransaction,
+        headers: Sequence[pb.BlockHeader],
+        slots: list[tuple[BlockMeta, int]],
+    ) -> pb.PutSharedResponse:
+        """Stages `headers` in `txn`, appends the slots to write to `slots`, and answers
+        with one offset per header (0: the shard holds that block already)."""
+        metas = [BlockMeta.from_proto(h) for h in headers]
+        offsets = [txn.stage(meta) for meta in metas]
+        slots += [(m, o) for m, o in zip(metas, offsets, strict=True) if o is not None]
+        return pb.PutSharedResponse(slots=pb.SharedSlots(offsets=[o or 0 for o in offsets]))
+
+    def _abandon(self, txn: PutTransaction | None) -> None:
+        """Frees the slots of a put that will not commit; a second call does nothing."""
+        if txn is not None:
+            txn.abort()
+        self._sync.forget(self._store.drain_evicted())
 
     def _check_token(self, token: bytes) -> None:
         if token != self._store.arena.segment.token:

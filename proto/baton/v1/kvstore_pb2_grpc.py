@@ -147,7 +147,8 @@ class KVStoreServicer:
     def PutShared(self, request_iterator, context):
         """reserve -> slots; the client writes payloads into the slots, announcing each batch
         with its checksums (`written`, verified by the shard while the client writes the
-        next batch); commit -> result.
+        next batch); more `reserve` steps (headers only) may come before commit, each
+        answered by its slots; commit -> result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

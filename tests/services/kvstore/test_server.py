@@ -338,6 +338,45 @@ async def test_shared_memory_put_verifies_written_batches_as_they_arrive(
         assert as_bytes(out) == as_bytes(blocks)
 
 
+@pytest.mark.parametrize("second_start", [False, True], ids=["headers-only", "with-start"])
+async def test_shared_memory_put_may_reserve_in_several_steps(
+    shard: ShardFactory, second_start: bool
+) -> None:
+    blocks, hashes = make_blocks(3), make_hashes(3)
+    payloads = [as_bytes(b) for b in blocks]
+    headers = [header(h, p) for h, p in zip(hashes, payloads, strict=True)]
+    async with shard() as server, client_for(server) as client:
+        shard_client = client._client(f"127.0.0.1:{server.port}")
+        segment = await shard_client.shared_segment()
+        assert segment is not None
+        call = shard_client.stub.PutShared(timeout=30)
+        first = pb.PutSharedReserve(start=START, headers=headers[:1], token=segment.token)
+        await call.write(pb.PutSharedRequest(reserve=first))
+        offsets = list((await call.read()).slots.offsets)
+        later = pb.PutSharedReserve(headers=headers[1:])
+        if second_start:
+            later.start.CopyFrom(START)
+        await call.write(pb.PutSharedRequest(reserve=later))
+        if second_start:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await call.read()
+            assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "only the first `reserve` carries `start`" in (failure.value.details() or "")
+            assert nothing_stored(server)
+            return
+        offsets += (await call.read()).slots.offsets
+        assert len(set(offsets)) == 3 and 0 not in offsets
+        for offset, payload in zip(offsets, payloads, strict=True):
+            segment.view[offset : offset + len(payload)] = payload
+        checksums = [xxhash.xxh3_64_intdigest(p) for p in payloads]
+        await call.write(pb.PutSharedRequest(written=pb.PutSharedWritten(checksums=checksums)))
+        await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
+        assert (await call.read()).result == pb.PutResponse(stored=3, deduplicated=0)
+        out = torch.zeros_like(blocks)
+        assert await client.get_into(hashes, list(out)) == 3
+    assert as_bytes(out) == as_bytes(blocks)
+
+
 async def test_client_announces_shared_memory_writes_in_batches(
     shard: ShardFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
