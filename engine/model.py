@@ -19,6 +19,7 @@ from engine.linear import Linear, LinearFormat, QuantizedWeight, cat_weights, li
 from engine.rope import RotaryTable
 from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend, get_backend
+from kernels.decode_layer_cpu import NativeDecodeLayers
 
 
 class _Weights:
@@ -127,6 +128,9 @@ class LlamaModel:
         head_fmt = linear_format(config.lm_head_linear)
         self.lm_head = Linear(w.raw(head), None, head_fmt, self.ops, w.dtype, w.device, invariant)
         self.rotary = RotaryTable(cfg, config.scheduler.max_model_len, config.device)
+        self.native_decode = True
+        """Whether decode steps may run each layer as one native call (on by default)."""
+        self._native: NativeDecodeLayers | bool | None = None  # False: this model cannot
 
     def forward(
         self,
@@ -140,10 +144,32 @@ class LlamaModel:
         cos, sin = self.rotary.lookup(positions)
         self.ops.plan_attention(meta)
         residual: torch.Tensor | None = None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, kv_cache[:, i], meta)
+        layers = self._native_layers(x, kv_cache, meta)
+        if layers is not None:
+            x, residual = layers.run(x, cos, sin, kv_cache, meta)
+        else:
+            for i, layer in enumerate(self.layers):
+                x, residual = layer(x, residual, cos, sin, kv_cache[:, i], meta)
         x, _ = self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
         return x
+
+    def _native_layers(
+        self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> NativeDecodeLayers | None:
+        """The one-call-per-layer CPU path, for a step whose every row decodes on a model
+        it can run (kernels.decode_layer_cpu); None: op by op."""
+        if (
+            not self.native_decode
+            or self.ops.name != "torch"
+            or x.dtype != torch.bfloat16
+            or x.device.type != "cpu"
+            or meta.num_decodes != meta.batch_size
+            or meta.num_tokens != meta.batch_size
+        ):
+            return None
+        if self._native is None:
+            self._native = NativeDecodeLayers.build(self, kv_cache) or False
+        return self._native if isinstance(self._native, NativeDecodeLayers) else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -1,0 +1,185 @@
+"""A decode step's decoder layers on the CPU, one native call each: launcher of
+`kernels/cpu/decode_layer.cpp`.
+
+Op by op, a batch-1 decode step of SmolLM2 made ~330 native calls and spent about half
+its 30 ms between them (argument checks, tensor allocations, ctypes, the GIL taken back
+after each call). The native layer runs the same kernels on the same buffers in the same
+order, so its output is bit for bit the op-by-op one (tests/kernels/test_decode_layer_cpu.py).
+
+It serves steps whose every row decodes, with bf16 activations and KV, INT4 weights in
+the `"avx2"` layout without biases, and no batch-invariant splitting; `NativeDecodeLayers.
+build` returns None for any other model, which then runs op by op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from kernels import native
+from kernels.attention_metadata import AttentionMetadata
+from kernels.int4_linear import Int4Weight
+
+_p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+
+
+class _Int4Proj(ctypes.Structure):
+    _fields_ = [
+        ("qweight", _p),
+        ("scales", _p),
+        ("zeros", _p),
+        ("n", _i64),
+        ("k", _i64),
+        ("group", _i64),
+    ]
+
+
+class _DecodeLayer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", _p),
+        ("post_norm", _p),
+        ("qkv", _Int4Proj),
+        ("o", _Int4Proj),
+        ("gate_up", _Int4Proj),
+        ("down", _Int4Proj),
+        ("cache", _p),
+    ]
+
+
+_BUFFERS = ("x", "residual", "h", "qkv", "q", "k", "attn", "gate_up", "act")
+
+
+class _DecodeStep(ctypes.Structure):
+    _fields_ = [
+        *[(name, _i64) for name in ("tokens", "hidden", "heads", "kv_heads", "head_dim", "inter")],
+        ("eps", _f32),
+        ("scale", _f32),
+        ("threads", _i32),
+        ("first", _i32),
+        ("cos", _p),
+        ("sin", _p),
+        ("slots", _p),
+        ("block_tables", _p),
+        ("table_stride", _i64),
+        ("seq_lens", _p),
+        ("block_stride", _i64),
+        ("kv_stride", _i64),
+        ("block_size", _i64),
+        *[(name, _p) for name in _BUFFERS],
+    ]
+
+
+def _proj(w: Any) -> _Int4Proj | None:
+    if not (isinstance(w, Int4Weight) and w.layout == "avx2" and w.zeros is not None):
+        return None
+    return _Int4Proj(
+        w.qweight.data_ptr(),
+        w.scales.data_ptr(),
+        w.zeros.data_ptr(),
+        w.out_features,
+        w.in_features,
+        w.group_size,
+    )
+
+
+class NativeDecodeLayers:
+    """The native layer arguments of one model, built once; `run` serves a decode step."""
+
+    def __init__(
+        self, layers: list[_DecodeLayer], cfg: Any, scale: float, eps: float, cache: torch.Tensor
+    ) -> None:
+        self._layers = layers
+        self._cache = cache.data_ptr()
+        self._refs = [ctypes.pointer(layer) for layer in layers]
+        self.cfg = cfg
+        self._scale = scale
+        self._eps = eps
+        self._fn = native.lib().baton_decode_layer_bf16
+        self._fn.restype = None
+        self._fn.argtypes = [ctypes.POINTER(_DecodeLayer), ctypes.POINTER(_DecodeStep)]
+
+    @classmethod
+    def build(cls, model: Any, kv_cache: torch.Tensor) -> NativeDecodeLayers | None:
+        """The native layers of `model` (engine.model.LlamaModel) over `kv_cache`
+        [blocks, layers, 2, block_size, kv_heads, head_dim], or None when any part of
+        either is not what the native layer runs."""
+        cfg = model.cfg
+        if (
+            native.library() is None
+            or kv_cache.dtype != torch.bfloat16
+            or kv_cache.device.type != "cpu"
+            or cfg.head_dim % 16
+            or cfg.hidden_size % 8
+        ):
+            return None
+        layers = []
+        for i, layer in enumerate(model.layers):
+            linears = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+            if any(lin.bias is not None or lin.batch_invariant for lin in linears):
+                return None
+            projs = [_proj(lin.stored) for lin in linears]
+            norms = (layer.input_norm, layer.post_attention_norm)
+            if any(p is None for p in projs) or any(n.dtype != torch.bfloat16 for n in norms):
+                return None
+            kv_layer = kv_cache[:, i]
+            if kv_layer.stride()[2:] != (cfg.num_kv_heads * cfg.head_dim, cfg.head_dim, 1):
+                return None
+            layers.append(
+                _DecodeLayer(norms[0].data_ptr(), norms[1].data_ptr(), *projs, kv_layer.data_ptr())
+            )
+        return cls(layers, cfg, model.layers[0].scale, cfg.rms_norm_eps, kv_cache)
+
+    def run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer of a decode step: (x, residual) as the op-by-op loop leaves them."""
+        cfg, t = self.cfg, x.shape[0]
+        if kv_cache.data_ptr() != self._cache:  # a new cache: every layer's slice moved
+            for i, layer in enumerate(self._layers):
+                layer.cache = kv_cache[:, i].data_ptr()
+            self._cache = kv_cache.data_ptr()
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        inter = self._layers[0].gate_up.n // 2
+        hidden = cfg.hidden_size
+        # in _BUFFERS order
+        widths = [hidden, hidden, hidden, q_size + 2 * kv_size, q_size, kv_size, q_size]
+        widths += [2 * inter, inter]
+        buffers = [torch.empty((t, w), dtype=torch.bfloat16) for w in widths]
+        buffers[0].copy_(x)
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        slots = meta.slot_mapping.to(torch.int64).contiguous()
+        tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
+        kv_layer = kv_cache[:, 0]
+        step = _DecodeStep(
+            t,
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            inter,
+            self._eps,
+            self._scale,
+            torch.get_num_threads(),
+            1,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            tables.data_ptr(),
+            tables.stride(0),
+            seq_lens.data_ptr(),
+            kv_layer.stride(0),
+            kv_layer.stride(1),
+            kv_layer.shape[2],
+            *[b.data_ptr() for b in buffers],
+        )
+        ref = ctypes.byref(step)
+        for pointer in self._refs:
+            self._fn(pointer, ref)
+        return buffers[0], buffers[1]
