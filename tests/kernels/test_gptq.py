@@ -27,6 +27,19 @@ def _correlated_rows(rows: int, mix: torch.Tensor, gen: torch.Generator) -> torc
     return torch.randn(rows, factors, generator=gen) @ mix + noise
 
 
+def _calibrated_problem(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight [64, 256], the Hessian of 1024 correlated calibration rows, and 512 unseen
+    rows from the same distribution."""
+    gen = torch.Generator().manual_seed(seed)
+    k, n = 256, 64
+    mix = torch.randn(8, k, generator=gen)
+    calib, held_out = _correlated_rows(1024, mix, gen), _correlated_rows(512, mix, gen)
+    w = torch.randn(n, k, generator=gen)
+    hessian = Hessian(k)
+    hessian.observe(calib)
+    return w, hessian.matrix, held_out
+
+
 def _output_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:
     return float((x.double() @ (w.double() - q.double()).T).pow(2).mean())
 
@@ -56,14 +69,8 @@ def test_uncorrelated_inputs_leave_nothing_to_compensate():
 
 
 def test_gptq_fp8_lowers_the_output_error_on_unseen_rows():
-    gen = torch.Generator().manual_seed(2)
-    k, n = 256, 64
-    mix = torch.randn(8, k, generator=gen)
-    calib, held_out = _correlated_rows(1024, mix, gen), _correlated_rows(512, mix, gen)
-    w = torch.randn(n, k, generator=gen)
-    hessian = Hessian(k)
-    hessian.observe(calib)
-    got = gptq_fp8(w, hessian.matrix)
+    w, hessian, held_out = _calibrated_problem(2)
+    got = gptq_fp8(w, hessian)
     q, scale = quantize_fp8_per_channel(w)
     assert torch.equal(got.scale, scale)  # the format's own per-channel scales
     # Every value sits on the FP8 grid of its channel: the format serves it as it is.
@@ -170,14 +177,9 @@ def test_model_builds_merged_projections_from_quantized_weights():
 
 
 def test_gptq_int4_lowers_the_output_error_on_unseen_rows():
-    gen = torch.Generator().manual_seed(6)
-    k, n = 256, 64
-    mix = torch.randn(8, k, generator=gen)
-    calib, held_out = _correlated_rows(1024, mix, gen), _correlated_rows(512, mix, gen)
-    w = torch.randn(n, k, generator=gen)
-    hessian = Hessian(k)
-    hessian.observe(calib)
-    got = gptq_int4(w, hessian.matrix)
+    w, hessian, held_out = _calibrated_problem(6)
+    n = w.shape[0]
+    got = gptq_int4(w, hessian)
     assert got.group_size == 128 and got.scales.shape == (n, 2)
     assert got.q.dtype == torch.uint8 and int(got.q.max()) <= 15
     z = got.zeros.float()
@@ -186,7 +188,7 @@ def test_gptq_int4_lowers_the_output_error_on_unseen_rows():
     err_rtn = _output_error(held_out, w, quantize_int4(w).dequantize())
     assert err_gptq < 0.1 * err_rtn, (err_gptq, err_rtn)
     # Clip ratios shrink each group's range (here all groups to half: smaller steps).
-    half = gptq_int4(w, hessian.matrix, ratios=torch.full((n, 2), 0.5))
+    half = gptq_int4(w, hessian, ratios=torch.full((n, 2), 0.5))
     assert float(half.scales.float().mean()) < 0.6 * float(got.scales.float().mean())
 
 
