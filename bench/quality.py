@@ -45,6 +45,7 @@ from bench.paged_runner import Runner  # noqa: E402
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from engine.linear import QuantizedWeight  # noqa: E402
 from engine.loaders import LoadedCheckpoint, load_checkpoint  # noqa: E402
+from engine.loaders.tensor_layout import PROJECTIONS, layer_tensors  # noqa: E402
 from engine.model import LlamaModel  # noqa: E402
 from engine.quant.awq import ActivationStats, search_clip, search_scales  # noqa: E402
 from engine.quant.fp8 import Fp8Channels, quantize_fp8_per_channel  # noqa: E402
@@ -139,14 +140,6 @@ class _Recorder:
         return self.linear(x)
 
 
-PARTS = {
-    "qkv_proj": [f"self_attn.{x}_proj.weight" for x in "qkv"],
-    "o_proj": ["self_attn.o_proj.weight"],
-    "gate_up_proj": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
-    "down_proj": ["mlp.down_proj.weight"],
-}
-"""The model's merged projections and the checkpoint tensors each is made of."""
-
 Obs = TypeVar("Obs", bound=_Observer)
 
 
@@ -192,11 +185,11 @@ def awq_tensors(
     )
     t: dict[str, torch.Tensor | QuantizedWeight] = dict(scaled)
     for i in range(ck.config.num_layers):
-        for projection, parts in PARTS.items():
+        names = layer_tensors(i)
+        for projection in PROJECTIONS:
             s = scales[i].get(projection, torch.ones(1, device=device))
             x = stats[i][projection].sample.to(device) / s
-            for part in parts:
-                name = f"model.layers.{i}.{part}"
+            for name in names[projection]:
                 w = scaled[name].to(device)
                 ratios = search_clip(w, x)
                 if hessians is None:
@@ -215,9 +208,9 @@ def fp8_tensors(
     Hessian), else to nearest."""
     t: dict[str, torch.Tensor | QuantizedWeight] = dict(ck.tensors)
     for i in range(ck.config.num_layers):
-        for projection, parts in PARTS.items():
-            for part in parts:
-                name = f"model.layers.{i}.{part}"
+        names = layer_tensors(i)
+        for projection in PROJECTIONS:
+            for name in names[projection]:
                 w = ck.tensors[name].float()
                 if hessians is None:
                     t[name] = Fp8Channels(*quantize_fp8_per_channel(w))
@@ -239,7 +232,7 @@ class _Fp8Input:
 
 def fp8_inputs(model: LlamaModel) -> LlamaModel:
     for layer in model.layers:
-        for name in PARTS:
+        for name in PROJECTIONS:
             setattr(layer, name, _Fp8Input(getattr(layer, name)))
     return model
 
@@ -277,9 +270,9 @@ def main() -> None:
 
     hessians = stats = None
     if {"fp8-gptq", "int4-awq-gptq"} & set(rows):
-        hessians = calibrate(ck, args, Hessian, list(PARTS))
+        hessians = calibrate(ck, args, Hessian, list(PROJECTIONS))
     if {"fp8-smooth", "int4-awq", "int4-awq-gptq"} & set(rows):
-        stats = calibrate(ck, args, lambda k: ActivationStats(k, SAMPLE_ROWS), list(PARTS))
+        stats = calibrate(ck, args, lambda k: ActivationStats(k, SAMPLE_ROWS), list(PROJECTIONS))
     dev = args.device
 
     def model(row: str) -> LlamaModel:

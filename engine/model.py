@@ -16,6 +16,7 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.linear import Linear, LinearFormat, QuantizedWeight, cat_weights, linear_format
+from engine.loaders.tensor_layout import layer_tensors
 from engine.rope import RotaryTable
 from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend, get_backend
@@ -59,23 +60,24 @@ class DecoderLayer:
         ops: KernelBackend,
         batch_invariant: bool,
     ) -> None:
-        p = f"model.layers.{i}."
-        attn, mlp = p + "self_attn.", p + "mlp."
+        names = layer_tensors(i)
 
         def linear(
             weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
         ) -> Linear:
             return Linear(weight, bias, fmt, ops, w.dtype, w.device, batch_invariant)
 
-        qkv = [attn + f"{x}_proj.weight" for x in "qkv"]
+        qkv = names["qkv_proj"]
         biases = [n.replace(".weight", ".bias") for n in qkv]
         bias = torch.cat([w.get(n) for n in biases]) if cfg.qkv_bias else None
         self.qkv_proj = linear(w.cat(qkv), bias)
-        self.o_proj = linear(w.raw(attn + "o_proj.weight"))
-        self.gate_up_proj = linear(w.cat([mlp + "gate_proj.weight", mlp + "up_proj.weight"]))
-        self.down_proj = linear(w.raw(mlp + "down_proj.weight"))
-        self.input_norm = w.get(p + "input_layernorm.weight")
-        self.post_attention_norm = w.get(p + "post_attention_layernorm.weight")
+        (o,) = names["o_proj"]
+        self.o_proj = linear(w.raw(o))
+        self.gate_up_proj = linear(w.cat(names["gate_up_proj"]))
+        (down,) = names["down_proj"]
+        self.down_proj = linear(w.raw(down))
+        self.input_norm = w.get(names["input_layernorm"][0])
+        self.post_attention_norm = w.get(names["post_attention_layernorm"][0])
         self.cfg = cfg
         self.ops = ops
         self.scale = cfg.head_dim**-0.5

@@ -92,13 +92,11 @@ class NativeDecodeLayers:
     ) -> None:
         self._layers = layers
         self._cache = cache.data_ptr()
-        self._refs = [ctypes.pointer(layer) for layer in layers]
+        self._addresses = [ctypes.addressof(layer) for layer in layers]
         self.cfg = cfg
         self._scale = scale
         self._eps = eps
         self._fn = native.lib().baton_decode_layer_bf16
-        self._fn.restype = None
-        self._fn.argtypes = [ctypes.POINTER(_DecodeLayer), ctypes.POINTER(_DecodeStep)]
 
     @classmethod
     def build(cls, model: Any, kv_cache: torch.Tensor) -> NativeDecodeLayers | None:
@@ -139,7 +137,8 @@ class NativeDecodeLayers:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer of a decode step: (x, residual) as the op-by-op loop leaves them."""
+        """Every layer of a decode step: (x, residual) as the op-by-op loop leaves them.
+        `x` (the embedding rows, bf16) is the layers' working buffer: it is overwritten."""
         cfg, t = self.cfg, x.shape[0]
         if kv_cache.data_ptr() != self._cache:  # a new cache: every layer's slice moved
             for i, layer in enumerate(self._layers):
@@ -148,11 +147,9 @@ class NativeDecodeLayers:
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         inter = self._layers[0].gate_up.n // 2
         hidden = cfg.hidden_size
-        # in _BUFFERS order
-        widths = [hidden, hidden, hidden, q_size + 2 * kv_size, q_size, kv_size, q_size]
-        widths += [2 * inter, inter]
-        buffers = [torch.empty((t, w), dtype=torch.bfloat16) for w in widths]
-        buffers[0].copy_(x)
+        # in _BUFFERS order, after x
+        widths = [hidden, hidden, q_size + 2 * kv_size, q_size, kv_size, q_size, 2 * inter, inter]
+        buffers = [x.contiguous(), *(torch.empty((t, w), dtype=torch.bfloat16) for w in widths)]
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         slots = meta.slot_mapping.to(torch.int64).contiguous()
         tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
@@ -179,7 +176,7 @@ class NativeDecodeLayers:
             kv_layer.shape[2],
             *[b.data_ptr() for b in buffers],
         )
-        ref = ctypes.byref(step)
-        for pointer in self._refs:
-            self._fn(pointer, ref)
+        address = ctypes.addressof(step)
+        for layer_address in self._addresses:
+            self._fn(layer_address, address)
         return buffers[0], buffers[1]

@@ -15,6 +15,25 @@ from engine.config import ModelConfig
 _LAYER_PREFIX = "model.layers.{i}."
 
 
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+"""The model's merged projections, in the order a layer runs them."""
+
+
+def layer_tensors(layer: int) -> dict[str, list[str]]:
+    """The checkpoint names of each merged projection of decoder `layer` (its parts, in
+    the order they stack) and of its two norms."""
+    p = _LAYER_PREFIX.format(i=layer)
+    attn, mlp = p + "self_attn.", p + "mlp."
+    return {
+        "qkv_proj": [attn + f"{x}_proj.weight" for x in "qkv"],
+        "o_proj": [attn + "o_proj.weight"],
+        "gate_up_proj": [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
+        "down_proj": [mlp + "down_proj.weight"],
+        "input_layernorm": [p + "input_layernorm.weight"],
+        "post_attention_layernorm": [p + "post_attention_layernorm.weight"],
+    }
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the model reads, with its shape (`[out_features, in_features]` for linears)."""
     hidden, inter = config.hidden_size, config.intermediate_size

@@ -22,24 +22,12 @@ from typing import TypeVar
 
 import torch
 
+from engine.loaders.tensor_layout import layer_tensors
+
 Stats = TypeVar("Stats")
 
 SCALED = ("down_proj", "gate_up_proj", "qkv_proj")
 """In this order: down's 1/s changes the up_proj rows before gate_up picks its s."""
-
-
-def layer_tensors(layer: int) -> dict[str, list[str]]:
-    """The checkpoint names of each merged projection of `layer`, and of its norms."""
-    p = f"model.layers.{layer}."
-    attn, mlp = p + "self_attn.", p + "mlp."
-    return {
-        "qkv_proj": [attn + f"{x}_proj.weight" for x in "qkv"],
-        "o_proj": [attn + "o_proj.weight"],
-        "gate_up_proj": [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
-        "down_proj": [mlp + "down_proj.weight"],
-        "input_layernorm": [p + "input_layernorm.weight"],
-        "post_attention_layernorm": [p + "post_attention_layernorm.weight"],
-    }
 
 
 def scale_checkpoint(

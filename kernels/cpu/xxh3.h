@@ -1,4 +1,5 @@
-// XXH3-64 (seed 0, default secret) of inputs longer than 240 bytes, with AVX2: the KV
+// XXH3-64 (seed 0, default secret) of inputs longer than 240 bytes (shorter ones take
+// other algorithms; services.kvstore.segment.FUSED_MIN_BYTES keeps them away), with AVX2: the KV
 // block checksum of DESIGN.md, computed here so that a copy can hash the bytes it moves
 // while they are in L1 (copy.cpp). Python's `xxhash.xxh3_64_intdigest` is the reference;
 // tests/services/kvstore/test_segment.py checks copies of every length class against it.
@@ -19,7 +20,6 @@ namespace baton::xxh3 {
 constexpr int64_t kStripe = 64;
 constexpr int64_t kStripesPerBlock = 16;
 constexpr int64_t kBlock = kStripe * kStripesPerBlock;
-constexpr int64_t kMinLength = 241;  // shorter inputs take other algorithms
 
 constexpr uint64_t kPrime32_1 = 0x9E3779B1ULL;
 constexpr uint64_t kPrime32_2 = 0x85EBCA77ULL;
@@ -82,17 +82,10 @@ struct State {
     }
   }
 
-  // The hash of an input of `n` bytes at `p`, whose first `done` bytes (whole blocks, not
-  // the last one) have been fed through stripe() and scramble() already.
-  uint64_t finish(const uint8_t* p, int64_t n, int64_t done) {
+  // The hash of an input of `n` bytes at `p`, every whole block before its last block
+  // (the first (n - 1) / kBlock blocks) already fed through stripe() and scramble().
+  uint64_t finish(const uint8_t* p, int64_t n) {
     const int64_t blocks = (n - 1) / kBlock;
-    for (int64_t b = done / kBlock; b < blocks; ++b) {
-      for (int64_t s = 0; s < kStripesPerBlock; ++s) {
-        _mm_prefetch(reinterpret_cast<const char*>(p + b * kBlock + s * kStripe + 512), _MM_HINT_T0);
-        stripe(p + b * kBlock + s * kStripe, kSecret + 8 * s);
-      }
-      scramble();
-    }
     const int64_t tail_stripes = ((n - 1) - blocks * kBlock) / kStripe;
     for (int64_t s = 0; s < tail_stripes; ++s) stripe(p + blocks * kBlock + s * kStripe, kSecret + 8 * s);
     stripe(p + n - kStripe, kSecret + kLastStripeKey);

@@ -40,7 +40,7 @@ def run(checkpoint: LoadedCheckpoint, native_decode: bool) -> tuple[list, list, 
 
 
 def test_native_decode_layers_match_the_op_by_op_layers_bit_for_bit(
-    default_checkpoint: LoadedCheckpoint,
+    default_checkpoint: LoadedCheckpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tiny = tiny_checkpoint(default_checkpoint)
     built: list[bool] = []
@@ -51,11 +51,9 @@ def test_native_decode_layers_match_the_op_by_op_layers_bit_for_bit(
         built.append(layers is not None)
         return layers
 
-    NativeDecodeLayers.build = counting  # type: ignore[method-assign]
-    try:
-        fused = run(tiny, native_decode=True)
-    finally:
-        NativeDecodeLayers.build = build  # type: ignore[method-assign]
+    monkeypatch.setattr(NativeDecodeLayers, "build", counting)
+    fused = run(tiny, native_decode=True)
+    monkeypatch.undo()
     assert built == [True], "the tiny INT4 model should take the native decode path"
     plain = run(tiny, native_decode=False)
     assert fused[1] == plain[1]

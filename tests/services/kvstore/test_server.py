@@ -3,6 +3,7 @@
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -377,13 +378,18 @@ async def test_shared_memory_put_may_reserve_in_several_steps(
     assert as_bytes(out) == as_bytes(blocks)
 
 
-async def test_client_announces_shared_memory_writes_in_batches(
+async def test_client_reserves_its_first_batch_alone_and_announces_in_batches(
     shard: ShardFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(shard_client_module, "WRITTEN_BATCH_BYTES", 3 * BLOCK)
+    reserved: list[int] = []  # headers per `reserve` message
     handed: list[int] = []  # batches the copy loop hands over
     sent: list[int] = []  # `written` messages (a slow write's successors travel together)
-    add, written = shard_client_module._Announcer.add, pb.PutSharedWritten
+    add, written, reserve = (
+        shard_client_module._Announcer.add,
+        pb.PutSharedWritten,
+        pb.PutSharedReserve,
+    )
 
     def counting_add(self: shard_client_module._Announcer, checksums: list[int]) -> None:
         handed.append(len(checksums))
@@ -393,14 +399,21 @@ async def test_client_announces_shared_memory_writes_in_batches(
         sent.append(len(checksums))
         return written(checksums=checksums)
 
+    def counting_reserve(**fields: Any) -> pb.PutSharedReserve:
+        reserved.append(len(fields["headers"]))
+        return reserve(**fields)
+
     monkeypatch.setattr(shard_client_module._Announcer, "add", counting_add)
     monkeypatch.setattr(pb, "PutSharedWritten", counting_written)
+    monkeypatch.setattr(pb, "PutSharedReserve", counting_reserve)
     blocks, hashes = make_blocks(8), make_hashes(8)
     async with shard() as server, client_for(server) as client:
         await client.put(hashes[:2], list(blocks[:2]))  # held already: skipped, not announced
+        reserved.clear()
         handed.clear()
         sent.clear()
         assert await client.put(hashes, list(blocks)) == PutSummary(stored=6, deduplicated=2)
+        assert reserved == [3, 5]  # the first batch's bytes alone, then the rest
         assert handed == [3, 3, 0]
         assert sum(sent) == 6 and all(n % 3 == 0 for n in sent), sent
         out = torch.zeros_like(blocks)
