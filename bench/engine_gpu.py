@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -48,11 +50,12 @@ from engine.loaders import LoadedCheckpoint
 from engine.loaders.tensor_layout import expected_shapes
 from engine.model import LlamaModel
 from engine.rope import RotaryTable
+from engine.sampler import SamplerPlan
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
 CONTEXT = 512
-SECTIONS = ("compile", "formats")
+SECTIONS = ("compile", "formats", "engine")
 
 
 def llama3_8b(layers: int) -> ModelConfig:
@@ -73,7 +76,8 @@ class RandomWeights(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]
-        gen = torch.Generator(device=self.device).manual_seed(hash(name) % 2**31)
+        # crc32, not hash(): the same weights in every process (a handoff's two engines).
+        gen = torch.Generator(device=self.device).manual_seed(zlib.crc32(name.encode()))
         t = torch.randn(shape, generator=gen, device=self.device, dtype=torch.bfloat16)
         if name.endswith("norm.weight"):
             return 1 + 0.1 * t
@@ -137,9 +141,14 @@ def decode_rates(model: LlamaModel, cfg: ModelConfig, batch: int) -> tuple[float
     return batch / eager * 1e3, graphed
 
 
-def engine_decode_rate(cfg: ModelConfig, linear: str, graphs: int, batch: int) -> float:
-    """Tokens/s of `LLMEngine.step` (scheduler, model, sampler) once `batch` requests with
-    512-token prompts all decode; `graphs` is the engine's cuda_graph_max_batch."""
+def engine_decode_rate(
+    cfg: ModelConfig, linear: str, graphs: int, batch: int, sampled: bool = False
+) -> tuple[float, float | None]:
+    """Tokens/s of `LLMEngine.step` (scheduler, model runner, sampler) once `batch` requests
+    with 512-token prompts all decode, greedy or `sampled` (seeded, temperature and top-p);
+    `graphs` is the engine's cuda_graph_max_batch. With graphs, also the ms of one replay of
+    the step's graph alone (forward, LM head, sampler; CUDA events): the GPU's share of a
+    step, the rest being the host's."""
     vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
     checkpoint = LoadedCheckpoint(
@@ -152,8 +161,12 @@ def engine_decode_rate(cfg: ModelConfig, linear: str, graphs: int, batch: int) -
         max_model_len=CONTEXT + 256, kv_cache_bytes=4 << 30, max_num_seqs=batch,
         max_num_batched_tokens=CONTEXT * batch, cuda_graph_max_batch=graphs,
     ).create_engine(checkpoint)  # fmt: skip
-    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     for b in range(batch):
+        params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        if sampled:
+            params = SamplingParams(
+                max_tokens=200, temperature=0.8, top_p=0.9, seed=b, ignore_eos=True
+            )
         engine.add_request([(b * 31 + i) % cfg.vocab_size for i in range(CONTEXT)], params)
     started: set[str] = set()
     while len(started) < batch:  # prefill chunks until every request has its first token
@@ -166,9 +179,29 @@ def engine_decode_rate(cfg: ModelConfig, linear: str, graphs: int, batch: int) -
     tokens = sum(len(out.new_token_ids) for _ in range(steps) for out in engine.step())
     elapsed = time.perf_counter() - start
     assert tokens == steps * batch, tokens
+    replay_ms = None
+    if engine.runner.graphs is not None:
+        plan = SamplerPlan.of([params], cfg.vocab_size)
+        replay_ms = median_ms(engine.runner.graphs.graph(batch, plan).replay, steps)
     del engine
     torch.cuda.empty_cache()
-    return tokens / elapsed
+    return tokens / elapsed, replay_ms
+
+
+def baseline_engine_rate(tree: str, layers: int, linear: str, batch: int) -> float:
+    """`engine_decode_rate` (greedy, graphs) of an earlier Baton tree (`git archive` of a
+    commit), in a subprocess of its own: the engine this run's is compared against."""
+    code = (
+        f"import sys; sys.path.insert(0, {tree!r}); import torch; "
+        "torch.set_grad_enabled(False); "
+        "from bench.engine_gpu import engine_decode_rate, llama3_8b; "
+        f"r = engine_decode_rate(llama3_8b({layers}), {linear!r}, 64, {batch}); "
+        "print('RATE', r[0] if isinstance(r, tuple) else r)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    return float(out.rsplit("RATE", 1)[1])
 
 
 def prefill_ms(model: LlamaModel, cfg: ModelConfig, length: int) -> float:
@@ -386,7 +419,14 @@ def main() -> None:
         nargs="+",
         choices=SECTIONS,
         default=list(SECTIONS),
-        help="compile: the torch.compile peer; formats: the engine's bf16/INT4/FP8",
+        help="compile: the torch.compile peer; formats: the engine's bf16/INT4/FP8; engine: "
+        "the engine's decode steps alone (graphs), against --baseline",
+    )
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="section engine")
+    ap.add_argument(
+        "--baseline",
+        help="section engine: a `git archive` of an earlier Baton tree, whose engine's "
+        "greedy decode is measured in the same run (a subprocess per row)",
     )
     ap.add_argument(
         "--compile-mode",
@@ -429,11 +469,32 @@ def main() -> None:
             for batch in (1, 32):
                 for graphs in (64, 0):
                     key = f"engine b{batch} {'graphs' if graphs else 'eager'}"
-                    r[key] = engine_decode_rate(cfg, linear, graphs, batch)
+                    r[key] = engine_decode_rate(cfg, linear, graphs, batch)[0]
         results[linear] = r
         for key, value in r.items():
             report(f"{linear:<5} {key}", value)
     ratios = []
+    if "engine" in args.sections:
+        rates: dict[str, float] = {}
+        for linear in ("dense", "int4"):
+            for batch in args.batches:
+                if args.baseline:
+                    key = f"{linear} baseline engine b{batch}"
+                    rates[key] = baseline_engine_rate(args.baseline, args.layers, linear, batch)
+                    report(key, rates[key])
+                for sampled in (False, True) if linear == "int4" else (False,):
+                    key = f"{linear} engine b{batch}" + (" sampled" if sampled else "")
+                    rates[key], replay = engine_decode_rate(cfg, linear, 64, batch, sampled)
+                    report(key, rates[key])
+                    assert replay is not None
+                    report(f"{key} graph replay alone", batch / replay * 1e3)
+        for batch in args.batches:
+            int4_rate, dense_rate = rates[f"int4 engine b{batch}"], rates[f"dense engine b{batch}"]
+            ratios.append((f"int4 / bf16 engine b{batch}", f"{int4_rate / dense_rate:.2f}x"))
+            for linear in ("dense", "int4") if args.baseline else ():
+                was = rates[f"{linear} baseline engine b{batch}"]
+                now = rates[f"{linear} engine b{batch}"]
+                ratios.append((f"{linear} engine b{batch} / baseline", f"{now / was:.2f}x"))
     if results:
         dense, int4, fp8 = results["dense"], results["int4"], results["fp8"]
         for key in ("b1 eager", "b1 graph", "b32 eager", "b32 graph", "engine b1 graphs",

@@ -1,11 +1,18 @@
-"""Decode steps replayed from CUDA graphs.
+"""Decode steps replayed from CUDA graphs: forward, LM head and sampler in one replay.
 
 A decode step of a large model is hundreds of short kernels, and launching them one by
 one from Python costs more than running them (bench/RESULTS.md, "Engine on the GPU":
 batch-1 INT4 decode of a Llama-3-8B-shaped model, 51 tok/s eager against 344 replayed).
-So a step whose every sequence decodes one token runs `LlamaModel.forward` from a graph
-captured once per padded batch size (1, 2, 4, 8, ... up to `max_batch`), over static
-input and metadata tensors that each step overwrites in place.
+So a step whose every sequence decodes one token runs `LlamaModel.forward`, the LM head
+and `engine.sampler.sample_tokens` from a graph captured once per padded batch size (1, 2,
+4, 8, ... up to `max_batch`) and sampler plan (greedy, or the sampling steps the batch
+uses), over static input tensors that each step overwrites in place.
+
+One step, host and device:
+
+    host: fill pinned staging ──H2D (2 copies; +4 when sampling)──> static inputs
+          replay ─────────────> embed .. layers .. norm .. LM head .. sampler -> tokens
+          tokens ──D2H into pinned memory──> event.synchronize()   (the step's one sync)
 
 What makes one graph valid for every later step of its size:
 
@@ -15,24 +22,25 @@ What makes one graph valid for every later step of its size:
   longest;
 - rows past the real batch are padding: they read and write only `pad_block`, a cache
   block the block pool never hands out (the runner allocates one more block than the
-  pool has), so they can never touch a request's KV;
-- every buffer the forward allocates comes from the graph's private pool, reused by each
-  replay.
-
-The LM head and sampling stay outside the graph (they run on the real rows only).
+  pool has), so they can never touch a request's KV, and they sample greedily;
+- every buffer the graphs allocate comes from one private pool, reused by each replay:
+  a replay's outputs are valid only until the next replay of any graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from engine.sampler import GREEDY, SamplerPlan, SamplingTensors, sample_tokens
+from engine.sampling_params import SamplingParams
 from kernels.attention_metadata import AttentionMetadata
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def graph_sizes(max_batch: int) -> list[int]:
@@ -44,37 +52,89 @@ def graph_sizes(max_batch: int) -> list[int]:
 
 
 @dataclass
+class _Inputs:
+    """One padded size's static device inputs, shared by the graphs of every plan.
+
+    `ints` is [input_ids | positions | slot_mapping] and `meta_ints` [seq_lens |
+    block_tables], so each step fills them with one copy apiece."""
+
+    size: int
+    ints: torch.Tensor
+    meta_ints: torch.Tensor
+    meta: AttentionMetadata
+    sampling: SamplingTensors | None = None  # made at the first sampling plan's capture
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.ints[: self.size]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.ints[self.size : 2 * self.size]
+
+
+@dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    hidden: torch.Tensor
+    logits: torch.Tensor  # [size, vocab] in the model's dtype
+    tokens: torch.Tensor  # [size] int64
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """A replayed step's outputs, valid until the next replay."""
+
+    logits: torch.Tensor  # [batch, vocab]
+    tokens: torch.Tensor  # [batch] int64 on the device
 
 
 class DecodeGraphs:
     def __init__(
         self,
         forward: ForwardFn,
+        logits: LogitsFn,
         device: str,
         block_size: int,
         max_model_len: int,
         max_batch: int,
         pad_block: int,
+        vocab_size: int,
     ) -> None:
         self.forward = forward
+        self.logits = logits
         self.device = torch.device(device)
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.sizes = graph_sizes(max_batch)
         self.pad_block = pad_block
+        self.vocab_size = vocab_size
         self.width = -(-max_model_len // block_size)
-        self._captured: dict[int, _Captured] = {}
-        self._pool: Any = None  # one memory pool shared by every size's graph
+        self._inputs: dict[int, _Inputs] = {}
+        self._captured: dict[tuple[int, SamplerPlan], _Captured] = {}
+        self._pool: Any = None  # one memory pool shared by every graph
+        # Pinned staging, shared by every size (filled for the size replayed). A fill
+        # waits for `_staged`, the previous step's copies out of it.
+        largest = self.sizes[-1] if self.sizes else 0
+        self._ints = torch.zeros(3 * largest, dtype=torch.int64, pin_memory=True)
+        self._meta_ints = torch.zeros(
+            largest * (1 + self.width), dtype=torch.int32, pin_memory=True
+        )
+        self._sampling: SamplingTensors | None = None  # pinned, made at the first sampled step
+        self._tokens = torch.zeros(largest, dtype=torch.int64, pin_memory=True)
+        self._staged = torch.cuda.Event()
+        self._copied = torch.cuda.Event()
 
     @property
     def captured_sizes(self) -> list[int]:
-        return sorted(self._captured)
+        return sorted({size for size, _ in self._captured})
+
+    @property
+    def captured_plans(self) -> list[tuple[int, SamplerPlan]]:
+        return sorted(self._captured, key=lambda k: (k[0], repr(k[1])))
+
+    def graph(self, size: int, plan: SamplerPlan) -> torch.cuda.CUDAGraph:
+        """A captured graph, to replay alone (benchmarks: the GPU's share of a step)."""
+        return self._captured[(size, plan)].graph
 
     def covers(self, batch: int) -> bool:
         return bool(self.sizes) and batch <= self.sizes[-1]
@@ -86,57 +146,111 @@ class DecodeGraphs:
         slots: list[int],
         seq_lens: list[int],
         tables: list[list[int]],
-    ) -> torch.Tensor:
-        """Hidden states [batch, hidden] of one decode token per sequence."""
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        plan: SamplerPlan = GREEDY,
+    ) -> DecodeStep:
+        """Replay one decode token per sequence; tokens sampled on the device by `plan`
+        (GREEDY: argmax, and the caller may sample the returned logits itself)."""
         batch = len(input_ids)
         size = next(s for s in self.sizes if s >= batch)
-        captured = self._captured.get(size) or self._capture(size)
-        pad = size - batch
-        pad_slot = self.pad_block * self.block_size
-        table = torch.zeros((size, self.width), dtype=torch.int32)
+        inputs = self._inputs.get(size) or self._make_inputs(size)
+        captured = self._captured.get((size, plan)) or self._capture(size, plan)
+        self._staged.synchronize()  # the staging buffers are free to refill
+        self._stage(size, input_ids, positions, slots, seq_lens, tables)
+        inputs.ints.copy_(self._ints[: 3 * size], non_blocking=True)
+        inputs.meta_ints.copy_(self._meta_ints[: inputs.meta_ints.numel()], non_blocking=True)
+        if plan.sample:
+            if self._sampling is None:
+                self._sampling = SamplingTensors.empty(self.sizes[-1], self.vocab_size, pin=True)
+            self._sampling.fill(params, generators, plan)
+            assert inputs.sampling is not None
+            inputs.sampling.copy_(self._sampling, size, noise=True)
+        self._staged.record()
+        captured.graph.replay()
+        return DecodeStep(captured.logits[:batch], captured.tokens[:batch])
+
+    def read_tokens(self, step: DecodeStep) -> list[int]:
+        """The step's token ids, through pinned host memory: the step's one host sync."""
+        batch = step.tokens.shape[0]
+        self._tokens[:batch].copy_(step.tokens, non_blocking=True)
+        self._copied.record()
+        self._copied.synchronize()
+        return self._tokens[:batch].tolist()
+
+    def _stage(
+        self,
+        size: int,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        tables: list[list[int]],
+    ) -> None:
+        batch, pad = len(input_ids), size - len(input_ids)
+        ints = self._ints.numpy()
+        ints[: 3 * size] = [
+            *input_ids, *[0] * pad,
+            *positions, *[0] * pad,
+            *slots, *[self.pad_block * self.block_size] * pad,
+        ]  # fmt: skip
+        meta_ints = self._meta_ints.numpy()
+        meta_ints[:size] = [*seq_lens, *[1] * pad]
+        table = meta_ints[size : size * (1 + self.width)].reshape(size, self.width)
+        table[:] = 0
         table[batch:, 0] = self.pad_block
         for i, row in enumerate(tables):
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        meta = captured.meta
-        captured.input_ids.copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
-        captured.positions.copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        meta.slot_mapping.copy_(torch.tensor(slots + [pad_slot] * pad), non_blocking=True)
-        meta.seq_lens.copy_(
-            torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True
-        )
-        meta.block_tables.copy_(table, non_blocking=True)
-        captured.graph.replay()
-        return captured.hidden[:batch]
+            table[i, : len(row)] = row
 
-    @torch.inference_mode()
-    def _capture(self, size: int) -> _Captured:
+    def _make_inputs(self, size: int) -> _Inputs:
         dev = self.device
-        pad_slot = self.pad_block * self.block_size
-        tables = torch.zeros((size, self.width), dtype=torch.int32, device=dev)
-        tables[:, 0] = self.pad_block
+        ints = torch.zeros(3 * size, dtype=torch.int64, device=dev)
+        meta_ints = torch.zeros(size * (1 + self.width), dtype=torch.int32, device=dev)
+        tables = meta_ints[size:].view(size, self.width)
         meta = AttentionMetadata(
-            slot_mapping=torch.full((size,), pad_slot, dtype=torch.int64, device=dev),
+            slot_mapping=ints[2 * size :],
             query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
-            seq_lens=torch.ones(size, dtype=torch.int32, device=dev),
+            seq_lens=meta_ints[:size],
             block_tables=tables,
             num_decodes=size,
             block_size=self.block_size,
             query_lens_host=[1] * size,
             seq_lens_host=[self.max_model_len] * size,  # the plan: splits for the longest
         )
-        ids = torch.zeros(size, dtype=torch.int64, device=dev)
-        pos = torch.zeros(size, dtype=torch.int64, device=dev)
+        self._inputs[size] = _Inputs(size, ints, meta_ints, meta)
+        return self._inputs[size]
+
+    @torch.inference_mode()
+    def _capture(self, size: int, plan: SamplerPlan) -> _Captured:
+        dev = self.device
+        inputs = self._inputs[size]
+        # Every row padding while the warm-up and capture run: they write K/V, and must
+        # write it nowhere but the padding block.
+        inputs.ints[: 2 * size] = 0
+        inputs.ints[2 * size :] = self.pad_block * self.block_size
+        inputs.meta_ints.zero_()
+        inputs.meta.seq_lens.fill_(1)
+        inputs.meta.block_tables[:, 0] = self.pad_block
+        if plan.sample and inputs.sampling is None:
+            inputs.sampling = SamplingTensors.empty(size, self.vocab_size, dev)
+            inputs.sampling.temperature.zero_()  # padding rows, until a step fills them
+
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+            logits = self.logits(hidden)
+            return logits, sample_tokens(logits.float(), plan, inputs.sampling)
+
         # Warm up on a side stream (Triton compiles, buffers settle), as capture requires.
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.forward(ids, pos, meta)
+                step()
         torch.cuda.current_stream(dev).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            hidden = self.forward(ids, pos, meta)
-        self._captured[size] = _Captured(graph, ids, pos, meta, hidden)
-        return self._captured[size]
+            logits, tokens = step()
+        self._captured[(size, plan)] = _Captured(graph, logits, tokens)
+        return self._captured[(size, plan)]

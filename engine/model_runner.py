@@ -10,7 +10,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import LlamaModel
-from engine.sampler import Sampler, SampleResult
+from engine.sampler import GREEDY, Sampler, SampleResult, SamplerPlan
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Request
 from kernels.attention_metadata import AttentionMetadata
@@ -36,11 +36,13 @@ class ModelRunner:
             pad_blocks = 1  # engine.cuda_graphs: the padding rows' block, never pooled
             self.graphs = DecodeGraphs(
                 lambda ids, pos, meta: model.forward(ids, pos, self.kv_cache, meta),
+                model.logits,
                 config.device,
                 self.block_size,
                 config.scheduler.max_model_len,
                 min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs),
                 pad_block=config.cache.num_blocks,
+                vocab_size=cfg.vocab_size,
             )
         # Block-major: one block of every layer is one contiguous transferable slice.
         self.kv_cache = torch.zeros(
@@ -82,24 +84,31 @@ class ModelRunner:
             if start + n == request.num_tokens:
                 last_rows.append(len(input_ids) - 1)
                 finishing.append(request)
-        device = self.config.device
+        params = [r.params for r in finishing]
+        generators = [r.generator for r in finishing]
+        suppressed = [self._suppressed(r) for r in finishing]
         decodes = len(batch.decodes)
         if self.graphs is not None and decodes == len(entries) and self.graphs.covers(decodes):
-            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+            # Every row decodes, so every row samples. The graph samples on the device
+            # unless a row needs what it does not do (suppressed ids, logprobs): then the
+            # eager sampler takes the graph's logits.
+            on_device = not any(suppressed) and all(p.logprobs is None for p in params)
+            plan = SamplerPlan.of(params, self.config.model.vocab_size) if on_device else GREEDY
+            step = self.graphs.run(
+                input_ids, positions, slots, seq_lens, tables, params, generators, plan
+            )
+            if on_device:
+                tokens = self.graphs.read_tokens(step)
+                return StepResult(finishing, SampleResult(tokens, [None] * len(tokens)))
+            logits = step.logits
         else:
             hidden = self._forward(
                 input_ids, positions, slots, query_lens, seq_lens, tables, decodes
             )
-        if not finishing:
-            return StepResult([], SampleResult([], []))
-        logits = self.model.logits(hidden[torch.tensor(last_rows, device=device)])
-        samples = self.sampler(
-            logits,
-            [r.params for r in finishing],
-            [r.generator for r in finishing],
-            [self._suppressed(r) for r in finishing],
-        )
-        return StepResult(finishing, samples)
+            if not finishing:
+                return StepResult([], SampleResult([], []))
+            logits = self.model.logits(hidden[torch.tensor(last_rows, device=hidden.device)])
+        return StepResult(finishing, self.sampler(logits, params, generators, suppressed))
 
     def _forward(
         self,

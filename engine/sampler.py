@@ -1,14 +1,17 @@
-"""Token sampling for a batch of last-position logits.
+"""Token sampling for a batch of last-position logits, on the logits' device.
 
 Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw
 with the exponential-race trick (argmax of p / E, E ~ Exp(1)), which needs one random
 vector per row: a seeded request draws it from its own generator, so its samples never
-depend on what else is in the batch. Logits may live on any device; the noise is drawn on
-the host.
+depend on what else is in the batch. The noise is drawn on the host (a seeded request
+samples the same noise on a CPU and on a GPU) into `SamplingTensors`; everything after
+that is `sample_tokens`, whole-batch tensor ops with no host sync, so a CUDA graph can
+capture it right after the LM head (engine.cuda_graphs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +31,121 @@ class SampleResult:
     logprobs: list[TokenLogprobs | None]
 
 
+@dataclass(frozen=True)
+class SamplerPlan:
+    """Which steps of sampling a batch needs: a step computes only those, and a CUDA graph
+    is captured per plan. `top_k` is a power-of-two bound on the batch's largest top-k
+    (0: no row uses top-k), so a handful of plans cover every request."""
+
+    sample: bool = False
+    top_k: int = 0
+    top_p: bool = False
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], vocab_size: int) -> SamplerPlan:
+        sampled = [p for p in params if not p.greedy]
+        ks = [p.top_k for p in sampled if 0 < p.top_k < vocab_size]
+        bound = min(1 << (max(ks) - 1).bit_length(), vocab_size) if ks else 0
+        return cls(bool(sampled), bound, any(p.top_p < 1.0 for p in sampled))
+
+
+GREEDY = SamplerPlan()
+
+
+@dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling inputs: temperature [B] (0: greedy), top_k [B] (0: off), top_p [B]
+    (1: off) and Exp(1) noise [B, vocab] (read by sampled rows only)."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    noise: torch.Tensor
+
+    @classmethod
+    def empty(
+        cls, rows: int, vocab_size: int, device: torch.device | str = "cpu", pin: bool = False
+    ) -> SamplingTensors:
+        def make(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.ones(shape, dtype=dtype, device=device, pin_memory=pin)
+
+        return cls(
+            make(rows, dtype=torch.float32),
+            make(rows, dtype=torch.int64),
+            make(rows, dtype=torch.float32),
+            make(rows, vocab_size, dtype=torch.float32),
+        )
+
+    def fill(
+        self,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        plan: SamplerPlan,
+    ) -> None:
+        """Write the rows of `params` (host tensors); rows past them become greedy padding.
+        Draws one noise vector per sampled row, in row order, when the plan samples."""
+        n = len(params)
+        self.temperature[:n] = torch.tensor([p.temperature for p in params])
+        self.temperature[n:] = 0.0
+        self.top_k[:n] = torch.tensor([p.top_k for p in params])
+        self.top_p[:n] = torch.tensor([p.top_p for p in params])
+        if not plan.sample:
+            return
+        vocab = self.noise.shape[1]
+        for i, (p, generator) in enumerate(zip(params, generators, strict=True)):
+            if not p.greedy:
+                # Drawn as a fresh vector, as the engine's other draws of a request's
+                # generator are (LLMEngine._skip_sample): the same values on every path.
+                self.noise[i] = torch.empty(vocab).exponential_(generator=generator)
+
+    def copy_(self, src: SamplingTensors, rows: int, noise: bool) -> None:
+        """Asynchronously copy the first `rows` rows of `src` (pinned) into these tensors."""
+        for name in ("temperature", "top_k", "top_p") + (("noise",) if noise else ()):
+            getattr(self, name)[:rows].copy_(getattr(src, name)[:rows], non_blocking=True)
+
+    def to(self, device: torch.device) -> SamplingTensors:
+        return SamplingTensors(*(t.to(device) for t in vars(self).values()))
+
+
+def sample_tokens(
+    logits: torch.Tensor, plan: SamplerPlan, sampling: SamplingTensors | None
+) -> torch.Tensor:
+    """logits [B, vocab] float32 -> [B] int64 token ids, without a host sync.
+
+    Each row's arithmetic is its own (row-wise ops only), so a row samples the same token
+    whatever else is in the batch, and the same as a batch of one.
+    """
+    greedy = logits.argmax(dim=-1)
+    if not plan.sample:
+        return greedy
+    assert sampling is not None, "a sampling plan needs its SamplingTensors"
+    temperature = sampling.temperature
+    scaled = logits / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
+    if plan.top_k:
+        top_k = sampling.top_k
+        # The k-th largest value, from the plan's bound of largest values; rows without
+        # top-k keep everything (a threshold of -inf).
+        index = (top_k.clamp(1, plan.top_k) - 1).unsqueeze(1)
+        kth = scaled.topk(plan.top_k, dim=-1).values.gather(1, index)
+        off = (top_k <= 0) | (top_k >= logits.shape[-1])
+        kth = kth.masked_fill(off.unsqueeze(1), float("-inf"))
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if plan.top_p:
+        top_p = sampling.top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p.unsqueeze(1)
+        drop &= (top_p < 1.0).unsqueeze(1)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    sampled = (probs / sampling.noise).argmax(dim=-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
 class Sampler:
+    """The eager path: prefill steps, mixed batches, and steps that suppress tokens or
+    want logprobs (a CUDA graph's steps sample inside the graph)."""
+
     def __call__(
         self,
         logits: torch.Tensor,
@@ -44,15 +161,14 @@ class Sampler:
         for i, ids in enumerate(suppressed or ()):
             if ids:
                 logits[i, list(ids)] = float("-inf")
-        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        greedy = [i for i, p in enumerate(params) if p.greedy]
-        if greedy:
-            idx = torch.tensor(greedy, device=logits.device)
-            tokens[idx] = logits[idx].argmax(dim=-1)
-        for i, p in enumerate(params):
-            if not p.greedy:
-                tokens[i] = self._sample_row(logits[i], p, generators[i])
-        token_list = tokens.tolist()
+        rows, vocab = logits.shape
+        plan = SamplerPlan.of(params, vocab)
+        sampling = None
+        if plan.sample:
+            host = SamplingTensors.empty(rows, vocab)
+            host.fill(params, generators, plan)
+            sampling = host.to(logits.device)
+        token_list = sample_tokens(logits, plan, sampling).tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(params)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if wanted:
@@ -60,26 +176,6 @@ class Sampler:
             for row, i in enumerate(wanted):
                 logprobs[i] = _row_logprobs(lp[row], token_list[i], params[i].logprobs or 0)
         return SampleResult(token_list, logprobs)
-
-    @staticmethod
-    def _sample_row(
-        logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None
-    ) -> int:
-        scaled = logits / p.temperature
-        if 0 < p.top_k < scaled.shape[-1]:
-            kth = torch.topk(scaled, p.top_k).values[-1]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        # Drawn on the host from the request's (CPU) generator, whatever device the logits
-        # are on: a seeded request samples the same noise on a CPU and on a GPU.
-        noise = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=generator)
-        return int((probs / noise.to(probs.device)).argmax())
 
 
 def _row_logprobs(lp: torch.Tensor, token: int, k: int) -> TokenLogprobs:

@@ -1,5 +1,5 @@
-"""engine.cuda_graphs through the engine: decode steps replayed from CUDA graphs give the
-eager engine's tokens exactly (GPU only; CI deselects it).
+"""engine.cuda_graphs through the engine: decode steps replayed from CUDA graphs (forward,
+LM head and sampler) give the eager engine's tokens exactly (GPU only; CI deselects it).
 
 Exactness needs both paths to launch the same kernels: contexts of 512-575 tokens
 (prompts longer than 512, max_model_len 575) give the decode attention the same split
@@ -19,6 +19,7 @@ import torch
 
 from engine.engine_args import EngineArgs
 from engine.loaders import LoadedCheckpoint
+from engine.sampler import GREEDY, SamplerPlan
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from tests.kernels.test_gpu_pipeline import _shapes, _weights
@@ -43,23 +44,38 @@ def test_graph_replayed_decode_matches_eager_tokens():
     lengths, max_tokens = (530, 515, 540, 520), (12, 6, 9, 10)
     prompts = [torch.randint(2, checkpoint.config.vocab_size, (n,)).tolist() for n in lengths]
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
-    # One seeded sampled request: the sampler on GPU logits, the same draws either way.
-    params[3] = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
-    outputs = {}
+    # One seeded sampled request: sampled inside the graph, the same draws either way.
+    sampled = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    params[3] = sampled
+    # One request the graph's sampler does not serve (a suppressed stop token, logprobs):
+    # while it runs, the graph's logits go to the eager sampler.
+    params[1] = SamplingParams(
+        max_tokens=6, min_tokens=3, stop_token_ids=(1,), temperature=0.0, ignore_eos=True,
+        logprobs=2,
+    )  # fmt: skip
+    outputs, logprobs = {}, {}
     for graphs in (64, 0):
         args = EngineArgs(
             dtype="bfloat16", linear="int4", kernel_backend="triton", device="cuda",
             max_model_len=575, kv_cache_bytes=64 << 20, cuda_graph_max_batch=graphs,
         )  # fmt: skip
         engine = args.create_engine(checkpoint)
-        outputs[graphs] = [c.token_ids for c in engine.generate(prompts, params)]
+        completions = engine.generate(prompts, params)
+        outputs[graphs] = [c.token_ids for c in completions]
+        logprobs[graphs] = completions[1].logprobs
         runner = engine.runner
         if graphs:
-            # 4 decoding, then 3 (padded to 4), 2, 1, each replayed from its graph.
+            # 4 decoding (one wanting logprobs: greedy graph, eager sampler), then 3
+            # (padded to 4) and 2 sampling in the graph (top-p), then 1 greedy.
             assert runner.graphs is not None and runner.graphs.captured_sizes == [1, 2, 4]
+            nucleus = SamplerPlan.of([sampled], checkpoint.config.vocab_size)
+            assert runner.graphs.captured_plans == [
+                (1, GREEDY), (2, nucleus), (4, GREEDY), (4, nucleus)
+            ]  # fmt: skip
             pad = engine.config.cache.num_blocks  # the padding rows' block, outside the pool
             assert runner.kv_cache.shape[0] == pad + 1
         else:
             assert runner.graphs is None
     assert [len(t) for t in outputs[64]] == list(max_tokens)
     assert outputs[64] == outputs[0]
+    assert [lp.top for lp in logprobs[64]] == [lp.top for lp in logprobs[0]]

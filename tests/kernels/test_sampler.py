@@ -1,0 +1,113 @@
+"""engine.sampler.sample_tokens: the batched sampler the engine runs eagerly and inside its
+decode CUDA graphs, against the one-row-at-a-time algorithm it replaced (kept here as the
+reference), on this machine's device (`interp`: CPU in CI; `cuda`: the GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.sampler import (
+    GREEDY,
+    Sampler,
+    SamplerPlan,
+    SamplingTensors,
+    sample_tokens,
+)
+from engine.sampling_params import SamplingParams
+
+VOCAB = 1000
+PARAMS = [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.8, seed=1),
+    SamplingParams(temperature=1.3, top_k=5, seed=2),
+    SamplingParams(temperature=0.7, top_p=0.5, seed=3),
+    SamplingParams(temperature=1.0, top_k=100, top_p=0.9, seed=4),
+    SamplingParams(temperature=0.0, top_k=3),  # greedy: its top-k is never read
+    SamplingParams(temperature=1.0, top_k=1, seed=5),  # top-k 1 is the argmax
+]
+
+
+def _reference_row(logits: torch.Tensor, p: SamplingParams, noise: torch.Tensor) -> int:
+    """The engine's sampler before it was batched (session 14), one row at a time."""
+    if p.greedy:
+        return int(logits.argmax())
+    scaled = logits / p.temperature
+    if 0 < p.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, p.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int((probs / noise.to(probs.device)).argmax())
+
+
+def _noise(params: list[SamplingParams]) -> list[torch.Tensor]:
+    gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+    return [torch.empty(VOCAB).exponential_(generator=g) for g in gens]
+
+
+def _tensors(
+    params: list[SamplingParams], device: torch.device
+) -> tuple[SamplerPlan, SamplingTensors]:
+    plan = SamplerPlan.of(params, VOCAB)
+    host = SamplingTensors.empty(len(params), VOCAB)
+    gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+    host.fill(params, gens, plan)
+    return plan, host.to(device)
+
+
+def test_plan_names_only_the_steps_the_batch_uses():
+    assert SamplerPlan.of([SamplingParams(temperature=0.0, top_k=7)], VOCAB) == GREEDY
+    assert SamplerPlan.of(PARAMS, VOCAB) == SamplerPlan(sample=True, top_k=128, top_p=True)
+    assert SamplerPlan.of(PARAMS[:3], VOCAB) == SamplerPlan(sample=True, top_k=8, top_p=False)
+    # top_k >= vocab keeps every token, as top_k 0 does.
+    assert SamplerPlan.of([SamplingParams(top_k=VOCAB)], VOCAB) == SamplerPlan(sample=True)
+
+
+def test_batched_sampler_matches_row_by_row_reference(device: torch.device):
+    logits = torch.randn(len(PARAMS), VOCAB, device=device) * 3
+    plan, sampling = _tensors(PARAMS, device)
+    tokens = sample_tokens(logits, plan, sampling).tolist()
+    noise = _noise(PARAMS)
+    expected = [_reference_row(logits[i], p, noise[i]) for i, p in enumerate(PARAMS)]
+    assert tokens == expected
+    assert tokens[6] == int(logits[6].argmax())  # top-k 1
+    # Each row alone samples what it sampled in the batch.
+    for i, p in enumerate(PARAMS):
+        plan_i, sampling_i = _tensors([p], device)
+        assert sample_tokens(logits[i : i + 1], plan_i, sampling_i).tolist() == [tokens[i]]
+
+
+def test_eager_sampler_suppresses_and_reports_logprobs(device: torch.device):
+    logits = torch.randn(2, VOCAB, device=device)
+    top = int(logits[0].argmax())
+    params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.0)]
+    result = Sampler()(logits, params, [None, None], [(top,), ()])
+    assert result.token_ids[0] != top and result.token_ids[1] == int(logits[1].argmax())
+    lp = result.logprobs[0]
+    assert lp is not None and lp.top[0][0] == result.token_ids[0] and result.logprobs[1] is None
+
+
+@pytest.mark.gpu
+def test_sampler_in_a_cuda_graph_matches_eager():
+    device = torch.device("cuda")
+    logits = torch.randn(len(PARAMS), VOCAB, device=device) * 3
+    plan, sampling = _tensors(PARAMS, device)
+    static = logits.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sample_tokens(static, plan, sampling)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = sample_tokens(static, plan, sampling)
+    for _ in range(3):
+        fresh = torch.randn_like(logits) * 3
+        static.copy_(fresh)
+        graph.replay()
+        assert tokens.tolist() == sample_tokens(fresh, plan, sampling).tolist()
