@@ -181,7 +181,7 @@ def engine_decode_rate(
     assert tokens == steps * batch, tokens
     replay_ms = None
     if engine.runner.graphs is not None:
-        plan = SamplerPlan.of([params], cfg.vocab_size)
+        plan = SamplerPlan.of([params], cfg.vocab_size, torch.device("cuda"))
         replay_ms = median_ms(engine.runner.graphs.graph(batch, plan).replay, steps)
     del engine
     torch.cuda.empty_cache()

@@ -10,7 +10,7 @@ uses), over static input tensors that each step overwrites in place.
 
 One step, host and device:
 
-    host: fill pinned staging ──H2D (2 copies; +4 when sampling)──> static inputs
+    host: fill pinned staging ──H2D (2 copies; +5 when sampling)──> static inputs
           replay ─────────────> embed .. layers .. norm .. LM head .. sampler -> tokens
           tokens ──D2H into pinned memory──> event.synchronize()   (the step's one sync)
 
@@ -163,9 +163,9 @@ class DecodeGraphs:
         if plan.sample:
             if self._sampling is None:
                 self._sampling = SamplingTensors.empty(self.sizes[-1], self.vocab_size, pin=True)
-            self._sampling.fill(params, generators, plan)
+            host_noise = self._sampling.fill(params, generators, plan)
             assert inputs.sampling is not None
-            inputs.sampling.copy_(self._sampling, size, noise=True)
+            inputs.sampling.copy_(self._sampling, size, noise=host_noise)
         self._staged.record()
         captured.graph.replay()
         return DecodeStep(captured.logits[:batch], captured.tokens[:batch])

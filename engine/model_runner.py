@@ -93,7 +93,8 @@ class ModelRunner:
             # unless a row needs what it does not do (suppressed ids, logprobs): then the
             # eager sampler takes the graph's logits.
             on_device = not any(suppressed) and all(p.logprobs is None for p in params)
-            plan = SamplerPlan.of(params, self.config.model.vocab_size) if on_device else GREEDY
+            vocab, device = self.config.model.vocab_size, torch.device(self.config.device)
+            plan = SamplerPlan.of(params, vocab, device) if on_device else GREEDY
             step = self.graphs.run(
                 input_ids, positions, slots, seq_lens, tables, params, generators, plan
             )

@@ -2,11 +2,12 @@
 
 Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw
 with the exponential-race trick (argmax of p / E, E ~ Exp(1)), which needs one random
-vector per row: a seeded request draws it from its own generator, so its samples never
-depend on what else is in the batch. The noise is drawn on the host (a seeded request
-samples the same noise on a CPU and on a GPU) into `SamplingTensors`; everything after
-that is `sample_tokens`, whole-batch tensor ops with no host sync, so a CUDA graph can
-capture it right after the LM head (engine.cuda_graphs).
+vector per row. A seeded request draws it on the host from its own generator, so its
+samples never depend on what else is in the batch, nor on the device (the same noise on a
+CPU and on a GPU). An unseeded request promises no reproducibility: on a GPU its noise is
+drawn there, inside the step (a host draw of a 128k vocabulary costs milliseconds).
+Everything after the host's draws is `sample_tokens`, whole-batch tensor ops with no host
+sync, so a CUDA graph captures it right after the LM head (engine.cuda_graphs).
 """
 
 from __future__ import annotations
@@ -35,18 +36,23 @@ class SampleResult:
 class SamplerPlan:
     """Which steps of sampling a batch needs: a step computes only those, and a CUDA graph
     is captured per plan. `top_k` is a power-of-two bound on the batch's largest top-k
-    (0: no row uses top-k), so a handful of plans cover every request."""
+    (0: no row uses top-k), so a handful of plans cover every request. `device_noise`:
+    the unseeded sampled rows' noise is drawn on the logits' device, in the step."""
 
     sample: bool = False
     top_k: int = 0
     top_p: bool = False
+    device_noise: bool = False
 
     @classmethod
-    def of(cls, params: Sequence[SamplingParams], vocab_size: int) -> SamplerPlan:
+    def of(
+        cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device
+    ) -> SamplerPlan:
         sampled = [p for p in params if not p.greedy]
         ks = [p.top_k for p in sampled if 0 < p.top_k < vocab_size]
         bound = min(1 << (max(ks) - 1).bit_length(), vocab_size) if ks else 0
-        return cls(bool(sampled), bound, any(p.top_p < 1.0 for p in sampled))
+        unseeded = device.type != "cpu" and any(p.seed is None for p in sampled)
+        return cls(bool(sampled), bound, any(p.top_p < 1.0 for p in sampled), unseeded)
 
 
 GREEDY = SamplerPlan()
@@ -55,12 +61,14 @@ GREEDY = SamplerPlan()
 @dataclass(frozen=True)
 class SamplingTensors:
     """Per-row sampling inputs: temperature [B] (0: greedy), top_k [B] (0: off), top_p [B]
-    (1: off) and Exp(1) noise [B, vocab] (read by sampled rows only)."""
+    (1: off), Exp(1) noise [B, vocab] drawn on the host, and which rows use it (`host_noise`
+    [B]; under a `device_noise` plan the other rows draw theirs in the step)."""
 
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
     noise: torch.Tensor
+    host_noise: torch.Tensor
 
     @classmethod
     def empty(
@@ -74,6 +82,7 @@ class SamplingTensors:
             make(rows, dtype=torch.int64),
             make(rows, dtype=torch.float32),
             make(rows, vocab_size, dtype=torch.float32),
+            make(rows, dtype=torch.bool),
         )
 
     def fill(
@@ -81,26 +90,30 @@ class SamplingTensors:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         plan: SamplerPlan,
-    ) -> None:
+    ) -> bool:
         """Write the rows of `params` (host tensors); rows past them become greedy padding.
-        Draws one noise vector per sampled row, in row order, when the plan samples."""
+        Draws one noise vector per sampled row the plan leaves to the host, in row order;
+        returns whether there was one."""
         n = len(params)
         self.temperature[:n] = torch.tensor([p.temperature for p in params])
         self.temperature[n:] = 0.0
         self.top_k[:n] = torch.tensor([p.top_k for p in params])
         self.top_p[:n] = torch.tensor([p.top_p for p in params])
-        if not plan.sample:
-            return
+        host = [not p.greedy and not (plan.device_noise and p.seed is None) for p in params]
+        self.host_noise[:n] = torch.tensor(host)
+        self.host_noise[n:] = True
         vocab = self.noise.shape[1]
-        for i, (p, generator) in enumerate(zip(params, generators, strict=True)):
-            if not p.greedy:
+        for i, generator in enumerate(generators):
+            if host[i]:
                 # Drawn as a fresh vector, as the engine's other draws of a request's
                 # generator are (LLMEngine._skip_sample): the same values on every path.
                 self.noise[i] = torch.empty(vocab).exponential_(generator=generator)
+        return any(host)
 
     def copy_(self, src: SamplingTensors, rows: int, noise: bool) -> None:
         """Asynchronously copy the first `rows` rows of `src` (pinned) into these tensors."""
-        for name in ("temperature", "top_k", "top_p") + (("noise",) if noise else ()):
+        names = ["temperature", "top_k", "top_p", "host_noise"] + (["noise"] if noise else [])
+        for name in names:
             getattr(self, name)[:rows].copy_(getattr(src, name)[:rows], non_blocking=True)
 
     def to(self, device: torch.device) -> SamplingTensors:
@@ -138,7 +151,11 @@ def sample_tokens(
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p.unsqueeze(1)
         drop &= (top_p < 1.0).unsqueeze(1)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    sampled = (probs / sampling.noise).argmax(dim=-1)
+    noise = sampling.noise
+    if plan.device_noise:
+        drawn = torch.empty_like(probs).exponential_()
+        noise = torch.where(sampling.host_noise.unsqueeze(1), noise, drawn)
+    sampled = (probs / noise).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
 
 
@@ -162,7 +179,7 @@ class Sampler:
             if ids:
                 logits[i, list(ids)] = float("-inf")
         rows, vocab = logits.shape
-        plan = SamplerPlan.of(params, vocab)
+        plan = SamplerPlan.of(params, vocab, logits.device)
         sampling = None
         if plan.sample:
             host = SamplingTensors.empty(rows, vocab)

@@ -53,7 +53,7 @@ def _noise(params: list[SamplingParams]) -> list[torch.Tensor]:
 def _tensors(
     params: list[SamplingParams], device: torch.device
 ) -> tuple[SamplerPlan, SamplingTensors]:
-    plan = SamplerPlan.of(params, VOCAB)
+    plan = SamplerPlan.of(params, VOCAB, device)
     host = SamplingTensors.empty(len(params), VOCAB)
     gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
     host.fill(params, gens, plan)
@@ -61,11 +61,16 @@ def _tensors(
 
 
 def test_plan_names_only_the_steps_the_batch_uses():
-    assert SamplerPlan.of([SamplingParams(temperature=0.0, top_k=7)], VOCAB) == GREEDY
-    assert SamplerPlan.of(PARAMS, VOCAB) == SamplerPlan(sample=True, top_k=128, top_p=True)
-    assert SamplerPlan.of(PARAMS[:3], VOCAB) == SamplerPlan(sample=True, top_k=8, top_p=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert SamplerPlan.of([SamplingParams(temperature=0.0, top_k=7)], VOCAB, gpu) == GREEDY
+    assert SamplerPlan.of(PARAMS, VOCAB, gpu) == SamplerPlan(sample=True, top_k=128, top_p=True)
+    assert SamplerPlan.of(PARAMS[:3], VOCAB, cpu) == SamplerPlan(sample=True, top_k=8)
     # top_k >= vocab keeps every token, as top_k 0 does.
-    assert SamplerPlan.of([SamplingParams(top_k=VOCAB)], VOCAB) == SamplerPlan(sample=True)
+    assert SamplerPlan.of([SamplingParams(top_k=VOCAB, seed=1)], VOCAB, cpu) == SamplerPlan(True)
+    # Unseeded rows draw their noise on a GPU, on the host for a CPU.
+    unseeded = [SamplingParams(temperature=0.5)]
+    assert SamplerPlan.of(unseeded, VOCAB, gpu) == SamplerPlan(sample=True, device_noise=True)
+    assert SamplerPlan.of(unseeded, VOCAB, cpu) == SamplerPlan(sample=True)
 
 
 def test_batched_sampler_matches_row_by_row_reference(device: torch.device):
@@ -111,3 +116,34 @@ def test_sampler_in_a_cuda_graph_matches_eager():
         static.copy_(fresh)
         graph.replay()
         assert tokens.tolist() == sample_tokens(fresh, plan, sampling).tolist()
+
+
+def test_unseeded_rows_sample_within_their_limits(device: torch.device):
+    """Unseeded rows (noise drawn on a GPU in the step) beside seeded ones: the seeded
+    rows' tokens are the reference's, and every unseeded token is one its top-k / top-p
+    allows; over many draws they spread over more than one token."""
+    params = [
+        *PARAMS,
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=1.0, top_k=4),
+        SamplingParams(temperature=1.0, top_p=0.3),
+    ]
+    logits = torch.randn(len(params), VOCAB, device=device) * 3
+    plan, sampling = _tensors(params, device)
+    assert plan.device_noise == (device.type == "cuda")
+    noise = _noise(PARAMS)
+    seeded = [_reference_row(logits[i], p, noise[i]) for i, p in enumerate(PARAMS)]
+    top4 = set(logits[-2].topk(4).indices.tolist())
+    sorted_probs, order = torch.softmax(logits[-1], dim=-1).sort(descending=True)
+    nucleus = set(order[: int((sorted_probs.cumsum(0) < 0.3).sum()) + 1].tolist())
+    seen: list[set[int]] = [set(), set(), set()]
+    for _ in range(20):
+        if device.type == "cpu":  # the host draws an unseeded row's noise afresh each step
+            plan, sampling = _tensors(params, device)
+        tokens = sample_tokens(logits, plan, sampling).tolist()
+        assert tokens[: len(PARAMS)] == seeded
+        assert tokens[-3] == int(logits[-3].argmax())
+        for s, t in zip(seen, tokens[-3:], strict=True):
+            s.add(t)
+    assert seen[1] <= top4 and len(seen[1]) > 1
+    assert seen[2] <= nucleus
