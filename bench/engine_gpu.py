@@ -28,6 +28,9 @@ on their values. Timing: CUDA events around many steps after warm-up, median of 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import multiprocessing as mp
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +38,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 import torch
@@ -45,7 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.paged_runner import BLOCK, Runner
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.engine_args import EngineArgs
+from engine.handoff import prefill_params
 from engine.kv_port import copy_blocks
+from engine.llm_engine import LLMEngine
 from engine.loaders import LoadedCheckpoint
 from engine.loaders.tensor_layout import expected_shapes
 from engine.model import LlamaModel
@@ -55,7 +61,8 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
 CONTEXT = 512
-SECTIONS = ("compile", "formats", "engine")
+SECTIONS = ("compile", "formats", "engine", "handoff")
+HANDOFF_RUNS = 3
 
 
 def llama3_8b(layers: int) -> ModelConfig:
@@ -141,6 +148,20 @@ def decode_rates(model: LlamaModel, cfg: ModelConfig, batch: int) -> tuple[float
     return batch / eager * 1e3, graphed
 
 
+def random_engine(cfg: ModelConfig, linear: str, **args: Any) -> LLMEngine:
+    """An engine on the GPU (Triton kernels) over `RandomWeights`, a word-per-id tokenizer."""
+    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    checkpoint = LoadedCheckpoint(
+        config=cfg, tensors=RandomWeights(cfg, "cuda"),  # type: ignore[arg-type]
+        tokenizer=Tokenizer(backend, bos_token_id=None, eos_token_ids=cfg.eos_token_ids),
+        model_id="random-llama-3-8b-shapes", weights_digest="0" * 64, source=Path("<memory>"),
+    )  # fmt: skip
+    return EngineArgs(
+        dtype="bfloat16", linear=linear, kernel_backend="triton", device="cuda", **args
+    ).create_engine(checkpoint)
+
+
 def engine_decode_rate(
     cfg: ModelConfig, linear: str, graphs: int, batch: int, sampled: bool = False
 ) -> tuple[float, float | None]:
@@ -149,18 +170,10 @@ def engine_decode_rate(
     `graphs` is the engine's cuda_graph_max_batch. With graphs, also the ms of one replay of
     the step's graph alone (forward, LM head, sampler; CUDA events): the GPU's share of a
     step, the rest being the host's."""
-    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
-    checkpoint = LoadedCheckpoint(
-        config=cfg, tensors=RandomWeights(cfg, "cuda"),  # type: ignore[arg-type]
-        tokenizer=Tokenizer(backend, bos_token_id=None, eos_token_ids=cfg.eos_token_ids),
-        model_id="random-llama-3-8b-shapes", weights_digest="0" * 64, source=Path("<memory>"),
-    )  # fmt: skip
-    engine = EngineArgs(
-        dtype="bfloat16", linear=linear, kernel_backend="triton", device="cuda",
-        max_model_len=CONTEXT + 256, kv_cache_bytes=4 << 30, max_num_seqs=batch,
+    engine = random_engine(
+        cfg, linear, max_model_len=CONTEXT + 256, kv_cache_bytes=4 << 30, max_num_seqs=batch,
         max_num_batched_tokens=CONTEXT * batch, cuda_graph_max_batch=graphs,
-    ).create_engine(checkpoint)  # fmt: skip
+    )  # fmt: skip
     for b in range(batch):
         params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
         if sampled:
@@ -229,6 +242,163 @@ def handoff_ms(cfg: ModelConfig, length: int) -> float:
     ms = median_ms(lambda: copy_blocks(src, src_ids, dst, dst_ids), 20)
     assert torch.equal(dst[dst_ids[3]], src[3])
     return ms
+
+
+def _serve_shard(port: int, capacity: int, ready: Any) -> None:
+    """A kvstore shard (in-process prefix index, shared-memory arena) in its own process."""
+    from services.kvstore.server import KVStoreServer, ServerConfig
+
+    async def serve() -> None:
+        config = ServerConfig(f"bench-{port}", capacity, host="127.0.0.1", port=port)
+        server = KVStoreServer(config)
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def _prompt(length: int, salt: int, vocab: int) -> list[int]:
+    return [(i * 7919 + salt * 104729) % vocab for i in range(length)]
+
+
+def _block_sums(kv_cache: torch.Tensor, block_ids: list[int]) -> list[int]:
+    """Each block's bf16 bit patterns summed as integers: equal on both sides of a
+    bit-exact copy, and a block landing in the wrong slot changes the list."""
+    blocks = kv_cache[torch.tensor(block_ids, device=kv_cache.device)]
+    return blocks.view(torch.int16).flatten(1).sum(1, dtype=torch.int64).tolist()
+
+
+def _prefill_worker(layers: int, length: int, address: str, conn: Any) -> None:
+    """The prefill process: FP8 engine; per prompt, prefill it (timed), then hand its blocks
+    to the KV store (timed: `KVPort.read_blocks` into pinned memory, the client's put)."""
+    from services.kvstore.client import ClientConfig, KVStoreClient
+
+    torch.set_grad_enabled(False)
+    cfg = llama3_8b(layers)
+    engine = random_engine(cfg, "fp8", max_model_len=length + 64, kv_cache_bytes=2 << 30,
+                           max_num_batched_tokens=length)  # fmt: skip
+    port = engine.port
+    config = ClientConfig(timeout_s=120, shared_memory=True)
+    staging = torch.empty((length // BLOCK, *port.kv_cache.shape[1:]), dtype=port.kv_cache.dtype,
+                          pin_memory=True)  # fmt: skip
+
+    async def run() -> None:
+        client = KVStoreClient([address], engine.fingerprint, engine.block_format, config)
+        for salt in range(HANDOFF_RUNS):  # the first warms up kernels and the transfer path
+            prompt = _prompt(length, salt, cfg.vocab_size)
+            params = prefill_params(SamplingParams(max_tokens=8, temperature=0.0))
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            rid = engine.add_request(prompt, params, hold_prompt_blocks=True)
+            (first,) = [c.token_ids[0] for c in engine.collect([rid])]
+            torch.cuda.synchronize()
+            prefill_s = time.perf_counter() - began
+            held = port.held(rid)
+            hashes, ids = [h for h, _ in held], [i for _, i in held]
+            began = time.perf_counter()
+            port.read_blocks(ids, staging)
+            read_s = time.perf_counter() - began
+            summary = await client.put(hashes, list(staging))
+            put_s = time.perf_counter() - began - read_s
+            conn.send(dict(prompt=prompt, first=first, hashes=hashes,
+                           fingerprint=engine.fingerprint, sums=_block_sums(port.kv_cache, ids),
+                           prefill_s=prefill_s, read_s=read_s, put_s=put_s,
+                           stored=summary.stored))  # fmt: skip
+            port.release_held(rid)
+        await client.close()
+
+    asyncio.run(run())
+
+
+def _decode_worker(layers: int, length: int, address: str, conn: Any) -> None:
+    """The decode process: INT4 engine; per handoff, pull its blocks from the KV store
+    (timed: the client's get into pinned memory, `KVPort.write_blocks`), then decode."""
+    from services.kvstore.client import ClientConfig, KVStoreClient
+
+    torch.set_grad_enabled(False)
+    cfg = llama3_8b(layers)
+    engine = random_engine(cfg, "int4", max_model_len=length + 64, kv_cache_bytes=2 << 30,
+                           max_num_batched_tokens=length)  # fmt: skip
+    port = engine.port
+    config = ClientConfig(timeout_s=120, shared_memory=True)
+    staging = torch.empty((length // BLOCK, *port.kv_cache.shape[1:]), dtype=port.kv_cache.dtype,
+                          pin_memory=True)  # fmt: skip
+
+    async def run() -> None:
+        clients: dict[bytes, KVStoreClient] = {}
+        for _ in range(HANDOFF_RUNS):
+            h = conn.recv()
+            fingerprint = h["fingerprint"]
+            if fingerprint.digest not in clients:
+                clients[fingerprint.digest] = KVStoreClient(
+                    [address], fingerprint, engine.block_format, config
+                )
+            client = clients[fingerprint.digest]
+            ids = port.reserve(len(h["hashes"]))
+            assert ids is not None
+            began = time.perf_counter()
+            got = await client.get_into(h["hashes"], list(staging))
+            get_s = time.perf_counter() - began
+            port.write_blocks(ids, staging)
+            write_s = time.perf_counter() - began - get_s
+            port.publish(ids, h["hashes"])
+            exact = _block_sums(port.kv_cache, ids) == h["sums"]
+            rid = engine.add_request(
+                h["prompt"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                kv_fingerprint=fingerprint, output_prefix=[h["first"]], pinned_blocks=ids,
+            )  # fmt: skip
+            (done,) = engine.collect([rid])
+            conn.send(dict(got=got, get_s=get_s, write_s=write_s, exact=exact,
+                           cached=done.num_cached_tokens, tokens=len(done.token_ids)))  # fmt: skip
+        for c in clients.values():
+            await c.close()
+
+    asyncio.run(run())
+
+
+def _receive(conn: Any, worker: str) -> Any:
+    if not conn.poll(240):
+        raise RuntimeError(f"the {worker} worker sent nothing for 240 s (see its traceback)")
+    return conn.recv()
+
+
+def cross_process_handoff(layers: int, length: int) -> list[dict[str, Any]]:
+    """A `length`-token prompt prefilled by an FP8 engine in one process and decoded by an
+    INT4 engine in another, its KV blocks through a kvstore shard (a third process) over
+    the shared-memory path. One dict of timings per run (the first warms up)."""
+    spawn = mp.get_context("spawn")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    ready = spawn.Event()
+    nbytes = length // BLOCK * BLOCK * 2 * llama3_8b(layers).kv_size * layers * 2
+    shard = spawn.Process(target=_serve_shard, args=(port, (HANDOFF_RUNS + 1) * nbytes, ready))
+    shard.start()
+    prefill_end, prefill_conn = spawn.Pipe()
+    decode_end, decode_conn = spawn.Pipe()
+    workers = [
+        spawn.Process(target=_prefill_worker, args=(layers, length, address, prefill_conn)),
+        spawn.Process(target=_decode_worker, args=(layers, length, address, decode_conn)),
+    ]
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the kvstore shard did not start")
+        for w in workers:
+            w.start()
+        runs = []
+        for _ in range(HANDOFF_RUNS):
+            handoff = _receive(prefill_end, "prefill")
+            decode_end.send(handoff)
+            pulled = _receive(decode_end, "decode")
+            runs.append({**handoff, **pulled, "nbytes": nbytes})
+        return runs
+    finally:
+        for p in (*workers, shard):
+            p.join(timeout=30 if p is not shard else 0)
+            if p.is_alive():
+                p.terminate()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -495,6 +665,17 @@ def main() -> None:
                 was = rates[f"{linear} baseline engine b{batch}"]
                 now = rates[f"{linear} engine b{batch}"]
                 ratios.append((f"{linear} engine b{batch} / baseline", f"{now / was:.2f}x"))
+    if "handoff" in args.sections:
+        length = 2048
+        for i, h in enumerate(cross_process_handoff(args.layers, length)):
+            moved = h["read_s"] + h["put_s"] + h["get_s"] + h["write_s"]
+            gbps = h["nbytes"] / moved / 1e9
+            report(f"cross-process handoff {length} run {i}", (
+                f"{moved * 1e3:.1f} ms ({gbps:.1f} GB/s; read {h['read_s'] * 1e3:.1f} + put "
+                f"{h['put_s'] * 1e3:.1f} + get {h['get_s'] * 1e3:.1f} + write "
+                f"{h['write_s'] * 1e3:.1f}) / fp8 prefill {h['prefill_s'] * 1e3:.1f} ms = "
+                f"{moved / h['prefill_s']:.0%}; {h['got']} blocks, bit-exact {h['exact']}, "
+                f"decode cached {h['cached']} tokens, {h['tokens']} out"))  # fmt: skip
     if results:
         dense, int4, fp8 = results["dense"], results["int4"], results["fp8"]
         for key in ("b1 eager", "b1 graph", "b32 eager", "b32 graph", "engine b1 graphs",

@@ -43,6 +43,27 @@ class KVPort:
         """One block of every layer, [num_layers, 2, block_size, kv_heads, head_dim], contiguous."""
         return self.kv_cache[block_id]
 
+    # -- staging (a cache in device memory, a transport in host memory) ---------------
+
+    def read_blocks(self, block_ids: list[int], out: torch.Tensor) -> None:
+        """Copy whole blocks into `out` [n, *block shape]: for a GPU cache, pinned host
+        memory the KV store's client can send, filled by one gather on the device and one
+        DMA. Returns once `out` holds them."""
+        if len(block_ids) != out.shape[0]:
+            raise ValueError(f"{len(block_ids)} blocks into a buffer of {out.shape[0]}")
+        ids = torch.tensor(block_ids, dtype=torch.int64).to(self.kv_cache.device)
+        out.copy_(self.kv_cache.index_select(0, ids), non_blocking=True)
+        _wait(self.kv_cache.device)
+
+    def write_blocks(self, block_ids: list[int], src: torch.Tensor) -> None:
+        """Copy `src` [n, *block shape] (pinned host memory from the KV store's client, or
+        any tensor) into whole blocks: one DMA and one scatter. Returns once they hold it."""
+        if len(block_ids) != src.shape[0]:
+            raise ValueError(f"{src.shape[0]} blocks for {len(block_ids)} destinations")
+        ids = torch.tensor(block_ids, dtype=torch.int64).to(self.kv_cache.device)
+        self.kv_cache.index_copy_(0, ids, src.to(self.kv_cache.device, non_blocking=True))
+        _wait(self.kv_cache.device)
+
     # -- export (prefill) -------------------------------------------------------------
 
     def keep(self, request_id: str, blocks: list[KVBlock]) -> None:
@@ -102,3 +123,8 @@ class KVPort:
     @property
     def num_held(self) -> int:
         return sum(len(b) for b in self._held.values())
+
+
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
