@@ -166,7 +166,7 @@ def engine_decode_rate(
     cfg: ModelConfig, linear: str, graphs: int, batch: int, sampled: bool = False
 ) -> tuple[float, float | None]:
     """Tokens/s of `LLMEngine.step` (scheduler, model runner, sampler) once `batch` requests
-    with 512-token prompts all decode, greedy or `sampled` (seeded, temperature and top-p);
+    with 512-token prompts all decode, greedy or `sampled` (temperature and top-p, unseeded);
     `graphs` is the engine's cuda_graph_max_batch. With graphs, also the ms of one replay of
     the step's graph alone (forward, LM head, sampler; CUDA events): the GPU's share of a
     step, the rest being the host's."""
@@ -177,9 +177,7 @@ def engine_decode_rate(
     for b in range(batch):
         params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
         if sampled:
-            params = SamplingParams(
-                max_tokens=200, temperature=0.8, top_p=0.9, seed=b, ignore_eos=True
-            )
+            params = SamplingParams(max_tokens=200, temperature=0.8, top_p=0.9, ignore_eos=True)
         engine.add_request([(b * 31 + i) % cfg.vocab_size for i in range(CONTEXT)], params)
     started: set[str] = set()
     while len(started) < batch:  # prefill chunks until every request has its first token

@@ -11,8 +11,12 @@ uses), over static input tensors that each step overwrites in place.
 One step, host and device:
 
     host: fill pinned staging ──H2D (2 copies; +5 when sampling)──> static inputs
-          replay ─────────────> embed .. layers .. norm .. LM head .. sampler -> tokens
-          tokens ──D2H into pinned memory──> event.synchronize()   (the step's one sync)
+          replay ──> (fed tokens) embed .. layers .. norm .. LM head .. sampler -> tokens
+          tokens ──D2H into pinned memory──> event, waited on one step later
+
+The engine reads a step's tokens while the next step runs (engine.llm_engine): that step
+takes its input tokens from the device (`feed`), so the host never waits for the GPU
+between two decode steps, and its scheduling of step n+1 overlaps step n's replay.
 
 What makes one graph valid for every later step of its size:
 
@@ -55,8 +59,10 @@ def graph_sizes(max_batch: int) -> list[int]:
 class _Inputs:
     """One padded size's static device inputs, shared by the graphs of every plan.
 
-    `ints` is [input_ids | positions | slot_mapping] and `meta_ints` [seq_lens |
-    block_tables], so each step fills them with one copy apiece."""
+    `ints` is [input_ids | positions | slot_mapping | feed] and `meta_ints` [seq_lens |
+    block_tables], so each step fills them with one copy apiece. `feed[i]` >= 0 makes row
+    i's input token the one the previous replay sampled in that row (still on its way to
+    the host), instead of `input_ids[i]`."""
 
     size: int
     ints: torch.Tensor
@@ -72,6 +78,10 @@ class _Inputs:
     def positions(self) -> torch.Tensor:
         return self.ints[self.size : 2 * self.size]
 
+    @property
+    def feed(self) -> torch.Tensor:
+        return self.ints[3 * self.size :]
+
 
 @dataclass
 class _Captured:
@@ -86,6 +96,19 @@ class DecodeStep:
 
     logits: torch.Tensor  # [batch, vocab]
     tokens: torch.Tensor  # [batch] int64 on the device
+
+
+class PendingTokens:
+    """A replay's token ids on their way into pinned host memory."""
+
+    def __init__(self, host: torch.Tensor, copied: torch.cuda.Event) -> None:
+        self._host = host
+        self._copied = copied
+
+    def wait(self) -> list[int]:
+        """The token ids, once copied: the host's one sync on a decode step."""
+        self._copied.synchronize()
+        return self._host.tolist()
 
 
 class DecodeGraphs:
@@ -115,14 +138,21 @@ class DecodeGraphs:
         # Pinned staging, shared by every size (filled for the size replayed). A fill
         # waits for `_staged`, the previous step's copies out of it.
         largest = self.sizes[-1] if self.sizes else 0
-        self._ints = torch.zeros(3 * largest, dtype=torch.int64, pin_memory=True)
+        self._ints = torch.zeros(4 * largest, dtype=torch.int64, pin_memory=True)
         self._meta_ints = torch.zeros(
             largest * (1 + self.width), dtype=torch.int32, pin_memory=True
         )
         self._sampling: SamplingTensors | None = None  # pinned, made at the first sampled step
-        self._tokens = torch.zeros(largest, dtype=torch.int64, pin_memory=True)
         self._staged = torch.cuda.Event()
-        self._copied = torch.cuda.Event()
+        # Every replay leaves its tokens in `_last_tokens`, where the next one's `feed`
+        # finds them. Their host copies alternate between two pinned buffers: a step's
+        # tokens are read while the next step runs, never later.
+        self._last_tokens = torch.zeros(largest, dtype=torch.int64, device=self.device)
+        self._host_tokens = [
+            torch.zeros(largest, dtype=torch.int64, pin_memory=True) for _ in range(2)
+        ]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+        self._turn = 0
 
     @property
     def captured_sizes(self) -> list[int]:
@@ -149,16 +179,19 @@ class DecodeGraphs:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         plan: SamplerPlan = GREEDY,
+        feed: list[int] | None = None,
     ) -> DecodeStep:
         """Replay one decode token per sequence; tokens sampled on the device by `plan`
-        (GREEDY: argmax, and the caller may sample the returned logits itself)."""
+        (GREEDY: argmax, and the caller may sample the returned logits itself). `feed[i]`
+        >= 0: row i's input is the token the previous replay sampled in row feed[i] (its
+        `input_ids[i]` is a placeholder)."""
         batch = len(input_ids)
         size = next(s for s in self.sizes if s >= batch)
         inputs = self._inputs.get(size) or self._make_inputs(size)
         captured = self._captured.get((size, plan)) or self._capture(size, plan)
         self._staged.synchronize()  # the staging buffers are free to refill
-        self._stage(size, input_ids, positions, slots, seq_lens, tables)
-        inputs.ints.copy_(self._ints[: 3 * size], non_blocking=True)
+        self._stage(size, input_ids, positions, slots, seq_lens, tables, feed or [-1] * batch)
+        inputs.ints.copy_(self._ints[: 4 * size], non_blocking=True)
         inputs.meta_ints.copy_(self._meta_ints[: inputs.meta_ints.numel()], non_blocking=True)
         if plan.sample:
             if self._sampling is None:
@@ -170,13 +203,15 @@ class DecodeGraphs:
         captured.graph.replay()
         return DecodeStep(captured.logits[:batch], captured.tokens[:batch])
 
-    def read_tokens(self, step: DecodeStep) -> list[int]:
-        """The step's token ids, through pinned host memory: the step's one host sync."""
+    def send_tokens(self, step: DecodeStep) -> PendingTokens:
+        """Start copying the step's token ids to pinned host memory; read them (`wait`)
+        before the step after next is replayed."""
         batch = step.tokens.shape[0]
-        self._tokens[:batch].copy_(step.tokens, non_blocking=True)
-        self._copied.record()
-        self._copied.synchronize()
-        return self._tokens[:batch].tolist()
+        host, copied = self._host_tokens[self._turn][:batch], self._copied[self._turn]
+        self._turn ^= 1
+        host.copy_(step.tokens, non_blocking=True)
+        copied.record()
+        return PendingTokens(host, copied)
 
     def _stage(
         self,
@@ -186,13 +221,15 @@ class DecodeGraphs:
         slots: list[int],
         seq_lens: list[int],
         tables: list[list[int]],
+        feed: list[int],
     ) -> None:
         batch, pad = len(input_ids), size - len(input_ids)
         ints = self._ints.numpy()
-        ints[: 3 * size] = [
+        ints[: 4 * size] = [
             *input_ids, *[0] * pad,
             *positions, *[0] * pad,
             *slots, *[self.pad_block * self.block_size] * pad,
+            *feed, *[-1] * pad,
         ]  # fmt: skip
         meta_ints = self._meta_ints.numpy()
         meta_ints[:size] = [*seq_lens, *[1] * pad]
@@ -204,11 +241,11 @@ class DecodeGraphs:
 
     def _make_inputs(self, size: int) -> _Inputs:
         dev = self.device
-        ints = torch.zeros(3 * size, dtype=torch.int64, device=dev)
+        ints = torch.zeros(4 * size, dtype=torch.int64, device=dev)
         meta_ints = torch.zeros(size * (1 + self.width), dtype=torch.int32, device=dev)
         tables = meta_ints[size:].view(size, self.width)
         meta = AttentionMetadata(
-            slot_mapping=ints[2 * size :],
+            slot_mapping=ints[2 * size : 3 * size],
             query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
             seq_lens=meta_ints[:size],
             block_tables=tables,
@@ -227,7 +264,8 @@ class DecodeGraphs:
         # Every row padding while the warm-up and capture run: they write K/V, and must
         # write it nowhere but the padding block.
         inputs.ints[: 2 * size] = 0
-        inputs.ints[2 * size :] = self.pad_block * self.block_size
+        inputs.ints[2 * size : 3 * size] = self.pad_block * self.block_size
+        inputs.feed.fill_(-1)
         inputs.meta_ints.zero_()
         inputs.meta.seq_lens.fill_(1)
         inputs.meta.block_tables[:, 0] = self.pad_block
@@ -236,9 +274,13 @@ class DecodeGraphs:
             inputs.sampling.temperature.zero_()  # padding rows, until a step fills them
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:
-            hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+            fed = self._last_tokens[:size][inputs.feed.clamp(min=0)]
+            ids = torch.where(inputs.feed >= 0, fed, inputs.input_ids)
+            hidden = self.forward(ids, inputs.positions, inputs.meta)
             logits = self.logits(hidden)
-            return logits, sample_tokens(logits.float(), plan, inputs.sampling)
+            tokens = sample_tokens(logits.float(), plan, inputs.sampling)
+            self._last_tokens[:size].copy_(tokens)
+            return logits, tokens
 
         # Warm up on a side stream (Triton compiles, buffers settle), as capture requires.
         stream = torch.cuda.Stream(dev)

@@ -4,6 +4,13 @@ def step(self):
     batch = self.scheduler.schedule()
     result = self.runner.execute(batch, self.kv)
     return self._finish_step(batch, result)
+
+A decode step sampled inside a CUDA graph (engine.cuda_graphs) is read one step late: its
+requests get a placeholder token and the step after it is scheduled and launched at once,
+taking those tokens from the device, while the GPU still runs the first; only then does
+the host wait for the first step's tokens and report them. A request that stopped in the
+first step wasted its row of the second, which is dropped. Any other step needs its
+inputs on the host, so the pending step is read before it runs.
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ class EngineStats:
     preemptions: int = 0
 
 
+PLACEHOLDER = -1
+"""A sampled token still on its way from the device (never a vocabulary id)."""
+
+
 class LLMEngine:
     def __init__(self, checkpoint: LoadedCheckpoint, config: EngineConfig) -> None:
         if checkpoint.config != config.model:
@@ -74,6 +85,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._streams: dict[str, TextStream] = {}
         self._pending: list[RequestOutput] = []
+        self._in_flight: StepResult | None = None  # a step whose tokens are pending
         self._ids = itertools.count()
 
     # -- admission -------------------------------------------------------------------
@@ -176,7 +188,7 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work or bool(self._pending)
+        return self.scheduler.has_work or bool(self._pending) or self._in_flight is not None
 
     # -- the loop --------------------------------------------------------------------
 
@@ -184,8 +196,23 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and not (batch and self.runner.defers(batch)):
+            outputs += self._resolve(previous)
+            previous = None
+            # Requests that stopped in the step just read leave this one.
+            batch.decodes = [r for r in batch.decodes if not r.status.finished]
         if batch:
-            outputs += self._finish_step(batch, self.runner.execute(batch, self.kv))
+            result = self.runner.execute(batch, self.kv, previous)
+            outputs += self._finish_step(batch, result)
+        if previous is not None:
+            outputs += self._resolve(previous)
+        spare = self._in_flight
+        if spare is not None and all(r.status.finished for r in spare.requests):
+            # Every request of the running step stopped in the one just read: nothing to
+            # wait for but the step itself.
+            self._resolve(spare)
+            self._in_flight = None
         return outputs
 
     def _finish_step(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
@@ -195,6 +222,13 @@ class LLMEngine:
             self.stats.prompt_tokens += request.num_prompt_tokens
             self.stats.cached_prompt_tokens += request.num_cached_tokens
         self.scheduler.advance(batch)
+        if result.samples is None:
+            # Sampled on the device: a placeholder holds each new token's place (the next
+            # step's input comes from the device) until `_resolve` reads it.
+            for request in result.requests:
+                request.token_ids.append(PLACEHOLDER)
+            self._in_flight = result
+            return []
         outputs = []
         for request, token, logprobs in zip(
             result.requests, result.samples.token_ids, result.samples.logprobs, strict=True
@@ -202,6 +236,25 @@ class LLMEngine:
             request.append_token(token)
             self.stats.generated_tokens += 1
             outputs.append(self._report(request, token, logprobs))
+        return outputs
+
+    def _resolve(self, result: StepResult) -> list[RequestOutput]:
+        """Read a pending step's tokens and report them. A request's placeholders are its
+        last tokens: this step's, then the next's if that step is running too."""
+        assert result.pending is not None
+        outputs = []
+        for request, token in zip(result.requests, result.pending.wait(), strict=True):
+            if request.status.finished:
+                continue  # stopped in the step before, or aborted: a spare row
+            first = request.token_ids.index(PLACEHOLDER, request.num_prompt_tokens)
+            running = len(request.token_ids) - first - 1  # the running step's placeholder
+            assert running in (0, 1) and request.token_ids[-1] == PLACEHOLDER, request
+            del request.token_ids[first:]
+            request.append_token(token)  # a real token: hashes a block it completes
+            self.stats.generated_tokens += 1
+            outputs.append(self._report(request, token, None))
+            if not request.status.finished:
+                request.token_ids.extend([PLACEHOLDER] * running)
         return outputs
 
     def _report(

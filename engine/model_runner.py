@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, PendingTokens
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import LlamaModel
 from engine.sampler import GREEDY, Sampler, SampleResult, SamplerPlan
@@ -18,10 +18,15 @@ from kernels.attention_metadata import AttentionMetadata
 
 @dataclass(frozen=True)
 class StepResult:
-    """Sampled tokens for the requests that reached their last position this step."""
+    """Sampled tokens for the requests that reached their last position this step: in
+    `samples`, or, for a decode step sampled inside its CUDA graph, still on their way to
+    the host (`pending`, read one step later; `rows` places each request in the step, for
+    the next step to take its input token from the device)."""
 
     requests: list[Request]
-    samples: SampleResult
+    samples: SampleResult | None
+    pending: PendingTokens | None = None
+    rows: dict[str, int] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -59,8 +64,26 @@ class ModelRunner:
         )
         self.sampler = Sampler()
 
+    def defers(self, batch: ScheduledBatch) -> bool:
+        """Whether `execute` leaves this batch's tokens pending (sampled in a CUDA graph):
+        then it may run while the previous step's tokens are still pending."""
+        return self._graphed(batch) and self._on_device(batch.decodes)
+
+    def _graphed(self, batch: ScheduledBatch) -> bool:
+        decodes = len(batch.decodes)
+        return self.graphs is not None and not batch.prefills and self.graphs.covers(decodes)
+
+    def _on_device(self, requests: list[Request]) -> bool:
+        # The graph's sampler suppresses no ids and computes no logprobs.
+        return all(not self._suppressed(r) and r.params.logprobs is None for r in requests)
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepResult:
+    def execute(
+        self, batch: ScheduledBatch, kv: KVCacheManager, previous: StepResult | None = None
+    ) -> StepResult:
+        """Run one step. `previous`, a step whose tokens are still pending, may only precede
+        a batch this runner `defers`: its requests' last tokens are placeholders, fed from
+        the device."""
         entries = batch.entries
         bs = self.block_size
         input_ids: list[int] = []
@@ -88,19 +111,23 @@ class ModelRunner:
         generators = [r.generator for r in finishing]
         suppressed = [self._suppressed(r) for r in finishing]
         decodes = len(batch.decodes)
-        if self.graphs is not None and decodes == len(entries) and self.graphs.covers(decodes):
+        feed = None
+        if previous is not None and previous.pending is not None:
+            assert self.defers(batch), "a pending step's tokens are needed on the host"
+            feed = [previous.rows.get(r.request_id, -1) for r in batch.decodes]
+        if self.graphs is not None and self._graphed(batch):
             # Every row decodes, so every row samples. The graph samples on the device
-            # unless a row needs what it does not do (suppressed ids, logprobs): then the
-            # eager sampler takes the graph's logits.
-            on_device = not any(suppressed) and all(p.logprobs is None for p in params)
+            # unless a row needs what it does not do: then the eager sampler takes the
+            # graph's logits.
+            on_device = self._on_device(finishing)
             vocab, device = self.config.model.vocab_size, torch.device(self.config.device)
             plan = SamplerPlan.of(params, vocab, device) if on_device else GREEDY
             step = self.graphs.run(
-                input_ids, positions, slots, seq_lens, tables, params, generators, plan
+                input_ids, positions, slots, seq_lens, tables, params, generators, plan, feed
             )
             if on_device:
-                tokens = self.graphs.read_tokens(step)
-                return StepResult(finishing, SampleResult(tokens, [None] * len(tokens)))
+                rows = {r.request_id: i for i, r in enumerate(finishing)}
+                return StepResult(finishing, None, self.graphs.send_tokens(step), rows)
             logits = step.logits
         else:
             hidden = self._forward(

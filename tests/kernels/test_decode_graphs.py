@@ -1,5 +1,6 @@
 """engine.cuda_graphs through the engine: decode steps replayed from CUDA graphs (forward,
-LM head and sampler) give the eager engine's tokens exactly (GPU only; CI deselects it).
+LM head and sampler; each step's tokens read while the next one runs) give the eager
+engine's tokens exactly (GPU only; CI deselects it).
 
 Exactness needs both paths to launch the same kernels: contexts of 512-575 tokens
 (prompts longer than 512, max_model_len 575) give the decode attention the same split
@@ -76,6 +77,9 @@ def test_graph_replayed_decode_matches_eager_tokens():
             assert runner.kv_cache.shape[0] == pad + 1
         else:
             assert runner.graphs is None
+        # Rows of requests that stopped while their next step ran left no block behind.
+        assert not engine.has_unfinished
+        assert engine.pool.num_free_blocks == engine.pool.num_blocks
     assert [len(t) for t in outputs[64]] == list(max_tokens)
     assert outputs[64] == outputs[0]
     assert [lp.top for lp in logprobs[64]] == [lp.top for lp in logprobs[0]]
