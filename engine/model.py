@@ -20,7 +20,7 @@ from engine.loaders.tensor_layout import layer_tensors
 from engine.rope import RotaryTable
 from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend, get_backend
-from kernels.decode_layer_cpu import NativeDecodeLayers
+from kernels.layer_cpu import NativeLayers
 
 
 class _Weights:
@@ -130,9 +130,9 @@ class LlamaModel:
         head_fmt = linear_format(config.lm_head_linear)
         self.lm_head = Linear(w.raw(head), None, head_fmt, self.ops, w.dtype, w.device, invariant)
         self.rotary = RotaryTable(cfg, config.scheduler.max_model_len, config.device)
-        self.native_decode = True
-        """Whether decode steps may run each layer as one native call (on by default)."""
-        self._native: NativeDecodeLayers | bool | None = None  # False: this model cannot
+        self.native_layers = True
+        """Whether steps may run each layer as one native call (on by default)."""
+        self._native: NativeLayers | bool | None = None  # False: this model cannot
 
     def forward(
         self,
@@ -146,7 +146,7 @@ class LlamaModel:
         cos, sin = self.rotary.lookup(positions)
         self.ops.plan_attention(meta)
         residual: torch.Tensor | None = None
-        layers = self._native_layers(x, kv_cache, meta)
+        layers = self._native_path(x, kv_cache)
         if layers is not None:
             x, residual = layers.run(x, cos, sin, kv_cache, meta)
         else:
@@ -155,23 +155,19 @@ class LlamaModel:
         x, _ = self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
         return x
 
-    def _native_layers(
-        self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> NativeDecodeLayers | None:
-        """The one-call-per-layer CPU path, for a step whose every row decodes on a model
-        it can run (kernels.decode_layer_cpu); None: op by op."""
+    def _native_path(self, x: torch.Tensor, kv_cache: torch.Tensor) -> NativeLayers | None:
+        """The one-call-per-layer CPU path, for a model it can run (kernels.layer_cpu);
+        None: op by op."""
         if (
-            not self.native_decode
+            not self.native_layers
             or self.ops.name != "torch"
             or x.dtype != torch.bfloat16
             or x.device.type != "cpu"
-            or meta.num_decodes != meta.batch_size
-            or meta.num_tokens != meta.batch_size
         ):
             return None
         if self._native is None:
-            self._native = NativeDecodeLayers.build(self, kv_cache) or False
-        return self._native if isinstance(self._native, NativeDecodeLayers) else None
+            self._native = NativeLayers.build(self, kv_cache) or False
+        return self._native if isinstance(self._native, NativeLayers) else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -135,9 +135,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "baton_rope_bf16": [p, i64, p, p, p, i64, i64, i64, i32],
         "baton_write_kv_bf16": [p, i64, p, i64, p, i64, i64, i64, p, i64, i64],
         "baton_silu_and_mul_bf16": [p, p, i64, i64, i32],
-        "baton_paged_decode_bf16": [p, p, p, i64, i64, p, i64, p, *[i64] * 5, f32, i32],
-        # (DecodeLayer*, DecodeStep*): structures of kernels/decode_layer_cpu.py
-        "baton_decode_layer_bf16": [p, p],
+        "baton_paged_attention_bf16": [p, p, p, i64, i64, p, i64, p, p, *[i64] * 5, f32, i32],
+        # (LayerWeights*, LayerStep*): structures of kernels/layer_cpu.py
+        "baton_layer_bf16": [p, p],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

@@ -1,4 +1,4 @@
-"""Paged attention on the CPU for decode rows, and KV writes: launchers of
+"""Paged attention on the CPU (decode rows and prefill chunks), and KV writes: launchers of
 `kernels/cpu/paged_attention.cpp` and `kernels/cpu/kv_cache.cpp` (bf16 cache)."""
 
 from __future__ import annotations
@@ -34,21 +34,29 @@ def write_kv_cpu(
     )
 
 
-def paged_decode_attention_cpu(
-    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+def paged_attention_cpu(
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    seqs: int | None = None,
 ) -> torch.Tensor:
-    """Attention of the step's first `meta.num_decodes` rows, one query token per sequence:
-    [num_decodes, num_heads, head_dim]. The contract of `paged_attention_torch` for them."""
-    seqs = meta.num_decodes
+    """Attention of every query row of the step's first `seqs` sequences (all of them by
+    default): [rows, num_heads, head_dim]. The contract of `paged_attention_torch` for
+    those rows, decode rows and prefill chunks alike. Every row comes out bit for bit as
+    the decode step at its position would compute it, so `meta.row_invariant` holds."""
+    seqs = meta.batch_size if seqs is None else seqs
     _, heads, dim = q.shape
     kv_heads = kv_layer.shape[3]
     assert heads % kv_heads == 0 and dim % 8 == 0
     assert kv_layer.stride()[2:] == (kv_heads * dim, dim, 1)
-    assert meta.block_tables.dtype == meta.seq_lens.dtype == torch.int32
-    queries = q[:seqs].contiguous()
+    assert meta.block_tables.dtype == meta.seq_lens.dtype == meta.query_start_loc.dtype
+    assert meta.seq_lens.dtype == torch.int32
+    starts = meta.query_start_loc.contiguous()
+    queries = q[: int(starts[seqs])].contiguous()
     out = torch.empty_like(queries)
     tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
-    native.lib().baton_paged_decode_bf16(
+    native.lib().baton_paged_attention_bf16(
         queries.data_ptr(),
         out.data_ptr(),
         kv_layer.data_ptr(),
@@ -56,6 +64,7 @@ def paged_decode_attention_cpu(
         kv_layer.stride(1),
         tables.data_ptr(),
         tables.stride(0),
+        starts.data_ptr(),
         seq_lens.data_ptr(),
         seqs,
         heads,

@@ -8,8 +8,6 @@ fp32 stays on torch, whose arithmetic the Hugging Face comparisons match bit for
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +20,7 @@ from kernels.fp8_linear import Fp8Weight, fp8_linear_torch, quantize_fp8_torch
 from kernels.int4_linear import Int4Weight, int4_linear_torch
 from kernels.kv_cache_fp8 import paged_attention_fp8_torch, write_kv_fp8_torch
 from kernels.paged_attention import paged_attention_torch, plan_attention_torch, write_kv_torch
-from kernels.paged_attention_cpu import paged_decode_attention_cpu, write_kv_cpu
+from kernels.paged_attention_cpu import paged_attention_cpu, write_kv_cpu
 from kernels.rmsnorm import rms_norm_torch
 from kernels.rmsnorm_cpu import rms_norm_cpu
 from kernels.rope import apply_rope_torch
@@ -73,17 +71,9 @@ class TorchBackend(KernelBackend):
     def paged_attention(
         self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        decodes = meta.num_decodes
-        if decodes == 0 or not native.handles(q, kv_layer):
+        if not native.handles(q, kv_layer):
             return paged_attention_torch(q, kv_layer, meta, scale)
-        out = paged_decode_attention_cpu(q, kv_layer, meta, scale)
-        if decodes == meta.batch_size:
-            return out
-        # Prefill chunks in the same step: torch attends those sequences.
-        rest = dataclasses.replace(meta.plan, sequences=meta.plan.sequences[decodes:])
-        full = paged_attention_torch(q, kv_layer, dataclasses.replace(meta, plan=rest), scale)
-        full[:decodes] = out
-        return full
+        return paged_attention_cpu(q, kv_layer, meta, scale)
 
     def dense_linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

@@ -1,14 +1,25 @@
-// Paged decode attention (one query token per sequence), bf16 queries and cache, GQA.
+// Paged attention over a ragged batch, bf16 queries and cache, GQA.
 //
-// For each (sequence, KV head) the group's G query heads score every cached key through
-// the block table (four keys at a time, so 4G independent FMA chains hide their latency),
-// take a softmax in fp32, and sum the values with the G x 16 accumulators in registers;
-// the output rounds to bf16 once. Each (sequence, head) is computed the same way whatever
-// the batch, so results are batch-invariant.
+// Decode rows (one query token per sequence): for each (sequence, KV head) the group's G
+// query heads score every cached key through the block table (four keys at a time, so 4G
+// independent FMA chains hide their latency), take a softmax in fp32, and sum the values
+// with the G x 16 accumulators in registers; the output rounds to bf16 once.
+//
+// Prefill chunks (several query rows of one sequence after its cached prefix): a tile of
+// up to 12 query vectors (consecutive rows x the group's heads) shares every key and value
+// load: each key is dotted with all of them (12 FMA chains), and each value row is
+// weighed into 12 accumulators. Row r of a chunk sees the keys up to its own position.
+//
+// A prefill row's result is bit for bit the decode row's at its position: the same dot
+// products reduced in the same order, the same softmax over its own keys, the same sums
+// (a tile's keys past a row's position add weight exactly 0, and are never NaN: they are
+// other rows of the same chunk). So every row's result is independent of the batch, the
+// tile and the chunking (what the batch-invariant engine needs).
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "vec.h"
@@ -66,7 +77,8 @@ void score(const float* qf, const Rows& rows, int64_t len, int64_t dim, float* s
       __m256 dot = _mm256_setzero_ps();
       for (int64_t c = 0; c < dim; c += 8)
         dot = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * dim + c), load8_bf16(rows.key[j] + c), dot);
-      scores[g * len + j] = baton::hsum(dot);
+      // Reduced in hsum4's order, as the keys before it (and a prefill tile's) are.
+      scores[g * len + j] = _mm_cvtss_f32(hsum4(dot, dot, dot, dot));
     }
   }
 }
@@ -148,45 +160,146 @@ void attend_group(const float* qf, const Rows& rows, int64_t len, int64_t dim, f
   }
 }
 
+
+constexpr int kTile = 12;  // query vectors of a prefill tile: FMA chains in registers
+
+// A prefill tile: NQ <= kTile query vectors (scaled, fp32, `dim` apart in qf) where vector
+// n sees the first lens[n] keys of `rows`, which holds max(lens) of them. Writes out[n]
+// (bf16). scores holds 4 * ceil(NQ / 4) x max(lens) floats.
+template <int NQ>
+void attend_tile(const float* qf, const int64_t* lens, const Rows& rows, int64_t dim,
+                 float* scores, uint16_t* const* out) {
+  constexpr int kPadded = (NQ + 3) / 4 * 4;
+  int64_t len = 0;
+  for (int n = 0; n < NQ; ++n) len = std::max(len, lens[n]);
+  for (int64_t j = 0; j < len; ++j) {
+    if (j + kAhead < len) prefetch_row(rows.key[j + kAhead], dim);
+    __m256 dot[kPadded];
+    for (int n = 0; n < kPadded; ++n) dot[n] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < dim; c += 8) {
+      const __m256 key = load8_bf16(rows.key[j] + c);
+      for (int n = 0; n < NQ; ++n)
+        dot[n] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + n * dim + c), key, dot[n]);
+    }
+    for (int n = 0; n < kPadded; n += 4) {
+      alignas(16) float four[4];
+      _mm_store_ps(four, hsum4(dot[n], dot[n + 1], dot[n + 2], dot[n + 3]));
+      for (int u = 0; u < 4; ++u) scores[(n + u) * len + j] = four[u];
+    }
+  }
+  float norm[NQ];
+  for (int n = 0; n < NQ; ++n) {
+    float* w = scores + n * len;
+    norm[n] = softmax_weights(w, lens[n]);
+    std::fill(w + lens[n], w + len, 0.f);  // later rows' keys: weight exactly 0
+  }
+  for (int64_t c = 0; c < dim; c += 8) {
+    __m256 acc[NQ];
+    for (int n = 0; n < NQ; ++n) acc[n] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < len; ++j) {
+      const __m256 v = load8_bf16(rows.value[j] + c);
+      for (int n = 0; n < NQ; ++n)
+        acc[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + n * len + j), v, acc[n]);
+    }
+    for (int n = 0; n < NQ; ++n) store8_bf16(out[n] + c, _mm256_mul_ps(acc[n], _mm256_set1_ps(norm[n])));
+  }
+}
+
+template <int... N>
+void attend_tile_of(int nq, const float* qf, const int64_t* lens, const Rows& rows, int64_t dim,
+                    float* scores, uint16_t* const* out, std::integer_sequence<int, N...>) {
+  ((nq == N + 1 ? attend_tile<N + 1>(qf, lens, rows, dim, scores, out) : void()), ...);
+}
+
+// One unit of work: a decode row's KV head (rows == 1), or a prefill tile: `rows`
+// consecutive query rows from `row` of sequence `seq`, heads [head0, head0 + heads) of KV
+// head `kv_head`'s group.
+struct Item {
+  int64_t seq, row, rows, kv_head, head0, heads;
+};
+
+std::vector<Item> plan_items(const int32_t* query_start, int64_t seqs, int64_t kv_heads,
+                             int64_t group) {
+  std::vector<Item> items;
+  // Heads per tile: the whole group where it fits, else slices of kTile.
+  const int64_t slice = std::min<int64_t>(group, kTile);
+  for (int64_t b = 0; b < seqs; ++b) {
+    const int64_t first = query_start[b], count = query_start[b + 1] - first;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      if (count == 1) {
+        items.push_back({b, first, 1, h, 0, group});
+        continue;
+      }
+      const int64_t per_tile = std::max<int64_t>(1, kTile / slice);
+      for (int64_t r = 0; r < count; r += per_tile)
+        for (int64_t g = 0; g < group; g += slice)
+          items.push_back({b, first + r, std::min(per_tile, count - r), h, g,
+                           std::min(slice, group - g)});
+    }
+  }
+  return items;
+}
 }  // namespace
 
-// q [seqs, heads, head_dim] (row r of the step holds sequence r); out the same shape.
-// cache: [blocks, 2, block_size, kv_heads, head_dim] with the given block and K-to-V strides.
-// head_dim is a multiple of 8 (checked by the caller).
-extern "C" void baton_paged_decode_bf16(const uint16_t* q, uint16_t* out, const uint16_t* cache,
-                                        int64_t block_stride, int64_t kv_stride,
-                                        const int32_t* block_tables, int64_t table_stride,
-                                        const int32_t* seq_lens, int64_t seqs, int64_t heads,
-                                        int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                                        float scale, int threads) {
+
+// q [tokens, heads, head_dim]; out the same shape. Sequence b owns query rows
+// query_start[b] .. query_start[b + 1] - 1, the last seq_lens[b] - 1 positions of its
+// context; its keys are found through block_tables[b]. cache: [blocks, 2, block_size,
+// kv_heads, head_dim] with the given block and K-to-V strides. head_dim is a multiple of
+// 8 (checked by the caller).
+extern "C" void baton_paged_attention_bf16(const uint16_t* q, uint16_t* out, const uint16_t* cache,
+                                           int64_t block_stride, int64_t kv_stride,
+                                           const int32_t* block_tables, int64_t table_stride,
+                                           const int32_t* query_start, const int32_t* seq_lens,
+                                           int64_t seqs, int64_t heads, int64_t kv_heads,
+                                           int64_t head_dim, int64_t block_size, float scale,
+                                           int threads) {
   const int64_t group = heads / kv_heads;
   const int64_t slot = kv_heads * head_dim;
-#pragma omp parallel num_threads(threads)
+  const std::vector<Item> items = plan_items(query_start, seqs, kv_heads, group);
+  const int64_t count = static_cast<int64_t>(items.size());
+#pragma omp parallel num_threads(threads) if (count > 1)
   {
-    std::vector<float> scores, qf(group * head_dim);
-    std::vector<uint16_t*> outs(group);
+    std::vector<float> scores, qf;
+    std::vector<uint16_t*> outs;
+    std::vector<int64_t> lens;
     Rows rows;
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < seqs; ++b) {
-      for (int64_t h = 0; h < kv_heads; ++h) {
-        const int64_t len = seq_lens[b];
-        scores.resize(group * len);
-        rows.key.resize(len);
-        rows.value.resize(len);
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t block = block_tables[b * table_stride + j / block_size];
-          rows.key[j] = cache + block * block_stride + (j % block_size) * slot + h * head_dim;
-          rows.value[j] = rows.key[j] + kv_stride;
-          if (j < kAhead) prefetch_row(rows.key[j], head_dim);
-        }
-        for (int64_t g = 0; g < group; ++g) {
-          const uint16_t* qh = q + (b * heads + h * group + g) * head_dim;
-          for (int64_t c = 0; c < head_dim; c += 8)
-            _mm256_storeu_ps(&qf[g * head_dim + c], _mm256_mul_ps(load8_bf16(qh + c), _mm256_set1_ps(scale)));
-          outs[g] = out + (b * heads + h * group + g) * head_dim;
-        }
-        attend_group(qf.data(), rows, len, head_dim, scores.data(), outs.data(), group);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < count; ++i) {
+      const Item& it = items[i];
+      const int64_t b = it.seq, h = it.kv_head;
+      // The item's last row sees the most keys: seq_lens[b] less the rows after it.
+      const int64_t last_row = it.row + it.rows - 1;
+      const int64_t len = seq_lens[b] - (query_start[b + 1] - 1 - last_row);
+      const int64_t nq = it.rows * it.heads;
+      scores.resize(std::max<int64_t>(kTile, nq) * len);
+      qf.resize(nq * head_dim);
+      outs.resize(nq);
+      lens.resize(nq);
+      rows.key.resize(len);
+      rows.value.resize(len);
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t block = block_tables[b * table_stride + j / block_size];
+        rows.key[j] = cache + block * block_stride + (j % block_size) * slot + h * head_dim;
+        rows.value[j] = rows.key[j] + kv_stride;
+        if (j < kAhead) prefetch_row(rows.key[j], head_dim);
       }
+      for (int64_t r = 0; r < it.rows; ++r) {
+        for (int64_t g = 0; g < it.heads; ++g) {
+          const int64_t n = r * it.heads + g;
+          const int64_t offset = ((it.row + r) * heads + h * group + it.head0 + g) * head_dim;
+          for (int64_t c = 0; c < head_dim; c += 8)
+            _mm256_storeu_ps(&qf[n * head_dim + c],
+                             _mm256_mul_ps(load8_bf16(q + offset + c), _mm256_set1_ps(scale)));
+          outs[n] = out + offset;
+          lens[n] = len - (it.rows - 1 - r);
+        }
+      }
+      if (it.rows == 1 && it.heads == group)
+        attend_group(qf.data(), rows, len, head_dim, scores.data(), outs.data(), group);
+      else
+        attend_tile_of(static_cast<int>(nq), qf.data(), lens.data(), rows, head_dim, scores.data(),
+                       outs.data(), std::make_integer_sequence<int, kTile>());
     }
   }
 }

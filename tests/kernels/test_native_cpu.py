@@ -6,6 +6,8 @@ Elsewhere the kernels do not exist, and tests/kernels/conftest.py does not colle
 module.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from kernels.backend import get_backend
 from kernels.int4_linear import default_layout, dequantize_int4, pack_int4
 from kernels.int8_linear import ACTIVATION_GROUP, dequantize_int8, int8_linear
 from kernels.paged_attention import plan_attention_torch, write_kv_torch
-from kernels.paged_attention_cpu import paged_decode_attention_cpu, write_kv_cpu
+from kernels.paged_attention_cpu import paged_attention_cpu, write_kv_cpu
 from kernels.rmsnorm import rms_norm_torch
 from kernels.rmsnorm_cpu import rms_norm_cpu
 from kernels.rope_cpu import apply_rope_cpu
@@ -176,11 +178,13 @@ def test_write_kv_matches_the_torch_path():
     assert torch.equal(kv.view(torch.int16), expected.view(torch.int16))  # NaN slots too
 
 
-# (query heads, KV heads, head dim): the tests' default; SmolLM2's; a group of 6 (slices of
-# 4 and 2) with a head dim that ends in a half 16-wide chunk; no grouping.
-@pytest.mark.parametrize("heads", [(4, 2, 64), (9, 3, 64), (12, 2, 24), (3, 3, 16)])
-def test_paged_attention_decodes_natively_in_a_mixed_batch(heads, monkeypatch):
-    """The backend sends the decode rows to the native kernel, the prefill chunks to torch."""
+# (query heads, KV heads, head dim): the tests' default; SmolLM2's; a group of 6 (decode
+# slices of 4 and 2, prefill tiles of 2 rows) with a head dim that ends in a half 16-wide
+# chunk; no grouping (prefill tiles of 12 rows); a group of 16 (prefill slices of 12 and 4).
+@pytest.mark.parametrize("heads", [(4, 2, 64), (9, 3, 64), (12, 2, 24), (3, 3, 16), (16, 1, 32)])
+def test_paged_attention_runs_natively_on_a_mixed_batch(heads, monkeypatch):
+    """Decode rows and prefill chunks (after a cached prefix, and whole prompts) in one
+    native call, each row within one rounding of fp64 attention."""
     monkeypatch.setitem(test_paged_attention.HEADS, "cpu", heads)
     meta, kv, cached, (hq, hk, d) = _batch(torch.device("cpu"), BF16)
     assert (hq, hk, d) == heads
@@ -192,12 +196,52 @@ def test_paged_attention_decodes_natively_in_a_mixed_batch(heads, monkeypatch):
     with poisoned_outputs():
         out = get_backend("torch").paged_attention(q, kv, meta, d**-0.5)
     ref, size = _reference(q, kv, meta, d**-0.5, None)
-    # Decode rows: fp32 throughout, one rounding; the torch rows as the torch path's test.
-    assert_within(out, ref, 3 * ROUND * size + 1e-6, "paged attention")
-    decodes = slice(0, meta.num_decodes)
-    assert_within(out[decodes], ref[decodes], ROUND * size[decodes] + 1e-6, "native decode")
-    # The decode rows are the native kernel's, bit for bit (not torch's SDPA).
-    assert torch.equal(out[decodes], paged_decode_attention_cpu(q, kv, meta, d**-0.5))
+    # fp32 throughout, one rounding to bf16 (the cache's NaN slots are never read).
+    assert_within(out, ref, ROUND * size + 1e-6, "native paged attention")
+    # The native call, not torch's SDPA, computed every row.
+    assert torch.equal(out, paged_attention_cpu(q, kv, meta, d**-0.5))
+
+
+def _alone(meta, b, row=None):
+    """`meta` cut to sequence b (and, with `row`, to that row as a decode at its position)."""
+    start, qlen, slen = int(meta.query_start_loc[b]), meta.query_lens_host[b], meta.seq_lens_host[b]
+    rows = range(start, start + qlen) if row is None else range(start + row, start + row + 1)
+    seen = slen if row is None else slen - qlen + row + 1
+    q_len = len(rows)
+    return (
+        dataclasses.replace(
+            meta,
+            slot_mapping=meta.slot_mapping[rows.start : rows.stop],
+            query_start_loc=torch.tensor([0, q_len], dtype=torch.int32),
+            seq_lens=torch.tensor([seen], dtype=torch.int32),
+            block_tables=meta.block_tables[b : b + 1],
+            num_decodes=int(q_len == 1),
+            query_lens_host=[q_len],
+            seq_lens_host=[seen],
+            plan=None,
+        ),
+        rows,
+    )
+
+
+@pytest.mark.parametrize("heads", [(9, 3, 64), (16, 1, 32)])
+def test_paged_attention_rows_are_computed_as_decodes(heads, monkeypatch):
+    """Every row's result is the same bits as the decode step at its position computes,
+    whatever it is batched or chunked with: what the batch-invariant engine relies on."""
+    monkeypatch.setitem(test_paged_attention.HEADS, "cpu", heads)
+    meta, kv, cached, (hq, hk, d) = _batch(torch.device("cpu"), BF16)
+    write_kv_cpu(*_kv_rows(cached.numel(), hk, d, "cpu"), kv, cached)
+    write_kv_cpu(*_kv_rows(meta.num_tokens, hk, d, "cpu"), kv, meta.slot_mapping)
+    q = torch.randn(meta.num_tokens, hq, d).to(BF16)
+    batched = paged_attention_cpu(q, kv, meta, d**-0.5)
+    for b in range(meta.batch_size):
+        sub, rows = _alone(meta, b)
+        alone = paged_attention_cpu(q[rows.start : rows.stop], kv, sub, d**-0.5)
+        assert torch.equal(alone, batched[rows.start : rows.stop]), b
+        for r in range(len(rows)):
+            one, (i,) = _alone(meta, b, r)
+            decode = paged_attention_cpu(q[i : i + 1], kv, one, d**-0.5)
+            assert torch.equal(decode, batched[i : i + 1]), (b, r)
 
 
 def _layout_in_subprocess(env, tmp_path):

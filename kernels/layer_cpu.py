@@ -1,13 +1,14 @@
-"""A decode step's decoder layers on the CPU, one native call each: launcher of
-`kernels/cpu/decode_layer.cpp`.
+"""A step's decoder layers on the CPU, one native call each: launcher of
+`kernels/cpu/layer.cpp`.
 
 Op by op, a batch-1 decode step of SmolLM2 made ~330 native calls and spent about half
 its 30 ms between them (argument checks, tensor allocations, ctypes, the GIL taken back
 after each call). The native layer runs the same kernels on the same buffers in the same
-order, so its output is bit for bit the op-by-op one (tests/kernels/test_decode_layer_cpu.py).
+order, so its output is bit for bit the op-by-op one (tests/kernels/test_layer_cpu.py).
 
-It serves steps whose every row decodes, with bf16 activations and KV, INT4 weights in
-the `"avx2"` layout without biases, and no batch-invariant splitting; `NativeDecodeLayers.
+It serves any step (decode rows, prefill chunks, both) of a model with bf16 activations
+and KV, INT4 weights in the `"avx2"` layout without biases, and no batch-invariant
+splitting; `NativeLayers.
 build` returns None for any other model, which then runs op by op.
 """
 
@@ -36,7 +37,7 @@ class _Int4Proj(ctypes.Structure):
     ]
 
 
-class _DecodeLayer(ctypes.Structure):
+class _LayerWeights(ctypes.Structure):
     _fields_ = [
         ("input_norm", _p),
         ("post_norm", _p),
@@ -51,7 +52,7 @@ class _DecodeLayer(ctypes.Structure):
 _BUFFERS = ("x", "residual", "h", "qkv", "q", "k", "attn", "gate_up", "act")
 
 
-class _DecodeStep(ctypes.Structure):
+class _LayerStep(ctypes.Structure):
     _fields_ = [
         *[(name, _i64) for name in ("tokens", "hidden", "heads", "kv_heads", "head_dim", "inter")],
         ("eps", _f32),
@@ -63,6 +64,8 @@ class _DecodeStep(ctypes.Structure):
         ("slots", _p),
         ("block_tables", _p),
         ("table_stride", _i64),
+        ("seqs", _i64),
+        ("query_start", _p),
         ("seq_lens", _p),
         ("block_stride", _i64),
         ("kv_stride", _i64),
@@ -84,11 +87,11 @@ def _proj(w: Any) -> _Int4Proj | None:
     )
 
 
-class NativeDecodeLayers:
-    """The native layer arguments of one model, built once; `run` serves a decode step."""
+class NativeLayers:
+    """The native layer arguments of one model, built once; `run` serves a step."""
 
     def __init__(
-        self, layers: list[_DecodeLayer], cfg: Any, scale: float, eps: float, cache: torch.Tensor
+        self, layers: list[_LayerWeights], cfg: Any, scale: float, eps: float, cache: torch.Tensor
     ) -> None:
         self._layers = layers
         self._cache = cache.data_ptr()
@@ -96,10 +99,10 @@ class NativeDecodeLayers:
         self.cfg = cfg
         self._scale = scale
         self._eps = eps
-        self._fn = native.lib().baton_decode_layer_bf16
+        self._fn = native.lib().baton_layer_bf16
 
     @classmethod
-    def build(cls, model: Any, kv_cache: torch.Tensor) -> NativeDecodeLayers | None:
+    def build(cls, model: Any, kv_cache: torch.Tensor) -> NativeLayers | None:
         """The native layers of `model` (engine.model.LlamaModel) over `kv_cache`
         [blocks, layers, 2, block_size, kv_heads, head_dim], or None when any part of
         either is not what the native layer runs."""
@@ -125,7 +128,7 @@ class NativeDecodeLayers:
             if kv_layer.stride()[2:] != (cfg.num_kv_heads * cfg.head_dim, cfg.head_dim, 1):
                 return None
             layers.append(
-                _DecodeLayer(norms[0].data_ptr(), norms[1].data_ptr(), *projs, kv_layer.data_ptr())
+                _LayerWeights(norms[0].data_ptr(), norms[1].data_ptr(), *projs, kv_layer.data_ptr())
             )
         return cls(layers, cfg, model.layers[0].scale, cfg.rms_norm_eps, kv_cache)
 
@@ -137,7 +140,7 @@ class NativeDecodeLayers:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer of a decode step: (x, residual) as the op-by-op loop leaves them.
+        """Every layer of a step: (x, residual) as the op-by-op loop leaves them.
         `x` (the embedding rows, bf16) is the layers' working buffer: it is overwritten."""
         cfg, t = self.cfg, x.shape[0]
         if kv_cache.data_ptr() != self._cache:  # a new cache: every layer's slice moved
@@ -153,8 +156,9 @@ class NativeDecodeLayers:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         slots = meta.slot_mapping.to(torch.int64).contiguous()
         tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
+        starts = meta.query_start_loc.contiguous()
         kv_layer = kv_cache[:, 0]
-        step = _DecodeStep(
+        step = _LayerStep(
             t,
             cfg.hidden_size,
             cfg.num_heads,
@@ -170,6 +174,8 @@ class NativeDecodeLayers:
             slots.data_ptr(),
             tables.data_ptr(),
             tables.stride(0),
+            meta.batch_size,
+            starts.data_ptr(),
             seq_lens.data_ptr(),
             kv_layer.stride(0),
             kv_layer.stride(1),

@@ -1,8 +1,8 @@
-// One decoder layer of a decode step in a single call: the same kernels the model calls op
-// by op (rmsnorm.cpp, int4_linear.cpp, rope.cpp, kv_cache.cpp, paged_attention.cpp,
+// One decoder layer of a step (decode rows and prefill chunks alike) in a single call: the
+// same kernels the model calls op by op (rmsnorm.cpp, int4_linear.cpp, rope.cpp, kv_cache.cpp, paged_attention.cpp,
 // activation.cpp), in the same order on the same buffers, so the result is bit for bit the
 // op-by-op one. What it saves is Python: a batch-1 step of SmolLM2 made ~330 kernel calls
-// and spent about half its time between them (kernels/decode_layer_cpu.py).
+// and spent about half its time between them (kernels/layer_cpu.py).
 #include <cstdint>
 #include <cstring>
 
@@ -20,16 +20,17 @@ void baton_write_kv_bf16(const uint16_t* k, int64_t k_stride, const uint16_t* v,
                          int64_t v_stride, uint16_t* cache, int64_t block_stride,
                          int64_t kv_stride, int64_t block_size, const int64_t* slots,
                          int64_t tokens, int64_t row_elems);
-void baton_paged_decode_bf16(const uint16_t* q, uint16_t* out, const uint16_t* cache,
-                             int64_t block_stride, int64_t kv_stride, const int32_t* block_tables,
-                             int64_t table_stride, const int32_t* seq_lens, int64_t seqs,
-                             int64_t heads, int64_t kv_heads, int64_t head_dim,
-                             int64_t block_size, float scale, int threads);
+void baton_paged_attention_bf16(const uint16_t* q, uint16_t* out, const uint16_t* cache,
+                                int64_t block_stride, int64_t kv_stride,
+                                const int32_t* block_tables, int64_t table_stride,
+                                const int32_t* query_start, const int32_t* seq_lens, int64_t seqs,
+                                int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                int64_t block_size, float scale, int threads);
 void baton_silu_and_mul_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t inter,
                              int threads);
 }
 
-// Field order and types match kernels/decode_layer_cpu.py's ctypes structures.
+// Field order and types match kernels/layer_cpu.py's ctypes structures.
 struct Int4Proj {
   const uint8_t* qweight;
   const uint16_t* scales;
@@ -37,14 +38,14 @@ struct Int4Proj {
   int64_t n, k, group;
 };
 
-struct DecodeLayer {
+struct LayerWeights {
   const uint16_t* input_norm;
   const uint16_t* post_norm;
   Int4Proj qkv, o, gate_up, down;
   uint16_t* cache;  // this layer's [blocks, 2, block_size, kv_heads, head_dim]
 };
 
-struct DecodeStep {
+struct LayerStep {
   int64_t tokens, hidden, heads, kv_heads, head_dim, inter;
   float eps, scale;
   int threads;
@@ -54,6 +55,8 @@ struct DecodeStep {
   const int64_t* slots;
   const int32_t* block_tables;
   int64_t table_stride;
+  int64_t seqs;
+  const int32_t* query_start;  // [seqs + 1]: sequence b owns rows query_start[b] ..
   const int32_t* seq_lens;
   int64_t block_stride, kv_stride, block_size;
   // bf16 buffers, row-major with `tokens` rows: x [hidden] (the layer's input, then its
@@ -64,7 +67,7 @@ struct DecodeStep {
 
 namespace {
 
-void project(const Int4Proj& w, const uint16_t* x, uint16_t* y, const DecodeStep& s) {
+void project(const Int4Proj& w, const uint16_t* x, uint16_t* y, const LayerStep& s) {
   baton_int4_linear_avx2(x, w.qweight, w.scales, w.zeros, y, 1, s.tokens, w.n, w.k, w.group,
                          s.threads);
 }
@@ -74,9 +77,9 @@ void project(const Int4Proj& w, const uint16_t* x, uint16_t* y, const DecodeStep
 // x (and residual) in, x (and residual) out. The norms add in place: the kernel reads a
 // row of x and of the residual before it writes that row of the sum, and reads the sum
 // before it writes that row of the output.
-extern "C" void baton_decode_layer_bf16(const DecodeLayer* layer, DecodeStep* step) {
-  const DecodeLayer& l = *layer;
-  DecodeStep& s = *step;
+extern "C" void baton_layer_bf16(const LayerWeights* layer, LayerStep* step) {
+  const LayerWeights& l = *layer;
+  LayerStep& s = *step;
   const int64_t t = s.tokens, q_size = s.heads * s.head_dim, kv_size = s.kv_heads * s.head_dim;
   const int64_t width = q_size + 2 * kv_size;
   if (s.first) {  // the op-by-op model keeps x itself as the residual: the same values
@@ -92,9 +95,9 @@ extern "C" void baton_decode_layer_bf16(const DecodeLayer* layer, DecodeStep* st
   baton_rope_bf16(s.qkv + q_size, width, s.k, s.cos, s.sin, t, s.kv_heads, s.head_dim, s.threads);
   baton_write_kv_bf16(s.k, kv_size, s.qkv + q_size + kv_size, width, l.cache, s.block_stride,
                       s.kv_stride, s.block_size, s.slots, t, kv_size);
-  baton_paged_decode_bf16(s.q, s.attn, l.cache, s.block_stride, s.kv_stride, s.block_tables,
-                          s.table_stride, s.seq_lens, t, s.heads, s.kv_heads, s.head_dim,
-                          s.block_size, s.scale, s.threads);
+  baton_paged_attention_bf16(s.q, s.attn, l.cache, s.block_stride, s.kv_stride, s.block_tables,
+                             s.table_stride, s.query_start, s.seq_lens, s.seqs, s.heads,
+                             s.kv_heads, s.head_dim, s.block_size, s.scale, s.threads);
   project(l.o, s.attn, s.x, s);
   baton_rms_norm_bf16(s.x, s.residual, l.post_norm, s.x, s.residual, t, s.hidden, s.eps,
                       s.threads);
