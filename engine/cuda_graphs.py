@@ -274,7 +274,8 @@ class DecodeGraphs:
             inputs.sampling.temperature.zero_()  # padding rows, until a step fills them
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:
-            fed = self._last_tokens[:size][inputs.feed.clamp(min=0)]
+            # `feed` indexes the previous replay's rows, of whatever size it was.
+            fed = self._last_tokens[inputs.feed.clamp(min=0)]
             ids = torch.where(inputs.feed >= 0, fed, inputs.input_ids)
             hidden = self.forward(ids, inputs.positions, inputs.meta)
             logits = self.logits(hidden)
