@@ -3,6 +3,9 @@
     python bench/engine_gpu.py                   # on a CUDA GPU
     python bench/engine_gpu.py --layers 4        # a quicker, shallower model
     python bench/engine_gpu.py --sections compile  # the torch.compile peer alone
+    python bench/engine_gpu.py --sections engine --batches 1 --baseline DIR
+        # the engine's decode steps against an earlier tree (`git archive` into DIR)
+    python bench/engine_gpu.py --sections handoff  # prefill and decode in two processes
 
 Builds the model three times from the same random weights (bf16 dense, FP8, INT4; one at
 a time, so at most one copy is on the card) with the Triton kernel backend and measures,
@@ -16,6 +19,9 @@ in one process:
 - the same-GPU KV handoff of a 2k-token prompt: its cache blocks copied into another
   engine's cache (device to device, block-major, so one gather-scatter) against the
   prompt's FP8 prefill time;
+- (section handoff) the same prompt handed across processes: an FP8 engine's process puts
+  its blocks into a kvstore shard (shared memory), an INT4 engine's process gets them and
+  decodes from them;
 - the peer: the same bf16 weights decoded by a plain PyTorch loop (`StaticCacheLlama`, no
   Baton code in its step) compiled with `torch.compile`, at batch 1 and 32: 50 steps from
   position 512, each attending over the whole 576-slot static cache under a mask. Its step
