@@ -283,6 +283,9 @@ class DecodeGraphs:
             self._last_tokens[:size].copy_(tokens)
             return logits, tokens
 
+        # The warm-up writes `_last_tokens`, which may hold a running step's tokens that
+        # the step being captured for is about to take as its inputs: keep them.
+        running = self._last_tokens.clone()
         # Warm up on a side stream (Triton compiles, buffers settle), as capture requires.
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
@@ -290,6 +293,7 @@ class DecodeGraphs:
             for _ in range(2):
                 step()
         torch.cuda.current_stream(dev).wait_stream(stream)
+        self._last_tokens.copy_(running)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
