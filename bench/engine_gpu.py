@@ -273,19 +273,30 @@ def _block_sums(kv_cache: torch.Tensor, block_ids: list[int]) -> list[int]:
     return blocks.view(torch.int16).flatten(1).sum(1, dtype=torch.int64).tolist()
 
 
-def _prefill_worker(layers: int, length: int, address: str, conn: Any) -> None:
-    """The prefill process: FP8 engine; per prompt, prefill it (timed), then hand its blocks
-    to the KV store (timed: `KVPort.read_blocks` into pinned memory, the client's put)."""
-    from services.kvstore.client import ClientConfig, KVStoreClient
+def _handoff_side(
+    layers: int, length: int, linear: str
+) -> tuple[ModelConfig, LLMEngine, torch.Tensor, Any]:
+    """One side of the cross-process handoff: (model config, engine, a pinned staging
+    buffer for a prompt's blocks, the KV store client's config: shared memory)."""
+    from services.kvstore.client import ClientConfig
 
     torch.set_grad_enabled(False)
     cfg = llama3_8b(layers)
-    engine = random_engine(cfg, "fp8", max_model_len=length + 64, kv_cache_bytes=2 << 30,
+    engine = random_engine(cfg, linear, max_model_len=length + 64, kv_cache_bytes=2 << 30,
                            max_num_batched_tokens=length)  # fmt: skip
-    port = engine.port
-    config = ClientConfig(timeout_s=120, shared_memory=True)
-    staging = torch.empty((length // BLOCK, *port.kv_cache.shape[1:]), dtype=port.kv_cache.dtype,
+    kv_cache = engine.port.kv_cache
+    staging = torch.empty((length // BLOCK, *kv_cache.shape[1:]), dtype=kv_cache.dtype,
                           pin_memory=True)  # fmt: skip
+    return cfg, engine, staging, ClientConfig(timeout_s=120, shared_memory=True)
+
+
+def _prefill_worker(layers: int, length: int, address: str, conn: Any) -> None:
+    """The prefill process: FP8 engine; per prompt, prefill it (timed), then hand its blocks
+    to the KV store (timed: `KVPort.read_blocks` into pinned memory, the client's put)."""
+    from services.kvstore.client import KVStoreClient
+
+    cfg, engine, staging, config = _handoff_side(layers, length, "fp8")
+    port = engine.port
 
     async def run() -> None:
         client = KVStoreClient([address], engine.fingerprint, engine.block_format, config)
@@ -318,16 +329,10 @@ def _prefill_worker(layers: int, length: int, address: str, conn: Any) -> None:
 def _decode_worker(layers: int, length: int, address: str, conn: Any) -> None:
     """The decode process: INT4 engine; per handoff, pull its blocks from the KV store
     (timed: the client's get into pinned memory, `KVPort.write_blocks`), then decode."""
-    from services.kvstore.client import ClientConfig, KVStoreClient
+    from services.kvstore.client import KVStoreClient
 
-    torch.set_grad_enabled(False)
-    cfg = llama3_8b(layers)
-    engine = random_engine(cfg, "int4", max_model_len=length + 64, kv_cache_bytes=2 << 30,
-                           max_num_batched_tokens=length)  # fmt: skip
+    _, engine, staging, config = _handoff_side(layers, length, "int4")
     port = engine.port
-    config = ClientConfig(timeout_s=120, shared_memory=True)
-    staging = torch.empty((length // BLOCK, *port.kv_cache.shape[1:]), dtype=port.kv_cache.dtype,
-                          pin_memory=True)  # fmt: skip
 
     async def run() -> None:
         clients: dict[bytes, KVStoreClient] = {}
