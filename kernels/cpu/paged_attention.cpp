@@ -160,7 +160,6 @@ void attend_group(const float* qf, const Rows& rows, int64_t len, int64_t dim, f
   }
 }
 
-
 constexpr int kTile = 12;  // query vectors of a prefill tile: FMA chains in registers
 
 // A prefill tile: NQ <= kTile query vectors (scaled, fp32, `dim` apart in qf) where vector
@@ -239,12 +238,12 @@ std::vector<Item> plan_items(const int32_t* query_start, int64_t seqs, int64_t k
   }
   return items;
 }
+
 }  // namespace
 
-
 // q [tokens, heads, head_dim]; out the same shape. Sequence b owns query rows
-// query_start[b] .. query_start[b + 1] - 1, the last seq_lens[b] - 1 positions of its
-// context; its keys are found through block_tables[b]. cache: [blocks, 2, block_size,
+// query_start[b] .. query_start[b + 1] - 1, the last positions of its seq_lens[b]-token
+// context (one row: a decode); its keys are found through block_tables[b]. cache: [blocks, 2, block_size,
 // kv_heads, head_dim] with the given block and K-to-V strides. head_dim is a multiple of
 // 8 (checked by the caller).
 extern "C" void baton_paged_attention_bf16(const uint16_t* q, uint16_t* out, const uint16_t* cache,
