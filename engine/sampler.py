@@ -178,14 +178,18 @@ class Sampler:
         for i, ids in enumerate(suppressed or ()):
             if ids:
                 logits[i, list(ids)] = float("-inf")
-        rows, vocab = logits.shape
-        plan = SamplerPlan.of(params, vocab, logits.device)
-        sampling = None
-        if plan.sample:
-            host = SamplingTensors.empty(rows, vocab)
-            host.fill(params, generators, plan)
-            sampling = host.to(logits.device)
-        token_list = sample_tokens(logits, plan, sampling).tolist()
+        tokens = logits.argmax(dim=-1)
+        # Only the sampled rows pay for noise, softmax and sorting (greedy rows are their
+        # argmax; sample_tokens is row-wise, so the subset samples what the batch would).
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            chosen = [params[i] for i in sampled]
+            plan = SamplerPlan.of(chosen, logits.shape[1], logits.device)
+            host = SamplingTensors.empty(len(sampled), logits.shape[1])
+            host.fill(chosen, [generators[i] for i in sampled], plan)
+            idx = torch.tensor(sampled, device=logits.device)
+            tokens[idx] = sample_tokens(logits[idx], plan, host.to(logits.device))
+        token_list = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(params)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if wanted:

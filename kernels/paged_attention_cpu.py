@@ -53,7 +53,7 @@ def paged_attention_cpu(
     assert meta.block_tables.dtype == meta.seq_lens.dtype == meta.query_start_loc.dtype
     assert meta.seq_lens.dtype == torch.int32
     starts = meta.query_start_loc.contiguous()
-    queries = q[: int(starts[seqs])].contiguous()
+    queries = q[: sum(meta.query_lens_host[:seqs])].contiguous()
     out = torch.empty_like(queries)
     tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
     native.lib().baton_paged_attention_bf16(
