@@ -87,6 +87,17 @@ def test_batched_sampler_matches_row_by_row_reference(device: torch.device):
         assert sample_tokens(logits[i : i + 1], plan_i, sampling_i).tolist() == [tokens[i]]
 
 
+def test_eager_sampler_samples_a_mixed_batch_as_the_reference(device: torch.device):
+    """The eager sampler (greedy rows by argmax, the sampled rows as a sub-batch) draws
+    each seeded row's noise from its own generator, as the reference does."""
+    logits = torch.randn(len(PARAMS), VOCAB, device=device) * 3
+    gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in PARAMS]
+    result = Sampler()(logits, PARAMS, gens, [()] * len(PARAMS))
+    noise = _noise(PARAMS)
+    expected = [_reference_row(logits[i], p, noise[i]) for i, p in enumerate(PARAMS)]
+    assert result.token_ids == expected
+
+
 def test_eager_sampler_suppresses_and_reports_logprobs(device: torch.device):
     logits = torch.randn(2, VOCAB, device=device)
     top = int(logits[0].argmax())
