@@ -67,7 +67,7 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
 CONTEXT = 512
-SECTIONS = ("compile", "formats", "engine", "handoff")
+SECTIONS = ("compile", "formats", "engine", "handoff", "profile")
 HANDOFF_RUNS = 3
 
 
@@ -169,16 +169,23 @@ def random_engine(cfg: ModelConfig, linear: str, **args: Any) -> LLMEngine:
 
 
 def engine_decode_rate(
-    cfg: ModelConfig, linear: str, graphs: int, batch: int, sampled: bool = False
+    cfg: ModelConfig,
+    linear: str,
+    graphs: int,
+    batch: int,
+    sampled: bool = False,
+    lm_head: str = "dense",
 ) -> tuple[float, float | None]:
     """Tokens/s of `LLMEngine.step` (scheduler, model runner, sampler) once `batch` requests
     with 512-token prompts all decode, greedy or `sampled` (temperature and top-p, unseeded);
-    `graphs` is the engine's cuda_graph_max_batch. With graphs, also the ms of one replay of
+    `graphs` is the engine's cuda_graph_max_batch, `lm_head` its LM head's weight format.
+    With graphs, also the ms of one replay of
     the step's graph alone (forward, LM head, sampler; CUDA events): the GPU's share of a
     step, the rest being the host's."""
     engine = random_engine(
         cfg, linear, max_model_len=CONTEXT + 256, kv_cache_bytes=4 << 30, max_num_seqs=batch,
         max_num_batched_tokens=CONTEXT * batch, cuda_graph_max_batch=graphs,
+        lm_head_linear=lm_head,
     )  # fmt: skip
     for b in range(batch):
         params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
@@ -203,6 +210,53 @@ def engine_decode_rate(
     del engine
     torch.cuda.empty_cache()
     return tokens / elapsed, replay_ms
+
+
+def step_profile(
+    cfg: ModelConfig, linear: str, batch: int, lm_head: str = "dense", top: int = 24
+) -> list[str]:
+    """Where the GPU's time in one engine decode step goes: the kernels of the step's CUDA
+    graph (forward, LM head, sampler), replayed under torch.profiler, summed by name per
+    step; the last line compares their sum with the replay's wall time (the gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = random_engine(
+        cfg, linear, max_model_len=CONTEXT + 256, kv_cache_bytes=4 << 30, max_num_seqs=batch,
+        max_num_batched_tokens=CONTEXT * batch, cuda_graph_max_batch=64, lm_head_linear=lm_head,
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    for b in range(batch):
+        engine.add_request([(b * 31 + i) % cfg.vocab_size for i in range(CONTEXT)], params)
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(out.request_id for out in engine.step())
+    for _ in range(3):
+        engine.step()
+    assert engine.runner.graphs is not None
+    graph = engine.runner.graphs.graph(
+        batch, SamplerPlan.of([params], cfg.vocab_size, torch.device("cuda"))
+    )
+    replay = median_ms(graph.replay, 50)
+    steps = 20
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals.setdefault(ev.name, [0.0, 0])
+            t[0] += ev.device_time / steps
+            t[1] += 1 / steps
+    lines = []
+    busy = sum(t for t, _ in totals.values())
+    for name, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{us:8.1f} us {n:6.1f}x  {name[:90]}")
+    count = sum(n for _, n in totals.values())
+    lines.append(f"kernels {busy:.1f} us in {count:.0f} launches; replay {replay * 1e3:.1f} us")
+    del engine
+    torch.cuda.empty_cache()
+    return lines
 
 
 def baseline_engine_rate(tree: str, layers: int, linear: str, batch: int) -> float:
@@ -661,19 +715,34 @@ def main() -> None:
                     key = f"{linear} baseline engine b{batch}"
                     rates[key] = baseline_engine_rate(args.baseline, args.layers, linear, batch)
                     report(key, rates[key])
-                for sampled in (False, True) if linear == "int4" else (False,):
+                variants = [(False, "dense")]
+                if linear == "int4":  # also with the LM head in INT4, as torchao's figure
+                    variants += [(False, "int4"), (True, "int4")]
+                for sampled, head in variants:
                     key = f"{linear} engine b{batch}" + (" sampled" if sampled else "")
-                    rates[key], replay = engine_decode_rate(cfg, linear, 64, batch, sampled)
+                    key += " int4 head" if head == "int4" else ""
+                    rates[key], replay = engine_decode_rate(
+                        cfg, linear, 64, batch, sampled, lm_head=head
+                    )
                     report(key, rates[key])
                     assert replay is not None
                     report(f"{key} graph replay alone", batch / replay * 1e3)
         for batch in args.batches:
             int4_rate, dense_rate = rates[f"int4 engine b{batch}"], rates[f"dense engine b{batch}"]
             ratios.append((f"int4 / bf16 engine b{batch}", f"{int4_rate / dense_rate:.2f}x"))
+            head_rate = rates[f"int4 engine b{batch} int4 head"]
+            ratios.append(
+                (f"int4 (int4 head) / bf16 engine b{batch}", f"{head_rate / dense_rate:.2f}x")
+            )
             for linear in ("dense", "int4") if args.baseline else ():
                 was = rates[f"{linear} baseline engine b{batch}"]
                 now = rates[f"{linear} engine b{batch}"]
                 ratios.append((f"{linear} engine b{batch} / baseline", f"{now / was:.2f}x"))
+    if "profile" in args.sections:
+        for linear, head in (("int4", "int4"), ("int4", "dense"), ("dense", "dense")):
+            print(f"{linear} engine ({head} LM head) b1 decode step, per step:")
+            for line in step_profile(cfg, linear, 1, head):
+                print("  " + line, flush=True)
     if "handoff" in args.sections:
         length = 2048
         for i, h in enumerate(cross_process_handoff(args.layers, length)):

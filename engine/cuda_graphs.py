@@ -279,7 +279,7 @@ class DecodeGraphs:
             ids = torch.where(inputs.feed >= 0, fed, inputs.input_ids)
             hidden = self.forward(ids, inputs.positions, inputs.meta)
             logits = self.logits(hidden)
-            tokens = sample_tokens(logits.float(), plan, inputs.sampling)
+            tokens = sample_tokens(logits, plan, inputs.sampling)
             self._last_tokens[:size].copy_(tokens)
             return logits, tokens
 

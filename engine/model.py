@@ -95,13 +95,15 @@ class DecoderLayer:
         t = x.shape[0]
         h, residual = ops.rms_norm(x, self.input_norm, cfg.rms_norm_eps, residual)
         q, k, v = self.qkv_proj(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q, k = ops.apply_rope(
+        q = ops.rope_write_kv(
             q.view(t, cfg.num_heads, cfg.head_dim),
             k.view(t, cfg.num_kv_heads, cfg.head_dim),
+            v.view(t, cfg.num_kv_heads, cfg.head_dim),
             cos,
             sin,
+            kv_layer,
+            meta.slot_mapping,
         )
-        ops.write_kv(k, v.view(t, cfg.num_kv_heads, cfg.head_dim), kv_layer, meta.slot_mapping)
         attn = ops.paged_attention(q, kv_layer, meta, self.scale)
         h = self.o_proj(attn.reshape(t, cfg.q_size))
         h, residual = ops.rms_norm(h, self.post_attention_norm, cfg.rms_norm_eps, residual)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampling_params import SamplingParams
+from kernels.argmax import argmax_rows
 
 
 @dataclass(frozen=True)
@@ -123,14 +124,16 @@ class SamplingTensors:
 def sample_tokens(
     logits: torch.Tensor, plan: SamplerPlan, sampling: SamplingTensors | None
 ) -> torch.Tensor:
-    """logits [B, vocab] float32 -> [B] int64 token ids, without a host sync.
+    """logits [B, vocab] (any float dtype; sampling runs in float32) -> [B] int64 token
+    ids, without a host sync.
 
     Each row's arithmetic is its own (row-wise ops only), so a row samples the same token
     whatever else is in the batch, and the same as a batch of one.
     """
-    greedy = logits.argmax(dim=-1)
+    greedy = argmax_rows(logits)
     if not plan.sample:
         return greedy
+    logits = logits.float()
     assert sampling is not None, "a sampling plan needs its SamplingTensors"
     temperature = sampling.temperature
     scaled = logits / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
@@ -178,7 +181,7 @@ class Sampler:
         for i, ids in enumerate(suppressed or ()):
             if ids:
                 logits[i, list(ids)] = float("-inf")
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax_rows(logits)
         # Only the sampled rows pay for noise, softmax and sorting (greedy rows are their
         # argmax; sample_tokens is row-wise, so the subset samples what the batch would).
         sampled = [i for i, p in enumerate(params) if not p.greedy]

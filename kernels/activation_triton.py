@@ -15,7 +15,7 @@ import triton.language as tl
 
 from kernels.fp8_linear import FP8_DTYPE
 from kernels.fp8_linear_triton import row_launch, store_fp8_row
-from kernels.triton_runtime import check_device
+from kernels.triton_runtime import check_device, pdl, pdl_options, pdl_trigger, pdl_wait
 
 
 @triton.jit
@@ -28,10 +28,12 @@ def _swiglu(x_ptr, cols, mask, inter):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
+    pdl_wait(PDL)
     y = _swiglu(x_ptr + row * stride_x, cols, mask, inter)
     tl.store(out_ptr + row * inter + cols, y, mask=mask)
 
@@ -59,7 +61,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if t:
         block = min(2048, triton.next_power_of_2(i))
         grid = (t, triton.cdiv(i, block))
-        _silu_and_mul_kernel[grid](x, out, i, x.stride(0), BLOCK=block, num_warps=4)
+        _silu_and_mul_kernel[grid](
+            x, out, i, x.stride(0), BLOCK=block, num_warps=4,
+            PDL=pdl(x.device), **pdl_options(x.device),
+        )  # fmt: skip
     return out
 
 

@@ -70,6 +70,22 @@ class KernelBackend(ABC):
     ) -> None:
         """Store this step's K/V rows into their cache slots."""
 
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """`apply_rope` on q and k, then `write_kv` of the rotated k and v; returns the
+        rotated q. A backend may fuse the two (the Triton one does)."""
+        q, k = self.apply_rope(q, k, cos, sin)
+        self.write_kv(k, v, kv_layer, slot_mapping)
+        return q
+
     @abstractmethod
     def plan_attention(self, meta: AttentionMetadata) -> None:
         """Build per-step attention state once; every layer then reuses `meta.plan`."""

@@ -41,7 +41,18 @@ import triton.language as tl
 
 from kernels.attention_metadata import AttentionMetadata
 from kernels.fp8_linear import FP8_DTYPE, FP8_MAX
-from kernels.triton_runtime import INTERPRET, check_device, mma, num_sms, tile_counters, to_fp8
+from kernels.triton_runtime import (
+    INTERPRET,
+    check_device,
+    mma,
+    num_sms,
+    pdl,
+    pdl_options,
+    pdl_trigger,
+    pdl_wait,
+    tile_counters,
+    to_fp8,
+)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -188,12 +199,14 @@ def _decode_kernel(
     count_ptr, stride_qt, stride_ot, stride_bt, stride_block, stride_kv, stride_tok, sm_scale,
     HK: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr,
-    S_P2: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr,
+    S_P2: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_trigger(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     splits = tl.num_programs(2)
+    pdl_wait(PDL)
     seq_len = tl.load(seq_lens_ptr + b)
     per_split = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
     start = split * per_split
@@ -434,7 +447,8 @@ def paged_attention(
             HK=hk, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), D=d,
             PAGE=meta.block_size, BLOCK_N=plan.decode_block_n, SPLIT=splits > 1,
             MERGE_HERE=merge_here, S_P2=s_p2, FP8=fp8, UPCAST=INTERPRET,
-            num_warps=4, num_stages=1 if INTERPRET else 3,
+            num_warps=4, num_stages=1 if INTERPRET else 3, PDL=pdl(q.device),
+            **pdl_options(q.device),
         )  # fmt: skip
         if not merge_here:
             _decode_merge_kernel[(nd, hq)](

@@ -17,18 +17,20 @@ import triton.language as tl
 
 from kernels.fp8_linear import FP8_DTYPE
 from kernels.fp8_linear_triton import row_launch, store_fp8_row
-from kernels.triton_runtime import check_device
+from kernels.triton_runtime import check_device, pdl, pdl_options, pdl_trigger, pdl_wait
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, scale_ptr,
     N, stride_x, stride_res, eps,
-    HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
@@ -71,6 +73,7 @@ def _launch(
             out if scale is None else scale,
             n, x.stride(0), 0 if residual is None else residual.stride(0), eps,
             HAS_RESIDUAL=residual is not None, FP8_OUT=fp8_out, BLOCK=block, num_warps=warps,
+            PDL=pdl(x.device), **pdl_options(x.device),
         )  # fmt: skip
     return out, scale, summed
 

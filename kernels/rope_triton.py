@@ -5,6 +5,11 @@
 cos/sin are rounded to the activation dtype first, as `kernels.rope.apply_rope_torch` (and
 Hugging Face) do; the rotation itself runs in fp32 and rounds once. q and k may be
 strided views of the fused QKV projection (any token stride; heads and head_dim dense).
+
+`apply_rope_write_kv` also stores the rotated k and v into their paged-cache slots (what
+`paged_attention_triton.write_kv` does for a bf16/fp16 cache): one launch instead of two,
+and k never goes through memory unrotated. In a batch-1 decode step on an H100 each of
+the two kernels costs ~1.5-1.9 us, 32 times a step.
 """
 
 from __future__ import annotations
@@ -13,17 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_runtime import check_device
+from kernels.triton_runtime import check_device, pdl, pdl_options, pdl_trigger, pdl_wait
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, stride_x, c, s, H, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rotate_heads(x_row, out_row, c, s, H, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One token's H dense heads at x_row, rotated, to out_row (also dense)."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, HALF)[None, :]
     mask = heads < H
-    src = x_ptr + row * stride_x + heads * (2 * HALF) + cols
-    dst = out_ptr + row * H * (2 * HALF) + heads * (2 * HALF) + cols
+    src = x_row + heads * (2 * HALF) + cols
+    dst = out_row + heads * (2 * HALF) + cols
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     dtype = x1.dtype
@@ -43,8 +48,32 @@ def _rope_kernel(
     dtype = q_out_ptr.dtype.element_ty
     c = tl.load(cos_ptr + row * stride_cos + cols).to(dtype).to(tl.float32)
     s = tl.load(sin_ptr + row * stride_cos + cols).to(dtype).to(tl.float32)
-    _rotate_heads(q_ptr, q_out_ptr, stride_q, c, s, HQ, HALF, BLOCK_HQ)
-    _rotate_heads(k_ptr, k_out_ptr, stride_k, c, s, HK, HALF, BLOCK_HK)
+    _rotate_heads(q_ptr + row * stride_q, q_out_ptr + row * HQ * 2 * HALF, c, s, HQ, HALF, BLOCK_HQ)
+    _rotate_heads(k_ptr + row * stride_k, k_out_ptr + row * HK * 2 * HALF, c, s, HK, HALF, BLOCK_HK)
+
+
+@triton.jit
+def _rope_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, cache_ptr, slot_ptr,
+    stride_q, stride_k, stride_v, stride_cos, stride_block, stride_kv, stride_tok, page_size,
+    HQ, HK, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_V: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    pdl_trigger(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, HALF)[None, :]
+    dtype = q_out_ptr.dtype.element_ty
+    pdl_wait(PDL)
+    c = tl.load(cos_ptr + row * stride_cos + cols).to(dtype).to(tl.float32)
+    s = tl.load(sin_ptr + row * stride_cos + cols).to(dtype).to(tl.float32)
+    slot = tl.load(slot_ptr + row).to(tl.int64)
+    dst = cache_ptr + (slot // page_size) * stride_block + (slot % page_size) * stride_tok
+    _rotate_heads(q_ptr + row * stride_q, q_out_ptr + row * HQ * 2 * HALF, c, s, HQ, HALF, BLOCK_HQ)
+    _rotate_heads(k_ptr + row * stride_k, dst, c, s, HK, HALF, BLOCK_HK)
+    v_cols = tl.arange(0, BLOCK_V)
+    v_mask = v_cols < HK * 2 * HALF
+    v = tl.load(v_ptr + row * stride_v + v_cols, mask=v_mask)
+    tl.store(dst + stride_kv + v_cols, v, mask=v_mask)
 
 
 def apply_rope(
@@ -70,3 +99,40 @@ def apply_rope(
             num_warps=4,
         )  # fmt: skip
     return q_out, k_out
+
+
+def apply_rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_layer: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """`apply_rope` then `write_kv(k_rotated, v, ...)` into a bf16/fp16 cache, in one launch;
+    returns the rotated q (new tensor). Shapes as those two functions take them."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    assert k.shape == v.shape == (t, hk, d), (q.shape, k.shape, v.shape)
+    assert k.dtype == v.dtype == q.dtype == kv_layer.dtype, (q.dtype, kv_layer.dtype)
+    assert d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0, f"head_dim/2 must be a power of 2: {d}"
+    for x in (q, k, v):
+        assert x.stride(2) == 1 and x.stride(1) == d, f"heads must be dense: {x.stride()}"
+    assert cos.shape == sin.shape == (t, d // 2) and cos.stride() == sin.stride()
+    assert cos.dtype == sin.dtype == torch.float32 and cos.stride(1) == 1
+    assert kv_layer.dim() == 5 and kv_layer.shape[1] == 2 and kv_layer.shape[3:] == (hk, d)
+    assert kv_layer.stride(4) == 1 and kv_layer.stride(3) == d and kv_layer.stride(2) == hk * d
+    assert slot_mapping.shape == (t,) and slot_mapping.dtype in (torch.int32, torch.int64)
+    check_device(q, k, v, cos, sin, kv_layer, slot_mapping)
+    q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+    if t:
+        _rope_kv_kernel[(t,)](
+            q, k, v, cos, sin, q_out, kv_layer, slot_mapping,
+            q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
+            kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.shape[2],
+            hq, hk, HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq),
+            BLOCK_HK=triton.next_power_of_2(hk), BLOCK_V=triton.next_power_of_2(hk * d),
+            num_warps=4, PDL=pdl(q.device), **pdl_options(q.device),
+        )  # fmt: skip
+    return q_out

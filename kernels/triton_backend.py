@@ -11,7 +11,7 @@ from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend
 from kernels.fp8_linear import Fp8Weight
 from kernels.int4_linear import Int4Weight
-from kernels.rope_triton import apply_rope
+from kernels.rope_triton import apply_rope, apply_rope_write_kv
 
 
 class TritonBackend(KernelBackend):
@@ -44,6 +44,20 @@ class TritonBackend(KernelBackend):
         slot_mapping: torch.Tensor,
     ) -> None:
         attention.write_kv(k, v, kv_layer, slot_mapping)
+
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        if kv_layer.dtype != q.dtype:  # an fp8 cache: its write quantizes
+            return super().rope_write_kv(q, k, v, cos, sin, kv_layer, slot_mapping)
+        return apply_rope_write_kv(q, k, v, cos, sin, kv_layer, slot_mapping)
 
     def plan_attention(self, meta: AttentionMetadata) -> None:
         meta.plan = attention.plan_attention(meta)

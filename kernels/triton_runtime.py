@@ -84,3 +84,37 @@ def tile_counters(device: torch.device, n: int) -> torch.Tensor:
     if device not in _COUNTERS:
         _COUNTERS[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
     return _COUNTERS[device]
+
+
+@functools.cache
+def pdl(device: torch.device) -> bool:
+    """Whether launches on `device` use programmatic dependent launch (PDL, sm_90+).
+
+    A PDL kernel lets the next one start while it still runs: each decode-path kernel
+    signals `pdl_trigger` as it begins and, before it reads anything an earlier kernel
+    wrote (or writes anything), waits in `pdl_wait` for its predecessor to finish. What
+    comes before the wait may only touch constant data: the INT4 GEMM prefetches its
+    weights into L2 there, while the norm, RoPE or attention kernel before it runs.
+    `BATON_PDL=0` turns it off (for A/B timing)."""
+    if INTERPRET or device.type != "cuda" or os.environ.get("BATON_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_options(device: torch.device) -> dict[str, bool]:
+    """Launch options for a kernel that takes `PDL=pdl(device)`."""
+    return {"launch_pdl": True} if pdl(device) else {}
+
+
+@triton.jit
+def pdl_trigger(PDL: tl.constexpr):
+    """Let the next PDL kernel in the stream launch now (its wait still orders it)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait until the kernel before this one has finished and its writes are visible."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from kernels.rope_triton import apply_rope
+from kernels.paged_attention_triton import write_kv
+from kernels.rope_triton import apply_rope, apply_rope_write_kv
 from tests.kernels.bounds import INTERPRET, ROUND, assert_within, poisoned_outputs
 
 
@@ -36,3 +37,25 @@ def test_rope_on_views_of_fused_qkv(device, heads):
         # (a whole ulp plus half of one apart at worst).
         slack = 2 * ROUND if INTERPRET else 2**-22
         assert_within(out, ref, ROUND * ref.abs() + slack * terms, f"rope {name}")
+
+
+def test_rope_write_kv_is_rope_then_write_kv(device):
+    """The fused launch equals `apply_rope` then `write_kv` bit for bit: the same q, the
+    rotated k and v in their slots, every other cache byte untouched."""
+    hq, hk, d = (4, 2, 64) if device.type == "cpu" else (32, 8, 128)
+    t, page, pages = (5, 8, 6) if device.type == "cpu" else (131, 16, 40)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device=device).to(torch.bfloat16)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hk * d, hk * d], dim=1))
+    angles = torch.rand(t, d // 2, device=device).double() * 100
+    cos, sin = angles.cos().float(), angles.sin().float()
+    # Block-major over 2 layers, as the engine's cache; layer 1's view; poisoned slots.
+    cache = torch.randn(pages, 2, 2, page, hk, d, device=device).to(torch.bfloat16)
+    kv = cache[:, 1]
+    slots = torch.randperm(pages * page, device=device)[:t]
+    expected = cache.clone()
+    want_q, want_k = apply_rope(q, k, cos, sin)
+    write_kv(want_k, v, expected[:, 1], slots)
+    with poisoned_outputs():
+        got_q = apply_rope_write_kv(q, k, v, cos, sin, kv, slots)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(cache.view(torch.int16), expected.view(torch.int16))
