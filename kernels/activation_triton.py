@@ -63,7 +63,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         grid = (t, triton.cdiv(i, block))
         _silu_and_mul_kernel[grid](
             x, out, i, x.stride(0), BLOCK=block, num_warps=4,
-            PDL=pdl(x.device), **pdl_options(x.device),
+            PDL=pdl(x.device, t), **pdl_options(x.device, t),
         )  # fmt: skip
     return out
 

@@ -63,7 +63,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
         return out
     val = torch.empty((rows, chunks), dtype=torch.float32, device=x.device)
     idx = torch.empty((rows, chunks), dtype=torch.int32, device=x.device)
-    on, options = pdl(x.device), pdl_options(x.device)
+    on, options = pdl(x.device, rows), pdl_options(x.device, rows)
     _chunk_max_kernel[(rows, chunks)](
         x, val, idx, n, x.stride(0), chunks, CHUNK=CHUNK, num_warps=8, PDL=on, **options
     )

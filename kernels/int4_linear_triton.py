@@ -30,9 +30,9 @@ deterministic, graph-safe. At M = 1 (or 2 with few splits) the last program load
 rows that exist and issues every split's load before the first add: one wait, not several
 (the reduction is the launch's latency tail: 1.5-2.7 us of o_proj's 9.6 at M = 1).
 
-On sm_90 the kernel is a programmatic dependent launch (`triton_runtime.pdl`): it starts
-while the kernel before it (a norm, RoPE, attention) still runs, pulls its first K-block
-of weights into L2 with one bulk prefetch per 16-channel group, and only then waits for
+On sm_90, at small M, the kernel is a programmatic dependent launch (`triton_runtime.pdl`):
+it starts while the kernel before it (a norm, RoPE, attention) still runs, pulls its first
+K-block of weights into L2 with one bulk prefetch per 16-channel group, then waits for
 x. More than one block measured slower (L2 contention with the running kernel).
 """
 
@@ -48,7 +48,6 @@ import triton.language as tl
 from kernels.int4_linear import K_BLOCK, N_TILE, Int4Weight
 from kernels.triton_runtime import (
     INTERPRET,
-    INTERPRET_JIT,
     check_device,
     mma,
     num_sms,
@@ -56,6 +55,7 @@ from kernels.triton_runtime import (
     pdl_options,
     pdl_trigger,
     pdl_wait,
+    prefetch,
     tile_counters,
 )
 
@@ -116,20 +116,6 @@ def _dequant_group(words, words_odd, zeros, T0: tl.constexpr, PLANES: tl.constex
     if PLANES == 8:
         w = _cat_columns(w, _dequant_group(words, words_odd, zeros, T0 + 4, 4, j, ASM))
     return w
-
-
-@triton.constexpr_function
-def _prefetch_asm(level: int) -> str:
-    return f"{{ prefetch.global.L{level} [$1]; mov.u32 $0, 0; }}"
-
-
-@triton.jit
-def _prefetch(ptrs, LEVEL: tl.constexpr):
-    """Start moving the lines at `ptrs` into L1 or L2 (nothing under the interpreter)."""
-    if not INTERPRET_JIT:
-        tl.inline_asm_elementwise(
-            _prefetch_asm(LEVEL), "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-        )
 
 
 @triton.constexpr_function
@@ -199,8 +185,8 @@ def _int4_gemm_kernel(
         head = tl.minimum(first + tl.arange(0, AHEAD), last - 1) * (128 // GROUP) * N
         head = head[:, None] + (pid_n * BLOCK_N + tl.arange(0, _LINES) * 64) % N  # 128 B lines
         for g in tl.static_range(128 // GROUP):
-            _prefetch(z_ptr + head + g * N, 1 if AHEAD == 1 else 2)
-            _prefetch(s_ptr + head + g * N, 1 if AHEAD == 1 else 2)
+            prefetch(z_ptr + head + g * N, 1 if AHEAD == 1 else 2)
+            prefetch(s_ptr + head + g * N, 1 if AHEAD == 1 else 2)
     if PDL:
         # Until the kernel before finishes (x is its output), pull this program's first
         # K-block of weights into L2: one packed tile per 16-channel group. (H100, batch-1
@@ -222,11 +208,11 @@ def _int4_gemm_kernel(
     for b in range(first, last):
         # Scales and zeros of block b + AHEAD (into L1 if AHEAD is 1, else L2).
         ahead = tl.minimum(b + AHEAD, last - 1) * (128 // GROUP) * N + rn
-        _prefetch(z_ptr + ahead, 1 if AHEAD == 1 else 2)
-        _prefetch(s_ptr + ahead, 1 if AHEAD == 1 else 2)
+        prefetch(z_ptr + ahead, 1 if AHEAD == 1 else 2)
+        prefetch(s_ptr + ahead, 1 if AHEAD == 1 else 2)
         if GROUP == 64:
-            _prefetch(z_ptr + ahead + N, 1 if AHEAD == 1 else 2)
-            _prefetch(s_ptr + ahead + N, 1 if AHEAD == 1 else 2)
+            prefetch(z_ptr + ahead + N, 1 if AHEAD == 1 else 2)
+            prefetch(s_ptr + ahead + N, 1 if AHEAD == 1 else 2)
         words = tl.load(w_ptrs + b * _TILE_WORDS)  # [BLOCK_N, 16] int32
         words_odd = words
         if not ASM:
@@ -378,7 +364,7 @@ def int4_linear(
         GROUP=g, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, ROWS=rows, SPLIT=cfg.split_k > 1,
         SPLIT_K=cfg.split_k if unroll else 0, UNROLL=unroll, EVEN_K=k % K_BLOCK == 0,
         HAS_BIAS=bias is not None, ASM=_use_asm(x.device), UPCAST=INTERPRET,
-        AHEAD=cfg.prefetch, HEAD=cfg.prefetch_head, PDL=pdl(x.device),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **options, **pdl_options(x.device),
+        AHEAD=cfg.prefetch, HEAD=cfg.prefetch_head, PDL=pdl(x.device, m),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **options, **pdl_options(x.device, m),
     )  # fmt: skip
     return out

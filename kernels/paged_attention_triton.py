@@ -12,7 +12,9 @@ split) attends all `GQA` query heads of its KV head (padded to 16 rows for the t
 cores) over its slice of the context. The split count is chosen per step so that the grid
 fills the GPU; the splits merge by log-sum-exp in the last split program to finish (an
 acq_rel counter, as in the INT4 split-K) or, past MERGE_IN_KERNEL_MAX splits, in a second
-kernel. FP8 caches widen to fp16 (one instruction per pair) and multiply in fp16.
+kernel. As a programmatic dependent launch (sm_90) it starts while the kernels before it
+finish, prefetching its keys and values into L2 until it may read q. FP8 caches widen
+to fp16 (one instruction per pair) and multiply in fp16.
 
 Prefill is flash attention over a ragged batch: program (query tile, head) streams key
 tiles from position 0 (the cached prefix) up to its diagonal; only the tiles that cross
@@ -50,6 +52,7 @@ from kernels.triton_runtime import (
     pdl_options,
     pdl_trigger,
     pdl_wait,
+    prefetch,
     tile_counters,
     to_fp8,
 )
@@ -206,11 +209,24 @@ def _decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     splits = tl.num_programs(2)
-    pdl_wait(PDL)
+    # Lengths and block tables are the step's inputs, written before its first kernel.
     seq_len = tl.load(seq_lens_ptr + b)
     per_split = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    if PDL:
+        # While the kernels before (the QKV projection, RoPE) finish, pull this split's
+        # keys and values into L2; only the newest row changes meanwhile, and L2 sees it.
+        # (H100, batch-1 INT4 engine, INT4 LM head, same process: 381.9 / 383.9 tok/s
+        # without, 388.1 / 391.7 with.)
+        lines = (tl.arange(0, 2) * (D // 2))[None, :]
+        for n0 in range(start, end, BLOCK_N):
+            toks = n0 + tl.arange(0, BLOCK_N)
+            rows = _kv_rows(bt_row, toks, toks < end, kv_head, stride_block, stride_tok, PAGE, D)
+            prefetch(cache_ptr + rows[:, None] + lines, 2)
+            prefetch(cache_ptr + stride_kv + rows[:, None] + lines, 2)
+    pdl_wait(PDL)
 
     h = tl.arange(0, BLOCK_H)
     hmask = h < GQA
@@ -226,7 +242,6 @@ def _decode_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, D), tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     for n0 in range(start, end, BLOCK_N):
         toks = n0 + tl.arange(0, BLOCK_N)
         tmask = toks < end
@@ -447,8 +462,8 @@ def paged_attention(
             HK=hk, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), D=d,
             PAGE=meta.block_size, BLOCK_N=plan.decode_block_n, SPLIT=splits > 1,
             MERGE_HERE=merge_here, S_P2=s_p2, FP8=fp8, UPCAST=INTERPRET,
-            num_warps=4, num_stages=1 if INTERPRET else 3, PDL=pdl(q.device),
-            **pdl_options(q.device),
+            num_warps=4, num_stages=1 if INTERPRET else 3, PDL=pdl(q.device, nd),
+            **pdl_options(q.device, nd),
         )  # fmt: skip
         if not merge_here:
             _decode_merge_kernel[(nd, hq)](

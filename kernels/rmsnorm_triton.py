@@ -73,7 +73,7 @@ def _launch(
             out if scale is None else scale,
             n, x.stride(0), 0 if residual is None else residual.stride(0), eps,
             HAS_RESIDUAL=residual is not None, FP8_OUT=fp8_out, BLOCK=block, num_warps=warps,
-            PDL=pdl(x.device), **pdl_options(x.device),
+            PDL=pdl(x.device, t), **pdl_options(x.device, t),
         )  # fmt: skip
     return out, scale, summed
 

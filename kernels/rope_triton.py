@@ -133,6 +133,6 @@ def apply_rope_write_kv(
             kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.shape[2],
             hq, hk, HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq),
             BLOCK_HK=triton.next_power_of_2(hk), BLOCK_V=triton.next_power_of_2(hk * d),
-            num_warps=4, PDL=pdl(q.device), **pdl_options(q.device),
+            num_warps=4, PDL=pdl(q.device, t), **pdl_options(q.device, t),
         )  # fmt: skip
     return q_out

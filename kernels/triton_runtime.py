@@ -42,6 +42,20 @@ def to_fp8(x):
     return x.to(tl.float8e4nv)
 
 
+@triton.constexpr_function
+def _prefetch_asm(level: int) -> str:
+    return f"{{ prefetch.global.L{level} [$1]; mov.u32 $0, 0; }}"
+
+
+@triton.jit
+def prefetch(ptrs, LEVEL: tl.constexpr):
+    """Start moving the lines at `ptrs` into L1 or L2 (nothing under the interpreter)."""
+    if not INTERPRET_JIT:
+        tl.inline_asm_elementwise(
+            _prefetch_asm(LEVEL), "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
 @triton.jit
 def mma(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b on tensor cores (fp32 operands under the interpreter)."""
@@ -86,24 +100,37 @@ def tile_counters(device: torch.device, n: int) -> torch.Tensor:
     return _COUNTERS[device]
 
 
-@functools.cache
-def pdl(device: torch.device) -> bool:
-    """Whether launches on `device` use programmatic dependent launch (PDL, sm_90+).
+PDL_MAX_ROWS = 4
+"""Launches of at most this many token rows use PDL. H100, INT4 engine decode, graph
+replay, without -> with PDL: batch 1 (INT4 LM head) 368 -> 390 tok/s, batch 8 2,407 ->
+2,375 (-1.3%), batch 32 6,883 -> 6,650 (-3.4%; bf16 4,415 -> 4,288). Batches 2-4 were not
+measured; their kernels are as latency-bound as batch 1's."""
+
+
+def pdl(device: torch.device, rows: int) -> bool:
+    """Whether a launch over `rows` token rows uses programmatic dependent launch (PDL,
+    sm_90+, small batches).
 
     A PDL kernel lets the next one start while it still runs: each decode-path kernel
     signals `pdl_trigger` as it begins and, before it reads anything an earlier kernel
     wrote (or writes anything), waits in `pdl_wait` for its predecessor to finish. What
     comes before the wait may only touch constant data: the INT4 GEMM prefetches its
     weights into L2 there, while the norm, RoPE or attention kernel before it runs.
-    `BATON_PDL=0` turns it off (for A/B timing)."""
+    `BATON_PDL=0` turns it off (for A/B timing). H100, batch-1 INT4 engine with an INT4 LM
+    head: 371.6 tok/s without, 401.6 with."""
+    return rows <= PDL_MAX_ROWS and _pdl_device(device)
+
+
+@functools.cache
+def _pdl_device(device: torch.device) -> bool:
     if INTERPRET or device.type != "cuda" or os.environ.get("BATON_PDL", "1") == "0":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def pdl_options(device: torch.device) -> dict[str, bool]:
-    """Launch options for a kernel that takes `PDL=pdl(device)`."""
-    return {"launch_pdl": True} if pdl(device) else {}
+def pdl_options(device: torch.device, rows: int) -> dict[str, bool]:
+    """Launch options for a kernel that takes `PDL=pdl(device, rows)`."""
+    return {"launch_pdl": True} if pdl(device, rows) else {}
 
 
 @triton.jit
