@@ -221,7 +221,12 @@ def launch(spec: str, port: int, threads: int) -> tuple[str, subprocess.Popen[by
         ]
         if arg:
             cmd += ["--config", arg]
-        return name, subprocess.Popen(cmd, env=env, start_new_session=True), "smollm2-135m-instruct"
+        label = f"{name}:{Path(arg).stem}" if arg else name  # two configs of one mode apart
+        return (
+            label,
+            subprocess.Popen(cmd, env=env, start_new_session=True),
+            "smollm2-135m-instruct",
+        )
     if name == "llama-server":
         cmd = [
             arg,
