@@ -143,6 +143,10 @@ class EngineConfig:
     (see `engine.linear.Linear`), at the cost of one weight pass per row.
     `cuda_graph_max_batch` is the largest decode batch replayed from a CUDA graph on a GPU
     with the Triton backend (`engine.cuda_graphs`); 0 runs every step eagerly.
+    `prefill_threads` is the CPU thread count of steps in which no sequence decodes (only
+    prefill chunks), None: torch's count for every step. A decode replica that shares the
+    cores with a prefill pool decodes on its share and runs its local prefills (short
+    prompt tails, overflow, fallbacks) on more.
     """
 
     model: ModelConfig
@@ -155,9 +159,12 @@ class EngineConfig:
     device: str = "cpu"
     batch_invariant: bool = False
     cuda_graph_max_batch: int = 64
+    prefill_threads: int | None = None
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)
+        if self.prefill_threads is not None and self.prefill_threads < 1:
+            raise ValueError(f"prefill_threads must be >= 1, got {self.prefill_threads}")
         if self.cuda_graph_max_batch < 0:
             raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
         if self.scheduler.max_model_len > self.model.max_position_embeddings:

@@ -31,6 +31,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 512
     batch_invariant: bool = False
     cuda_graph_max_batch: int = 64
+    prefill_threads: int | None = None
 
     def engine_config(self, checkpoint: LoadedCheckpoint) -> EngineConfig:
         model = checkpoint.config
@@ -61,6 +62,7 @@ class EngineArgs:
             device=self.device,
             batch_invariant=self.batch_invariant,
             cuda_graph_max_batch=self.cuda_graph_max_batch,
+            prefill_threads=self.prefill_threads,
         )
 
     def create_engine(self, checkpoint: LoadedCheckpoint | None = None) -> LLMEngine:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -130,13 +132,30 @@ class ModelRunner:
                 return StepResult(finishing, None, self.graphs.send_tokens(step), rows)
             logits = step.logits
         else:
-            hidden = self._forward(
-                input_ids, positions, slots, query_lens, seq_lens, tables, decodes
-            )
-            if not finishing:
-                return StepResult([], SampleResult([], []))
-            logits = self.model.logits(hidden[torch.tensor(last_rows, device=hidden.device)])
+            with self._threads(decodes):
+                hidden = self._forward(
+                    input_ids, positions, slots, query_lens, seq_lens, tables, decodes
+                )
+                if not finishing:
+                    return StepResult([], SampleResult([], []))
+                last = torch.tensor(last_rows, device=hidden.device)
+                logits = self.model.logits(hidden[last])
+                return StepResult(finishing, self.sampler(logits, params, generators, suppressed))
         return StepResult(finishing, self.sampler(logits, params, generators, suppressed))
+
+    @contextmanager
+    def _threads(self, decodes: int) -> Iterator[None]:
+        """`prefill_threads` CPU threads for a step in which nothing decodes."""
+        wanted = self.config.prefill_threads
+        before = torch.get_num_threads()
+        if decodes or wanted is None or wanted == before or self.config.device != "cpu":
+            yield
+            return
+        torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def _forward(
         self,

@@ -126,6 +126,7 @@ class RouterDeployment:
             config.router.max_inflight_requests,
             request_timeout_s=config.router.request_timeout_s,
             stall_timeout_s=config.router.stall_timeout_s,
+            max_remote_prefills=config.router.max_remote_prefills,
         )
         telemetry = Telemetry("router", self.pipeline.model_id)
         telemetry.observe(lambda: pipeline_readings(self.pipeline))

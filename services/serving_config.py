@@ -62,6 +62,12 @@ class PoolSection(_Strict):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for the replica's kernels; null: torch's default"
     )
+    prefill_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for steps that only prefill (nothing decodes in them); null: "
+        "torch_threads",
+    )
     num_gpus: float = Field(0, ge=0)
     drain_timeout_s: float = Field(
         60.0, gt=0, description="how long a replica being removed finishes its requests"
@@ -135,6 +141,12 @@ class RouterSection(_Strict):
         ge=0,
         description="prompts with at most this many uncached tokens skip remote prefill",
     )
+    max_remote_prefills: int | None = Field(
+        None,
+        ge=1,
+        description="remote prefills the router keeps in flight; beyond, a prompt prefills on "
+        "its decode replica (conditional disaggregation); null: no bound",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of a whole request")
     drain_timeout_s: float = Field(
         60.0, ge=0, description="on SIGTERM, how long requests in flight may finish"
@@ -200,4 +212,5 @@ class ServingConfig(_Strict):
             max_num_seqs=pool.max_num_seqs,
             max_num_batched_tokens=pool.max_num_batched_tokens,
             batch_invariant=pool.batch_invariant,
+            prefill_threads=pool.prefill_threads,
         )

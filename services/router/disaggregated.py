@@ -4,6 +4,8 @@ or a decode pool alone (colocated: decode prefills every prompt itself).
     hashes = block_hashes(prefill fingerprint, prompt, tenant salt)
     stored = longest prefix the KV store's index holds
     uncached <= threshold?  -> decode prefills locally        (skip remote prefill)
+    max_remote_prefills in flight already? -> decode prefills locally (conditional
+                               disaggregation: the prefill pool's queue is full)
     else                    -> prefill pool: first token + handoff (blocks, lease)
     decode pool: pull the blocks (or recompute), stream the tokens
 
@@ -68,6 +70,7 @@ class DisaggregatedPipeline(Pipeline):
         request_timeout_s: float = 300.0,
         stall_timeout_s: float = 60.0,
         max_migrations: int = 2,
+        max_remote_prefills: int | None = None,
     ) -> None:
         if prefill_card.model_id != decode_card.model_id:
             raise ValueError(
@@ -83,6 +86,8 @@ class DisaggregatedPipeline(Pipeline):
         self.decode = decode
         self.index = index
         self.threshold = local_prefill_threshold
+        self.max_remote_prefills = max_remote_prefills
+        self.remote_prefills = 0  # sent to the prefill pool, first token not back yet
         self.prefill_timeout_s = prefill_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self.local_prefills: Counter[str] = Counter()  # why decode prefilled locally
@@ -138,9 +143,18 @@ class DisaggregatedPipeline(Pipeline):
             self.local_prefills["colocated"] += 1
         elif len(prompt) - stored * self.fingerprint.block_size <= self.threshold:
             self.local_prefills["short_prompt"] += 1
+        elif (
+            self.max_remote_prefills is not None
+            and self.remote_prefills >= self.max_remote_prefills
+        ):
+            self.local_prefills["prefill_busy"] += 1
         else:
             timeout = min(self.prefill_timeout_s, deadline - loop.time())
-            handoff = await self._remote_prefill(request, hashes, stored, timeout)
+            self.remote_prefills += 1
+            try:
+                handoff = await self._remote_prefill(request, hashes, stored, timeout)
+            finally:
+                self.remote_prefills -= 1
         sent: list[int] = []  # tokens the client has
         cached_tokens: int | None = None
         attempt = 0

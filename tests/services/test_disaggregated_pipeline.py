@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import httpx2 as httpx
 import pytest
 
+from engine.async_engine import AsyncEngine
 from engine.loaders import LoadedCheckpoint
 from services.router.http_api import build_http_app
 from tests.services.router.conftest import serve_http
@@ -124,6 +125,7 @@ def test_late_prefill_falls_back_to_local_prefill(stack: Stack, http: httpx.Clie
         stack.pipeline.prefill_timeout_s = timeout
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
     assert stack.pipeline.local_prefills["prefill_timeout"] == 1
+    assert stack.pipeline.remote_prefills == 0  # the abandoned prefill left the queue
     wait_idle(stack)
 
 
@@ -133,3 +135,32 @@ def test_a_dead_shard_costs_cache_hits_not_requests(stack: Stack, http: httpx.Cl
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
     assert stack.prefill.fallbacks["kv_export"] == 1
     wait_idle(stack)
+
+
+def test_a_full_prefill_queue_sends_prompts_to_local_prefill(
+    stack: Stack, http: httpx.Client
+) -> None:
+    """Conditional disaggregation: with `max_remote_prefills` already in flight, a long
+    prompt prefills on its decode replica; the prefill pool computes nothing for it."""
+
+    def computed(engine: AsyncEngine) -> int:
+        return engine.call(lambda e: e.stats.computed_tokens)
+
+    remote = complete(http, "On Fridays: " + LONG, cache_salt="queue-remote")
+    assert remote.status_code == 200, remote.text
+    assert stack.pipeline.remote_prefills == 0
+    bound = stack.pipeline.max_remote_prefills
+    stack.pipeline.max_remote_prefills = 0  # every remote slot taken
+    prefilled, decoded = computed(stack.prefill_engine), computed(stack.decode_engine)
+    try:
+        local = complete(http, "On Fridays: " + LONG, cache_salt="queue-local", ignore_eos=True)
+    finally:
+        stack.pipeline.max_remote_prefills = bound
+    assert local.status_code == 200, local.text
+    assert stack.pipeline.local_prefills["prefill_busy"] == 1
+    usage = local.json()["usage"]
+    assert usage["completion_tokens"] == 8 and usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert computed(stack.prefill_engine) == prefilled
+    assert computed(stack.decode_engine) - decoded == usage["prompt_tokens"] + 8 - 1
+    wait_idle(stack)
+    assert stack.store_leases() == 0
