@@ -129,14 +129,6 @@ def test_late_prefill_falls_back_to_local_prefill(stack: Stack, http: httpx.Clie
     wait_idle(stack)
 
 
-def test_a_dead_shard_costs_cache_hits_not_requests(stack: Stack, http: httpx.Client) -> None:
-    stack.shard.stop()
-    r = complete(http, "On holidays: " + LONG)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
-    assert stack.prefill.fallbacks["kv_export"] == 1
-    wait_idle(stack)
-
-
 def test_a_full_prefill_queue_sends_prompts_to_local_prefill(
     stack: Stack, http: httpx.Client
 ) -> None:
@@ -164,3 +156,12 @@ def test_a_full_prefill_queue_sends_prompts_to_local_prefill(
     assert computed(stack.decode_engine) - decoded == usage["prompt_tokens"] + 8 - 1
     wait_idle(stack)
     assert stack.store_leases() == 0
+
+
+def test_a_dead_shard_costs_cache_hits_not_requests(stack: Stack, http: httpx.Client) -> None:
+    """Stops the module's shard: the module's last test."""
+    stack.shard.stop()
+    r = complete(http, "On holidays: " + LONG)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    assert stack.prefill.fallbacks["kv_export"] == 1
+    wait_idle(stack)

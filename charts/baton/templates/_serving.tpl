@@ -40,6 +40,7 @@ router:
   stall_timeout_s: {{ .Values.router.stallTimeoutSeconds | toJson }}
   drain_timeout_s: {{ .Values.router.drainTimeoutSeconds | toJson }}
   max_inflight_requests: {{ int .Values.router.maxInflightRequests }}
+  max_remote_prefills: {{ .Values.router.maxRemotePrefills | toJson }}
   max_request_bytes: {{ int .Values.router.maxRequestBytes }}
   {{- /* The router listens on 0.0.0.0: without API keys it starts only when told to. */}}
   allow_unauthenticated: {{ not .Values.apiKeys.enabled }}
@@ -56,6 +57,7 @@ router:
   "max_num_batched_tokens" (int .maxNumBatchedTokens)
   "batch_invariant" .batchInvariant
   "torch_threads" .torchThreads
+  "prefill_threads" .prefillThreads
   "drain_timeout_s" .drainTimeoutSeconds
   "num_cpus" .cpus
   "num_gpus" .gpus) }}
