@@ -60,7 +60,10 @@ class PoolSection(_Strict):
     )
     num_cpus: float = Field(0, ge=0, description="Ray CPUs per replica (0 on a laptop)")
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads for the replica's kernels; null: torch's default"
+        None,
+        ge=1,
+        description="CPU threads for the replica's kernels; null: torch's default ("
+        "`baton serve` shares the machine's cores: baton.serve.share_cpus)",
     )
     prefill_threads: int | None = Field(
         None,
