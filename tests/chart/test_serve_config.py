@@ -98,6 +98,18 @@ def test_args_follow_the_values() -> None:
     assert (default.kvstore.lease_ttl_s, default.kvstore.timeout_s) == (30, 10)
 
 
+def test_thread_and_remote_prefill_bounds_follow_the_values() -> None:
+    """Null (unbounded, torch_threads) by default; set, they reach the pools and router."""
+    default = ServingConfig.model_validate(render("default").serving_config)
+    assert default.router.max_remote_prefills is None and default.decode.prefill_threads is None
+    release = render_values(
+        {"router": {"maxRemotePrefills": 3}, "pools": {"decode": {"prefillThreads": 2}}}
+    )
+    config = ServingConfig.model_validate(release.serving_config)
+    assert config.router.max_remote_prefills == 3
+    assert (config.decode.prefill_threads, config.prefill.prefill_threads) == (2, None)
+
+
 @value_sets
 def test_each_deployment_is_pinned_to_its_worker_group(value_set: str) -> None:
     """A replica needs one unit of `baton_<group>`, which only its group's pods offer, one
