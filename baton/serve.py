@@ -82,10 +82,10 @@ def share_cpus(data: dict[str, Any], cpus: int | None = None) -> None:
     gets an equal share among the decode replicas only, overlapping the prefill pool's:
     its steps hold every running stream's next token, and on a shared-prefix prompt (whose
     short rest decode prefills itself) or between remote prefills the cores would
-    otherwise idle. Measured on the 2-core VM (bench.serve, one run, llama-server in the
-    same run; section "Serving on CPU" of bench/RESULTS.md): decode 2 threads and prefill
-    1 against 1 and 1 gave c=8 82.0 against 72.2 output tok/s and shared-prefix TTFT p50
-    174 against 236 ms."""
+    otherwise idle. Measured on the 2-core VM (bench.serve against fresh disaggregated
+    servers, two alternating rounds; section "Serving on CPU" of bench/RESULTS.md): decode
+    2 threads and prefill 1 against 1 and 1 gave c=8 86.0 / 81.3 against 69.5 / 71.8
+    output tok/s and shared-prefix TTFT p50 161 / 176 against 238 / 236 ms."""
     cpus = cpus or len(os.sched_getaffinity(0))
     disaggregated = data["mode"] == "disaggregated"
     decode = max(1, data["decode"]["replicas"])
