@@ -175,13 +175,31 @@ class RouterSection(_Strict):
     )
 
 
+POOL_LINEAR = {"prefill": "fp8", "decode": "int4"}
+"""Each pool's weight format when its section leaves `linear` out."""
+
+
 class ServingConfig(_Strict):
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
     model: ModelSection = ModelSection()
-    prefill: PoolSection = PoolSection(linear="fp8")
-    decode: PoolSection = PoolSection(linear="int4")
+    prefill: PoolSection = PoolSection(linear=POOL_LINEAR["prefill"])
+    decode: PoolSection = PoolSection(linear=POOL_LINEAR["decode"])
     kvstore: KVStoreSection = KVStoreSection()
     router: RouterSection = RouterSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pool_formats(cls, data: object) -> object:
+        """A pool section that sets only some fields (`decode: {torch_threads: 2}`) keeps
+        its pool's weight format."""
+        if not isinstance(data, dict):
+            return data
+        pools = {
+            pool: {"linear": linear, **data[pool]}
+            for pool, linear in POOL_LINEAR.items()
+            if isinstance(data.get(pool), dict) and "linear" not in data[pool]
+        }
+        return {**data, **pools}
 
     @model_validator(mode="after")
     def _pools(self) -> ServingConfig:
