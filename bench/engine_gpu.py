@@ -6,6 +6,7 @@
     python bench/engine_gpu.py --sections engine --batches 1 --baseline DIR
         # the engine's decode steps against an earlier tree (`git archive` into DIR)
     python bench/engine_gpu.py --sections handoff  # prefill and decode in two processes
+    python bench/engine_gpu.py --sections ablate   # each op family's share of a b1 step
 
 Builds the model three times from the same random weights (bf16 dense, FP8, INT4; one at
 a time, so at most one copy is on the card) with the Triton kernel backend and measures,
@@ -26,6 +27,10 @@ in one process:
   Baton code in its step) compiled with `torch.compile`, at batch 1 and 32: 50 steps from
   position 512, each attending over the whole 576-slot static cache under a mask. Its step
   includes the LM head and greedy argmax, as the engine's does.
+
+- (section ablate) the INT4 engine's batch-1 step (INT4 LM head) with one family of ops
+  replaced by a no-op (wrong output, timing only): what each costs inside the graph as it
+  runs, PDL overlap included, which a profile's per-kernel sums cannot say.
 
 Weights are N(0, 1/fan-in) (no checkpoint can be downloaded); the numbers do not depend
 on their values. Timing: CUDA events around many steps after warm-up, median of 5.
@@ -67,7 +72,7 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
 CONTEXT = 512
-SECTIONS = ("compile", "formats", "engine", "handoff", "profile")
+SECTIONS = ("compile", "formats", "engine", "handoff", "profile", "ablate")
 HANDOFF_RUNS = 3
 
 
@@ -257,6 +262,49 @@ def step_profile(
     del engine
     torch.cuda.empty_cache()
     return lines
+
+
+def _no_norm(self: Any, x: torch.Tensor, weight: Any, eps: float, residual: Any = None) -> Any:
+    return x, (x if residual is None else residual)
+
+
+def _no_attention(self: Any, q: torch.Tensor, *args: Any) -> torch.Tensor:
+    return q
+
+
+def _no_int4(self: Any, x: torch.Tensor, weight: Any, bias: Any = None) -> torch.Tensor:
+    return torch.empty((x.shape[0], weight.out_features), dtype=x.dtype, device=x.device)
+
+
+def _no_int4_swiglu(self: Any, x: torch.Tensor, weight: Any) -> torch.Tensor:
+    return torch.empty((x.shape[0], weight.out_features // 2), dtype=x.dtype, device=x.device)
+
+
+ABLATIONS: dict[str, dict[str, Callable[..., Any]]] = {
+    "nothing": {},
+    "RMSNorm": {"rms_norm": _no_norm},
+    "attention (RoPE, KV write)": {"rope_attention": _no_attention},
+    "both": {"rms_norm": _no_norm, "rope_attention": _no_attention},
+    "INT4 GEMMs (LM head too)": {"int4_linear": _no_int4, "int4_linear_swiglu": _no_int4_swiglu},
+}
+"""What section ablate removes: TritonBackend methods and their no-op stand-ins."""
+
+
+def ablated_step_us(cfg: ModelConfig, removed: str) -> tuple[float, float]:
+    """(engine tok/s, graph replay us) of the batch-1 INT4 engine (INT4 LM head) with the
+    ops of `ABLATIONS[removed]` replaced by no-ops (outputs are garbage; timing only)."""
+    from kernels.triton_backend import TritonBackend
+
+    saved = {name: getattr(TritonBackend, name) for name in ABLATIONS[removed]}
+    try:
+        for name, stand_in in ABLATIONS[removed].items():
+            setattr(TritonBackend, name, stand_in)
+        rate, replay_ms = engine_decode_rate(cfg, "int4", 64, 1, lm_head="int4")
+    finally:
+        for name, method in saved.items():
+            setattr(TritonBackend, name, method)
+    assert replay_ms is not None
+    return rate, replay_ms * 1e3
 
 
 def baseline_engine_rate(tree: str, layers: int, linear: str, batch: int) -> float:
@@ -743,6 +791,14 @@ def main() -> None:
             print(f"{linear} engine ({head} LM head) b1 decode step, per step:")
             for line in step_profile(cfg, linear, 1, head):
                 print("  " + line, flush=True)
+    if "ablate" in args.sections:
+        print("int4 engine (int4 LM head) b1 decode step with one family of ops removed:")
+        base_us = 0.0
+        for removed in ABLATIONS:
+            rate, us = ablated_step_us(cfg, removed)
+            base_us = base_us or us
+            print(f"  {removed:<26} {rate:7.1f} tok/s, replay {us:7.1f} us "
+                  f"({base_us - us:6.1f} us a step)", flush=True)  # fmt: skip
     if "handoff" in args.sections:
         length = 2048
         for i, h in enumerate(cross_process_handoff(args.layers, length)):

@@ -73,6 +73,22 @@ class LinearFormat(ABC):
     ) -> torch.Tensor:
         """x [T, in] -> [T, out] in x's dtype."""
 
+    def prepare_gated(
+        self,
+        weight: torch.Tensor | QuantizedWeight,
+        dtype: torch.dtype,
+        device: str,
+        ops: KernelBackend,
+    ) -> Any | None:
+        """The stored form of a [gate ‖ up] weight for `apply_gated`, which returns
+        silu(gate) * up in one kernel; None where this format has no such kernel on `ops`
+        (the projection then runs `apply` and `ops.silu_and_mul`)."""
+        return None
+
+    def apply_gated(self, ops: KernelBackend, stored: Any, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] -> silu(gate) * up, [T, out / 2], from `prepare_gated`'s stored form."""
+        raise NotImplementedError(f"the {self.name} format has no fused SiLU-and-mul")
+
 
 class DenseFormat(LinearFormat):
     """Weights kept in the activation dtype; the reference every other format is measured by."""
@@ -132,6 +148,10 @@ class Linear:
     With `batch_invariant`, every row is multiplied on its own (M = 1): a GEMM's kernel and
     reduction order change with M, so a row's bits would otherwise depend on how many
     other rows share the call. It costs one pass over the weight per row.
+
+    A `gated` projection is an MLP's merged [gate ‖ up] and returns silu(gate) * up: in its
+    GEMM's epilogue where the format has that kernel on the backend (`prepare_gated`),
+    else through `ops.silu_and_mul`, rounded at the same points either way.
     """
 
     def __init__(
@@ -143,6 +163,7 @@ class Linear:
         dtype: torch.dtype,
         device: str,
         batch_invariant: bool = False,
+        gated: bool = False,
     ) -> None:
         if isinstance(weight, QuantizedWeight) and weight.format != fmt.name:
             raise ValueError(
@@ -153,7 +174,13 @@ class Linear:
         self.batch_invariant = batch_invariant
         self.fmt = fmt
         self.ops = ops
-        if isinstance(weight, QuantizedWeight):
+        self.gated = gated
+        stored = fmt.prepare_gated(weight, dtype, device, ops) if gated and bias is None else None
+        self.fused_gate = stored is not None
+        """Whether the SiLU-and-mul runs in the GEMM's epilogue (the rows are then reordered)."""
+        if stored is not None:
+            self.stored = stored
+        elif isinstance(weight, QuantizedWeight):
             self.stored = fmt.prepare_quantized(weight, dtype, device, ops)
         else:
             self.stored = fmt.prepare(weight, dtype, device, ops)
@@ -161,6 +188,11 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant and x.shape[0] > 1:
-            rows = [self.fmt.apply(self.ops, self.stored, r, self.bias) for r in x.split(1)]
-            return torch.cat(rows)
-        return self.fmt.apply(self.ops, self.stored, x, self.bias)
+            return torch.cat([self._apply(r) for r in x.split(1)])
+        return self._apply(x)
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate:
+            return self.fmt.apply_gated(self.ops, self.stored, x)
+        y = self.fmt.apply(self.ops, self.stored, x, self.bias)
+        return self.ops.silu_and_mul(y) if self.gated else y

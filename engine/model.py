@@ -63,9 +63,11 @@ class DecoderLayer:
         names = layer_tensors(i)
 
         def linear(
-            weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+            weight: torch.Tensor | QuantizedWeight,
+            bias: torch.Tensor | None = None,
+            gated: bool = False,
         ) -> Linear:
-            return Linear(weight, bias, fmt, ops, w.dtype, w.device, batch_invariant)
+            return Linear(weight, bias, fmt, ops, w.dtype, w.device, batch_invariant, gated)
 
         qkv = names["qkv_proj"]
         biases = [n.replace(".weight", ".bias") for n in qkv]
@@ -73,7 +75,7 @@ class DecoderLayer:
         self.qkv_proj = linear(w.cat(qkv), bias)
         (o,) = names["o_proj"]
         self.o_proj = linear(w.raw(o))
-        self.gate_up_proj = linear(w.cat(names["gate_up_proj"]))
+        self.gate_up_proj = linear(w.cat(names["gate_up_proj"]), gated=True)  # silu(g) * u
         (down,) = names["down_proj"]
         self.down_proj = linear(w.raw(down))
         self.input_norm = w.get(names["input_layernorm"][0])
@@ -95,19 +97,19 @@ class DecoderLayer:
         t = x.shape[0]
         h, residual = ops.rms_norm(x, self.input_norm, cfg.rms_norm_eps, residual)
         q, k, v = self.qkv_proj(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = ops.rope_write_kv(
+        attn = ops.rope_attention(
             q.view(t, cfg.num_heads, cfg.head_dim),
             k.view(t, cfg.num_kv_heads, cfg.head_dim),
             v.view(t, cfg.num_kv_heads, cfg.head_dim),
             cos,
             sin,
             kv_layer,
-            meta.slot_mapping,
+            meta,
+            self.scale,
         )
-        attn = ops.paged_attention(q, kv_layer, meta, self.scale)
         h = self.o_proj(attn.reshape(t, cfg.q_size))
         h, residual = ops.rms_norm(h, self.post_attention_norm, cfg.rms_norm_eps, residual)
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))), residual
+        return self.down_proj(self.gate_up_proj(h)), residual
 
 
 class LlamaModel:

@@ -39,6 +39,8 @@ class KernelBackend(ABC):
     """Activation dtypes `fp8_linear` and `int4_linear` take."""
     int4_layout: ClassVar[str | None] = None
     """The INT4 packing `int4_linear` needs (kernels.int4_linear), or None: either works."""
+    fused_int4_swiglu: ClassVar[bool] = False
+    """Whether `int4_linear_swiglu` exists (a projection with SiLU-and-mul in its epilogue)."""
 
     @abstractmethod
     def rms_norm(
@@ -85,6 +87,23 @@ class KernelBackend(ABC):
         q, k = self.apply_rope(q, k, cos, sin)
         self.write_kv(k, v, kv_layer, slot_mapping)
         return q
+
+    def rope_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """A layer's attention from its unrotated projections: `rope_write_kv`, then
+        `paged_attention` of the rotated q. A backend may fuse them (the Triton one does in
+        decode-only steps: its decode kernel rotates q and writes the new K/V itself)."""
+        q = self.rope_write_kv(q, k, v, cos, sin, kv_layer, meta.slot_mapping)
+        return self.paged_attention(q, kv_layer, meta, scale)
 
     @abstractmethod
     def plan_attention(self, meta: AttentionMetadata) -> None:
@@ -148,6 +167,11 @@ class KernelBackend(ABC):
         self, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """x [T, in] @ W.T (+ bias) with group-quantized INT4 weights; output in x's dtype."""
+
+    def int4_linear_swiglu(self, x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+        """`silu_and_mul(int4_linear(x, W))` in one kernel, W a [gate ‖ up] projection whose
+        rows are in `kernels.int4_linear.swiglu_order` (where `fused_int4_swiglu`)."""
+        raise NotImplementedError(f"the {self.name} backend has no fused INT4 SiLU-and-mul")
 
     def int8_linear(self, x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
         """x [T, in] @ W.T with per-channel INT8 weights; output in x's dtype. One

@@ -17,6 +17,7 @@ from kernels.rope_triton import apply_rope, apply_rope_write_kv
 class TritonBackend(KernelBackend):
     name = "triton"
     int4_layout = "triton"
+    fused_int4_swiglu = True
     quantized_activation_dtypes = (torch.bfloat16, torch.float16)
 
     def rms_norm(
@@ -58,6 +59,22 @@ class TritonBackend(KernelBackend):
         if kv_layer.dtype != q.dtype:  # an fp8 cache: its write quantizes
             return super().rope_write_kv(q, k, v, cos, sin, kv_layer, slot_mapping)
         return apply_rope_write_kv(q, k, v, cos, sin, kv_layer, slot_mapping)
+
+    def rope_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if attention.can_fuse_rope(q, kv_layer, meta):
+            rope = attention.DecodeRope(k, v, cos, sin)
+            return attention.paged_attention(q, kv_layer, meta, scale, rope=rope)
+        return super().rope_attention(q, k, v, cos, sin, kv_layer, meta, scale)
 
     def plan_attention(self, meta: AttentionMetadata) -> None:
         meta.plan = attention.plan_attention(meta)
@@ -101,6 +118,9 @@ class TritonBackend(KernelBackend):
         self, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None
     ) -> torch.Tensor:
         return int4_linear_triton.int4_linear(x, weight, bias)
+
+    def int4_linear_swiglu(self, x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+        return int4_linear_triton.int4_linear(x, weight, None, swiglu=True)
 
     def write_kv_fp8(
         self,

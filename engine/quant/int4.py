@@ -25,11 +25,13 @@ import torch
 from engine.linear import LinearFormat, QuantizedWeight, check_activation_dtype, register_format
 from kernels.backend import KernelBackend
 from kernels.int4_linear import (
+    N_TILE,
     Int4Weight,
     default_layout,
     dequantize_int4,
     int4_group_size,
     pack_int4,
+    swiglu_order,
 )
 
 
@@ -138,6 +140,31 @@ class Int4Format(LinearFormat):
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
         return ops.int4_linear(x, stored, bias)
+
+    def prepare_gated(
+        self,
+        weight: torch.Tensor | QuantizedWeight,
+        dtype: torch.dtype,
+        device: str,
+        ops: KernelBackend,
+    ) -> Int4Weight | None:
+        """The [gate ‖ up] rows quantized as `prepare` would (per row, so the order does
+        not change them), then reordered for the SiLU-and-mul epilogue."""
+        rows = weight.shape[0]
+        layout = ops.int4_layout or default_layout(device)
+        if not ops.fused_int4_swiglu or layout != "triton" or rows % (2 * N_TILE):
+            return None
+        # Linear hands a format only its own kind of quantized weight
+        groups = weight if isinstance(weight, QuantizedWeight) else quantize_int4(weight)
+        assert isinstance(groups, Int4Groups)
+        order = swiglu_order(rows).to(groups.q.device)
+        reordered = Int4Groups(
+            groups.q[order], groups.scales[order], groups.zeros[order], groups.group_size
+        )
+        return self.prepare_quantized(reordered, dtype, device, ops)
+
+    def apply_gated(self, ops: KernelBackend, stored: Int4Weight, x: torch.Tensor) -> torch.Tensor:
+        return ops.int4_linear_swiglu(x, stored)
 
 
 register_format("int4", Int4Format)

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from kernels.int4_linear import dequantize_int4, int4_group_size, pack_int4, unpack_int4
+from kernels.activation import silu_and_mul_torch
+from kernels.int4_linear import (
+    dequantize_int4,
+    int4_group_size,
+    pack_int4,
+    swiglu_order,
+    unpack_int4,
+)
 from kernels.int4_linear_triton import Int4GemmConfig, int4_linear
 from tests.kernels.bounds import ROUND, assert_within, poisoned_outputs
 from tests.kernels.conftest import DEVICE
@@ -62,3 +69,47 @@ def test_int4_linear_matches_fp64(device, case, with_bias):
             out = int4_linear(x, weight, bias, cfg)
         # Products of bf16 x and small integers are exact; fp32 accumulation; one rounding.
         assert_within(out, ref, ROUND * ref.abs() + 2**-20 * size, f"int4 m={m} n={n} k={k}")
+
+
+SWIGLU_CASES = {
+    "cpu": [(1, 64, 256, None), (5, 96, 576, None), (20, 32, 384, Int4GemmConfig(32, 32, 3, 4, 1))],
+    "cuda": [(1, 28672, 4096, None), (4, 28672, 4096, None), (33, 1024, 4096, None)],
+}
+
+
+@pytest.mark.parametrize("case", range(len(SWIGLU_CASES[DEVICE.type])))
+def test_int4_linear_swiglu_matches_fp64(device, case):
+    """The SiLU-and-mul epilogue: silu(gate) * up from one launch over a [gate ‖ up] weight
+    in swiglu_order, against the fp64 product, and bit for bit against the two-kernel path
+    (the projection rounded to bf16, then silu_and_mul) wherever that path's own
+    projection agrees with the fused one's."""
+    m, n, k, cfg = SWIGLU_CASES[device.type][case]
+    q, scales, zeros, g = _quantized(n, k, device)
+    order = swiglu_order(n).to(device)
+    fused_w = pack_int4(q[order], scales[order], zeros[order], g, "triton", device)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    w = dequantize_int4(q, scales, zeros).double()
+    y, size = x.double() @ w.T, x.double().abs() @ w.abs().T
+    (gate, up), (size_g, size_u) = y.chunk(2, dim=1), (2**-20 * size).chunk(2, dim=1)
+    silu = gate * torch.sigmoid(gate)
+    ref = silu * up
+    # gate and up each rounded once to bf16 after fp32 accumulation (silu' <= 1.1), silu
+    # rounded, the product rounded.
+    bound = ROUND * up.abs() * (1.2 * gate.abs() + 3 * silu.abs()) + 1.2 * up.abs() * size_g
+    bound += silu.abs() * size_u
+    for _ in range(2):  # the second launch reuses the split-K counters the first re-armed
+        with poisoned_outputs():
+            out = int4_linear(x, fused_w, None, cfg, swiglu=True)
+        assert out.shape == (m, n // 2)
+        assert_within(out, ref, bound, f"int4 swiglu m={m} n={n} k={k}")
+    plain_w = pack_int4(q, scales, zeros, g, "triton", device)
+    two_kernels = silu_and_mul_torch(int4_linear(x, plain_w, None, cfg)).double()
+    assert_within(out, two_kernels, 2 * ROUND * two_kernels.abs(), "fused against two kernels")
+
+
+def test_swiglu_order_pairs_each_gate_row_with_its_up_row():
+    order = swiglu_order(64)
+    assert order.tolist()[:32] == list(range(16)) + list(range(32, 48))
+    assert sorted(order.tolist()) == list(range(64))
+    with pytest.raises(ValueError, match="divisible by 32"):
+        swiglu_order(48)

@@ -24,8 +24,8 @@ BATCH = {
 HEADS = {"cpu": (4, 2, 64), "cuda": (32, 8, 128)}
 
 
-def _batch(device, kv_dtype, page=16, layers=2):
-    spec = BATCH[device.type]
+def _batch(device, kv_dtype, page=16, layers=2, spec=None):
+    spec = spec or BATCH[device.type]
     hq, hk, d = HEADS[device.type]
     seq_lens = [s for s, _ in spec]
     q_lens = [q for _, q in spec]

@@ -1,0 +1,74 @@
+"""`rope_attention`: a layer's attention from its unrotated projections. In a decode-only
+step the Triton decode kernel rotates q and k and writes the new K/V itself (one launch
+for two); otherwise RoPE + KV write, then attention."""
+
+import torch
+
+from kernels.backend import get_backend
+from kernels.paged_attention_triton import can_fuse_rope, paged_attention, plan_attention, write_kv
+from kernels.rope_triton import apply_rope_write_kv
+from tests.kernels.bounds import ROUND, assert_within, poisoned_outputs
+from tests.kernels.test_paged_attention import _batch, _kv_rows, _reference
+
+# Decodes only: one key, a page boundary each side, a long one (several splits) and one
+# whose new token opens a page.
+DECODES = {
+    "cpu": [(1, 1), (16, 1), (17, 1), (300, 1), (129, 1)],
+    "cuda": [(1, 1), (300, 1), (4100, 1), (777, 1), (2049, 1)],
+}
+
+
+def _step(device, spec):
+    meta, kv, cached, (hq, hk, d) = _batch(device, torch.bfloat16, spec=spec)
+    write_kv(*_kv_rows(cached.numel(), hk, d, device), kv, cached)
+    t = meta.num_tokens
+    # q, k, v as the model hands them over: strided views of one fused projection.
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device=device).to(torch.bfloat16)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=1)
+    q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
+    lengths = zip(meta.seq_lens_host, meta.query_lens_host, strict=True)
+    positions = [s - ql + i for s, ql in lengths for i in range(ql)]
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, device=device).float() / d)
+    angles = torch.tensor(positions, device=device).float()[:, None] * inv_freq[None, :]
+    meta.plan = plan_attention(meta)
+    return meta, kv, (q, k, v, angles.cos(), angles.sin()), d
+
+
+def _two_ops(meta, kv, q, k, v, cos, sin, d):
+    q_rot = apply_rope_write_kv(q, k, v, cos, sin, kv, meta.slot_mapping)
+    return q_rot, paged_attention(q_rot, kv, meta, d**-0.5)
+
+
+def test_decode_step_rotates_writes_and_attends_in_one_kernel(device):
+    meta, kv, (q, k, v, cos, sin), d = _step(device, DECODES[device.type])
+    assert can_fuse_rope(q, kv, meta)
+    fused_kv, two_kv = kv.clone(), kv.clone()
+    with poisoned_outputs():
+        out = get_backend("triton").rope_attention(q, k, v, cos, sin, fused_kv, meta, d**-0.5)
+    q_rot, _ = _two_ops(meta, two_kv, q, k, v, cos, sin, d)
+    # The cache: the new V rows exactly, the new K rows rotated alike (the same fp32
+    # rotation, one rounding; a fused multiply-add may round one ulp apart), the rest
+    # untouched (the poisoned free slots too).
+    bs = meta.block_size
+    blocks, offs = meta.slot_mapping // bs, meta.slot_mapping % bs
+    assert torch.equal(fused_kv[blocks, 1, offs], two_kv[blocks, 1, offs])
+    want_k = two_kv[blocks, 0, offs].double()
+    assert_within(fused_kv[blocks, 0, offs], want_k, ROUND * want_k.abs(), "rotated new K")
+    new = torch.zeros(kv.shape[0], kv.shape[2], dtype=torch.bool, device=device)
+    new[blocks, offs] = True
+    old = fused_kv.transpose(1, 2)[~new].view(torch.uint8)
+    assert torch.equal(old, kv.transpose(1, 2)[~new].view(torch.uint8))
+    # The attention over that cache, against fp64 from the two-op path's rotated q (which
+    # may sit an ulp from the kernel's own).
+    ref, size = _reference(q_rot, fused_kv, meta, d**-0.5, None)
+    assert_within(out, ref, 4 * ROUND * size + ROUND * ref.abs() + 1e-6, "fused decode")
+
+
+def test_steps_with_prefill_rows_take_the_two_ops(device):
+    meta, kv, (q, k, v, cos, sin), d = _step(device, None)  # decodes and prefill chunks
+    assert not can_fuse_rope(q, kv, meta)
+    ours_kv, two_kv = kv.clone(), kv.clone()
+    out = get_backend("triton").rope_attention(q, k, v, cos, sin, ours_kv, meta, d**-0.5)
+    _, want = _two_ops(meta, two_kv, q, k, v, cos, sin, d)
+    assert torch.equal(out, want)
+    assert torch.equal(ours_kv.view(torch.uint8), two_kv.view(torch.uint8))
