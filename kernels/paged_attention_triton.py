@@ -21,8 +21,8 @@ and KV write (`KernelBackend.rope_attention`, `DecodeRope`): each program rotate
 heads itself, and the split whose range ends with the new token rotates that token's k,
 stores k and v in its slot, attends the cached rows before it and then the new row from
 registers. H200, INT4 engine with an INT4 LM head: batch 1 2,376 -> 2,317 us a step,
-batch 32 3,915 -> 3,858 us (a first version that stored the row and then read it back
-after a barrier gained 8 us at batch 1 and lost 70 at batch 32).
+batch 32 3,915 -> 3,858 us (a first version that stored the row and read it back after
+a barrier: -7 us at batch 1, +139 at batch 32).
 
 Prefill is flash attention over a ragged batch: program (query tile, head) streams key
 tiles from position 0 (the cached prefix) up to its diagonal; only the tiles that cross
