@@ -341,16 +341,22 @@ def decode_replicas(server: Server) -> list[psutil.Process]:
     ]
 
 
+KILLED_STREAM_TOKENS = 240
+"""Long enough that both streams still run when the kill lands, ~4 s after the first
+starts: 48 tokens finished before it on a fast VM, and nothing was left to migrate."""
+
+
 def test_a_killed_decode_replica_loses_no_token(server: Server, client: openai.OpenAI) -> None:
     before = server.metrics()[MIGRATIONS]
     prompts = [f"{SYSTEM}\nQuestion: {p}" for p in PROMPTS[2:4]]
-    solo = [stream_text(client, p, "solo") for p in prompts]
+    n = KILLED_STREAM_TOKENS
+    solo = [stream_text(client, p, "solo", tokens=n) for p in prompts]
     started = [threading.Event(), threading.Event()]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(stream_text, client, prompts[0], "killed", started[0])
+        first = pool.submit(stream_text, client, prompts[0], "killed", started[0], n)
         assert started[0].wait(120)
         time.sleep(2.5)  # the replicas' routing stats now show where the first one runs
-        second = pool.submit(stream_text, client, prompts[1], "killed", started[1])
+        second = pool.submit(stream_text, client, prompts[1], "killed", started[1], n)
         assert started[1].wait(120)
         replicas = decode_replicas(server)
         assert len(replicas) == 2
