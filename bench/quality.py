@@ -149,6 +149,7 @@ def calibrate(
     """Run the dense model over calibration.txt; per layer, an observer of each named
     projection's input rows."""
     model = build(ck, ck.tensors, "dense", args)
+    model.native_layers = False  # the stand-ins must see every projection's call
     seen = []
     for layer in model.layers:
         per_layer = {}
@@ -231,6 +232,7 @@ class _Fp8Input:
 
 
 def fp8_inputs(model: LlamaModel) -> LlamaModel:
+    model.native_layers = False  # the stand-ins must see every projection's call
     for layer in model.layers:
         for name in PROJECTIONS:
             setattr(layer, name, _Fp8Input(getattr(layer, name)))
