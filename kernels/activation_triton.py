@@ -19,12 +19,20 @@ from kernels.triton_runtime import check_device, pdl, pdl_options, pdl_trigger, 
 
 
 @triton.jit
+def silu_mul(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up in `dtype`, rounded as `kernels.activation.silu_and_mul_torch` rounds
+    it: gate and up in `dtype` (fp32 accumulators are rounded to it first), silu rounded,
+    then the product. The INT4 GEMM's SiLU-and-mul epilogue uses it too."""
+    g = gate.to(dtype).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype)
+    return (silu.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _swiglu(x_ptr, cols, mask, inter):
     g = tl.load(x_ptr + cols, mask=mask, other=0.0)
     u = tl.load(x_ptr + inter + cols, mask=mask, other=0.0)
-    gf = g.to(tl.float32)
-    silu = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    return (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+    return silu_mul(g, u, g.dtype)
 
 
 @triton.jit

@@ -149,12 +149,17 @@ def pack_int4(
     )
 
 
+def swiglu_fits(rows: int) -> bool:
+    """Whether a [gate ‖ up] weight of `rows` = 2I rows tiles into whole 16-channel pairs."""
+    return rows % (2 * N_TILE) == 0
+
+
 def swiglu_order(rows: int) -> torch.Tensor:
     """Row indices that put a [gate ‖ up] weight of `rows` = 2I rows into the order a
     SiLU-and-mul epilogue reads (`int4_linear_triton.int4_linear(..., swiglu=True)`): 16
     gate rows, then the up rows of the same 16 channels, and so on, so that every
     32-row-aligned tile holds whole (gate, up) pairs."""
-    if rows % (2 * N_TILE):
+    if not swiglu_fits(rows):
         raise ValueError(f"a fused SiLU-and-mul needs 2I divisible by {2 * N_TILE}, got {rows}")
     chunks = torch.arange(rows // 2).view(-1, N_TILE)
     return torch.stack([chunks, chunks + rows // 2], dim=1).flatten()

@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.activation_triton import silu_mul
 from kernels.int4_linear import K_BLOCK, N_TILE, Int4Weight
 from kernels.triton_runtime import (
     INTERPRET,
@@ -281,7 +282,7 @@ def _store_out(
         # Rows 32p .. 32p + 15 are gate channels, 32p + 16 .. 32p + 31 the same channels' up.
         pairs = tl.permute(tl.reshape(acc, (BN // 32, 2, 16, acc.shape[1])), (0, 2, 3, 1))
         gate, up = tl.split(pairs)
-        y = tl.reshape(_silu_mul(gate, up, out_ptr.dtype.element_ty), (BN // 2, acc.shape[1]))
+        y = tl.reshape(silu_mul(gate, up, out_ptr.dtype.element_ty), (BN // 2, acc.shape[1]))
         offs_n = tl.program_id(0) * (BN // 2) + tl.arange(0, BN // 2)
         n_out = N // 2
     else:
@@ -291,15 +292,6 @@ def _store_out(
     out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
     mask = (offs_n[:, None] < n_out) & (offs_m[None, :] < M)
     tl.store(out_ptrs, y, mask=mask)
-
-
-@triton.jit
-def _silu_mul(gate, up, dtype: tl.constexpr):
-    """silu(gate) * up rounded as `kernels.activation.silu_and_mul_torch` rounds it from
-    the projection's output: gate and up to `dtype` first, then silu, then the product."""
-    g = gate.to(dtype).to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(dtype)
-    return (silu.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
 
 
 @dataclass(frozen=True)

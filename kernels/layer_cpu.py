@@ -118,9 +118,11 @@ class NativeLayers:
         layers = []
         for i, layer in enumerate(model.layers):
             linears = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
-            if any(lin.bias is not None or lin.batch_invariant for lin in linears) or any(
-                lin.fused_gate for lin in linears
-            ):
+            plain = (
+                lin.bias is None and not lin.batch_invariant and not lin.fused_gate
+                for lin in linears
+            )
+            if not all(plain):
                 return None
             projs = [_proj(lin.stored) for lin in linears]
             norms = (layer.input_norm, layer.post_attention_norm)

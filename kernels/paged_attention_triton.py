@@ -51,6 +51,7 @@ import triton.language as tl
 
 from kernels.attention_metadata import AttentionMetadata
 from kernels.fp8_linear import FP8_DTYPE, FP8_MAX
+from kernels.rope_triton import check_rope_inputs, cos_sin, rotate_rows
 from kernels.triton_runtime import (
     INTERPRET,
     check_device,
@@ -217,21 +218,6 @@ def _merge_splits(
 
 
 @triton.jit
-def _rotated(row_ptr, heads, hmask, c, s, D: tl.constexpr):
-    """Rows `heads` (dense, D wide) at row_ptr, rotate-half RoPE'd by this token's c, s
-    ([D]: cos/sin of column d % (D/2), already rounded to the activation dtype); fp32
-    arithmetic, one rounding, as `rope_triton` does it."""
-    d = tl.arange(0, D)
-    x = tl.load(row_ptr + heads[:, None] * D + d[None, :], mask=hmask[:, None], other=0.0)
-    # Column d's partner: d + D/2 (with a minus) in the first half, d - D/2 in the second.
-    partner = tl.load(row_ptr + heads[:, None] * D + ((d + D // 2) % D)[None, :],
-                      mask=hmask[:, None], other=0.0)  # fmt: skip
-    sign = tl.where(d < D // 2, -1.0, 1.0)
-    rotated = x.to(tl.float32) * c[None, :] + sign[None, :] * partner.to(tl.float32) * s[None, :]
-    return rotated.to(x.dtype)
-
-
-@triton.jit
 def _decode_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, scale_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     count_ptr, stride_qt, stride_ot, stride_bt, stride_block, stride_kv, stride_tok, sm_scale,
@@ -265,9 +251,7 @@ def _decode_kernel(
             prefetch(cache_ptr + stride_kv + rows[:, None] + lines, 2)
     d = tl.arange(0, D)
     if ROPE:  # cos and sin, like the lengths, are the step's inputs
-        dtype = q_ptr.dtype.element_ty
-        c = tl.load(cos_ptr + b * stride_cos + d % (D // 2)).to(dtype).to(tl.float32)
-        s = tl.load(sin_ptr + b * stride_cos + d % (D // 2)).to(dtype).to(tl.float32)
+        c, s = cos_sin(cos_ptr, sin_ptr, b, stride_cos, q_ptr.dtype.element_ty, D)
     pdl_wait(PDL)
 
     h = tl.arange(0, BLOCK_H)
@@ -279,10 +263,10 @@ def _decode_kernel(
         # seq_len - 1) stores its k and v in their cache slot for later steps, attends the
         # cached rows before it, then that key and value from registers: nothing waits
         # for the store, and the loop over cached rows is the plain one.
-        q = _rotated(q_ptr + b.to(tl.int64) * stride_qt, heads, hmask, c, s, D)
+        q = rotate_rows(q_ptr + b.to(tl.int64) * stride_qt, heads, hmask, c, s, D)
         head = kv_head + tl.arange(0, 1)
         cols = head[:, None] * D + d[None, :]
-        k_new = _rotated(k_ptr + b.to(tl.int64) * stride_kt, head, head >= 0, c, s, D)
+        k_new = rotate_rows(k_ptr + b.to(tl.int64) * stride_kt, head, head >= 0, c, s, D)
         v_new = tl.load(v_ptr + b.to(tl.int64) * stride_vt + cols)
         owner = (start < end) & (end == seq_len)
         if owner:
@@ -502,16 +486,8 @@ def can_fuse_rope(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetada
 
 
 def _check_rope(q: torch.Tensor, rope: DecodeRope, meta: AttentionMetadata) -> None:
-    t, _, d = q.shape
-    hk = rope.k.shape[1]
-    assert rope.k.shape == rope.v.shape == (t, hk, d), (q.shape, rope.k.shape, rope.v.shape)
-    assert rope.k.dtype == rope.v.dtype == q.dtype, (q.dtype, rope.k.dtype, rope.v.dtype)
-    for x in (rope.k, rope.v):
-        assert x.stride(2) == 1 and x.stride(1) == d, f"heads must be dense: {x.stride()}"
-    assert rope.cos.shape == rope.sin.shape == (t, d // 2), (rope.cos.shape, rope.sin.shape)
-    assert rope.cos.stride() == rope.sin.stride()
-    assert rope.cos.dtype == rope.sin.dtype == torch.float32 and rope.cos.stride(1) == 1
-    assert meta.slot_mapping.shape == (t,) and meta.slot_mapping.is_contiguous()
+    check_rope_inputs(q, rope.k, rope.v, rope.cos, rope.sin)
+    assert meta.slot_mapping.shape == (q.shape[0],) and meta.slot_mapping.is_contiguous()
     check_device(q, rope.k, rope.v, rope.cos, rope.sin, meta.slot_mapping)
 
 

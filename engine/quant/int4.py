@@ -25,12 +25,12 @@ import torch
 from engine.linear import LinearFormat, QuantizedWeight, check_activation_dtype, register_format
 from kernels.backend import KernelBackend
 from kernels.int4_linear import (
-    N_TILE,
     Int4Weight,
     default_layout,
     dequantize_int4,
     int4_group_size,
     pack_int4,
+    swiglu_fits,
     swiglu_order,
 )
 
@@ -152,7 +152,7 @@ class Int4Format(LinearFormat):
         not change them), then reordered for the SiLU-and-mul epilogue."""
         rows = weight.shape[0]
         layout = ops.int4_layout or default_layout(device)
-        if not ops.fused_int4_swiglu or layout != "triton" or rows % (2 * N_TILE):
+        if not ops.fused_int4_swiglu or layout != "triton" or not swiglu_fits(rows):
             return None
         # Linear hands a format only its own kind of quantized weight
         groups = weight if isinstance(weight, QuantizedWeight) else quantize_int4(weight)

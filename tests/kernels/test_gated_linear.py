@@ -46,8 +46,15 @@ def test_gated_projection_without_the_fused_kernel_runs_two_ops(device):
         assert torch.equal(gated(x), gated.ops.silu_and_mul(plain(x)))
 
 
-def test_batch_invariant_gated_rows_match_single_row_calls(device):
+def test_batch_invariant_gated_projection_multiplies_each_row_alone(device):
+    """The batch-invariant engine's gated projection: each row through the fused kernel on
+    its own (M = 1), the SiLU-and-mul included, whatever the batch."""
     weight = torch.randn(128, 256, device=device) / 16
-    gated = _linear(weight, "triton", device, gated=True, invariant=True)
+    invariant = _linear(weight, "triton", device, gated=True, invariant=True)
+    batched = _linear(weight, "triton", device, gated=True)
+    assert invariant.fused_gate
     x = torch.randn(3, 256, device=device).to(torch.bfloat16)
-    assert torch.equal(gated(x), torch.cat([gated(r) for r in x.split(1)]))
+    out = invariant(x)
+    assert out.shape == (3, 64)
+    for i in range(3):
+        assert torch.equal(out[i : i + 1], batched(x[i : i + 1]))
