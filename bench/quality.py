@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.paged_runner import Runner  # noqa: E402
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from engine.linear import QuantizedWeight  # noqa: E402
+from engine.linear import Linear, QuantizedWeight  # noqa: E402
 from engine.loaders import LoadedCheckpoint, load_checkpoint  # noqa: E402
 from engine.loaders.tensor_layout import PROJECTIONS, layer_tensors  # noqa: E402
 from engine.model import LlamaModel  # noqa: E402
@@ -129,11 +129,28 @@ class _Observer(Protocol):
     def observe(self, x: torch.Tensor) -> None: ...
 
 
-class _Recorder:
+class _StandIn:
+    """Stands in for a model's `Linear`: its call is the subclass's, and `add_norm` (the
+    model's residual add and next RMSNorm after it) follows from that call."""
+
+    def __init__(self, linear: Linear) -> None:
+        self.linear = linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.linear.ops.rms_norm(self(x), gamma, eps, residual)
+
+
+class _Recorder(_StandIn):
     """Stands in for a projection during calibration, showing its input rows to `observer`."""
 
-    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor], observer: _Observer):
-        self.linear, self.observer = linear, observer
+    def __init__(self, linear: Linear, observer: _Observer):
+        super().__init__(linear)
+        self.observer = observer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.observer.observe(x)
@@ -220,11 +237,8 @@ def fp8_tensors(
     return t
 
 
-class _Fp8Input:
+class _Fp8Input(_StandIn):
     """A dense projection whose input is rounded as the `fp8` format rounds it (`fp8-a`)."""
-
-    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.linear = linear
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = quantize_fp8_torch(x)

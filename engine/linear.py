@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from kernels.backend import KernelBackend
+from kernels.pending_norm import PendingNorm
 
 
 class QuantizedWeight(ABC):
@@ -85,9 +86,34 @@ class LinearFormat(ABC):
         (the projection then runs `apply` and `ops.silu_and_mul`)."""
         return None
 
-    def apply_gated(self, ops: KernelBackend, stored: Any, x: torch.Tensor) -> torch.Tensor:
+    def apply_gated(
+        self, ops: KernelBackend, stored: Any, x: torch.Tensor | PendingNorm
+    ) -> torch.Tensor:
         """x [T, in] -> silu(gate) * up, [T, out / 2], from `prepare_gated`'s stored form."""
         raise NotImplementedError(f"the {self.name} format has no fused SiLU-and-mul")
+
+    def takes_pending_norm(self, ops: KernelBackend) -> bool:
+        """Whether, on `ops`, `apply_normed` and `apply_add_norm` exist: an RMSNorm split
+        between this format's GEMMs (`kernels.pending_norm`)."""
+        return False
+
+    def apply_normed(
+        self, ops: KernelBackend, stored: Any, x: PendingNorm, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`apply` to the rows `x` stands for."""
+        raise NotImplementedError(f"the {self.name} format takes no pending norm")
+
+    def apply_add_norm(
+        self,
+        ops: KernelBackend,
+        stored: Any,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        gamma: torch.Tensor,
+        eps: float,
+    ) -> tuple[PendingNorm, torch.Tensor]:
+        """`ops.rms_norm(apply(x), gamma, eps, residual)` with the norm left pending."""
+        raise NotImplementedError(f"the {self.name} format takes no pending norm")
 
 
 class DenseFormat(LinearFormat):
@@ -152,6 +178,10 @@ class Linear:
     A `gated` projection is an MLP's merged [gate ‖ up] and returns silu(gate) * up: in its
     GEMM's epilogue where the format has that kernel on the backend (`prepare_gated`),
     else through `ops.silu_and_mul`, rounded at the same points either way.
+
+    `add_norm` is this projection followed by the residual add and RMSNorm of the next one's
+    input; where the format can, the norm is left pending (`kernels.pending_norm`) and the
+    projection called with it finishes it in its own epilogue, so no norm kernel runs.
     """
 
     def __init__(
@@ -175,6 +205,10 @@ class Linear:
         self.fmt = fmt
         self.ops = ops
         self.gated = gated
+        self.takes_pending = fmt.takes_pending_norm(ops) and not batch_invariant
+        """Whether a `PendingNorm` input is finished in this GEMM (else materialized first)."""
+        self.adds_norm = self.takes_pending and bias is None and not gated
+        """Whether `add_norm` leaves its norm pending."""
         stored = fmt.prepare_gated(weight, dtype, device, ops) if gated and bias is None else None
         self.fused_gate = stored is not None
         """Whether the SiLU-and-mul runs in the GEMM's epilogue (the rows are then reordered)."""
@@ -186,13 +220,27 @@ class Linear:
             self.stored = fmt.prepare(weight, dtype, device, ops)
         self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.batch_invariant and x.shape[0] > 1:
+    def __call__(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
+        if isinstance(x, PendingNorm) and not self.takes_pending:
+            x = x.materialize()
+        if self.batch_invariant and isinstance(x, torch.Tensor) and x.shape[0] > 1:
             return torch.cat([self._apply(r) for r in x.split(1)])
         return self._apply(x)
 
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
+        """`ops.rms_norm(self(x), gamma, eps, residual)`: the normed rows (pending where
+        `adds_norm`) and the residual sum s."""
+        if self.adds_norm:
+            return self.fmt.apply_add_norm(self.ops, self.stored, x, residual, gamma, eps)
+        return self.ops.rms_norm(self(x), gamma, eps, residual)
+
+    def _apply(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
         if self.fused_gate:
             return self.fmt.apply_gated(self.ops, self.stored, x)
-        y = self.fmt.apply(self.ops, self.stored, x, self.bias)
+        if isinstance(x, PendingNorm):
+            y = self.fmt.apply_normed(self.ops, self.stored, x, self.bias)
+        else:
+            y = self.fmt.apply(self.ops, self.stored, x, self.bias)
         return self.ops.silu_and_mul(y) if self.gated else y

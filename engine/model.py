@@ -21,6 +21,7 @@ from engine.rope import RotaryTable
 from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend, get_backend
 from kernels.layer_cpu import NativeLayers
+from kernels.pending_norm import PendingNorm
 
 
 class _Weights:
@@ -86,17 +87,22 @@ class DecoderLayer:
 
     def __call__(
         self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
+        h: torch.Tensor | PendingNorm,
+        residual: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        next_norm: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
+        """`h` is this layer's input already normed by its `input_norm` (pending where the
+        projections can finish a norm, `Linear.add_norm`), `residual` the stream it was
+        normed from. Returns the stream plus this layer's output, normed by `next_norm`
+        (the next layer's input norm), or with `next_norm` None the output itself (the
+        model's final norm follows), and the new stream."""
         cfg, ops = self.cfg, self.ops
-        t = x.shape[0]
-        h, residual = ops.rms_norm(x, self.input_norm, cfg.rms_norm_eps, residual)
         q, k, v = self.qkv_proj(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        t = q.shape[0]
         attn = ops.rope_attention(
             q.view(t, cfg.num_heads, cfg.head_dim),
             k.view(t, cfg.num_kv_heads, cfg.head_dim),
@@ -107,9 +113,13 @@ class DecoderLayer:
             meta,
             self.scale,
         )
-        h = self.o_proj(attn.reshape(t, cfg.q_size))
-        h, residual = ops.rms_norm(h, self.post_attention_norm, cfg.rms_norm_eps, residual)
-        return self.down_proj(self.gate_up_proj(h)), residual
+        h, residual = self.o_proj.add_norm(
+            attn.reshape(t, cfg.q_size), residual, self.post_attention_norm, cfg.rms_norm_eps
+        )
+        mlp = self.gate_up_proj(h)  # silu(gate) * up
+        if next_norm is None:
+            return self.down_proj(mlp), residual
+        return self.down_proj.add_norm(mlp, residual, next_norm, cfg.rms_norm_eps)
 
 
 class LlamaModel:
@@ -149,14 +159,21 @@ class LlamaModel:
         x = self.embed[input_ids]
         cos, sin = self.rotary.lookup(positions)
         self.ops.plan_attention(meta)
-        residual: torch.Tensor | None = None
+        eps = self.cfg.rms_norm_eps
         layers = self._native_path(x, kv_cache)
         if layers is not None:
             x, residual = layers.run(x, cos, sin, kv_cache, meta)
         else:
-            for i, layer in enumerate(self.layers):
-                x, residual = layer(x, residual, cos, sin, kv_cache[:, i], meta)
-        x, _ = self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
+            # Each layer norms the next one's input (leaving the norm pending for its GEMMs
+            # where they can finish it); the last one's output takes the final norm.
+            h: torch.Tensor | PendingNorm
+            h, residual = self.ops.rms_norm(x, self.layers[0].input_norm, eps)
+            norms = [layer.input_norm for layer in self.layers[1:]] + [None]
+            for i, (layer, next_norm) in enumerate(zip(self.layers, norms, strict=True)):
+                h, residual = layer(h, residual, cos, sin, kv_cache[:, i], meta, next_norm)
+            assert isinstance(h, torch.Tensor)
+            x = h
+        x, _ = self.ops.rms_norm(x, self.norm, eps, residual)
         return x
 
     def _native_path(self, x: torch.Tensor, kv_cache: torch.Tensor) -> NativeLayers | None:

@@ -18,6 +18,7 @@ from kernels.attention_metadata import AttentionMetadata
 from kernels.fp8_linear import Fp8Weight
 from kernels.int4_linear import Int4Weight
 from kernels.int8_linear import Int8Weight, int8_linear
+from kernels.pending_norm import PendingNorm
 
 
 class KernelBackend(ABC):
@@ -41,6 +42,9 @@ class KernelBackend(ABC):
     """The INT4 packing `int4_linear` needs (kernels.int4_linear), or None: either works."""
     fused_int4_swiglu: ClassVar[bool] = False
     """Whether `int4_linear_swiglu` exists (a projection with SiLU-and-mul in its epilogue)."""
+    fused_int4_norm: ClassVar[bool] = False
+    """Whether `int4_linear_add_norm` exists and the INT4 projections take a `PendingNorm`
+    (an RMSNorm split between the GEMM before it and the GEMM after it)."""
 
     @abstractmethod
     def rms_norm(
@@ -168,7 +172,25 @@ class KernelBackend(ABC):
     ) -> torch.Tensor:
         """x [T, in] @ W.T (+ bias) with group-quantized INT4 weights; output in x's dtype."""
 
-    def int4_linear_swiglu(self, x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    def int4_linear_add_norm(
+        self,
+        x: torch.Tensor,
+        weight: Int4Weight,
+        residual: torch.Tensor,
+        gamma: torch.Tensor,
+        eps: float,
+    ) -> tuple[PendingNorm, torch.Tensor]:
+        """`rms_norm(int4_linear(x, W), gamma, eps, residual)` with the norm left pending for
+        the next INT4 projection (where `fused_int4_norm`): (pending rows, their sum s)."""
+        raise NotImplementedError(f"the {self.name} backend has no fused INT4 RMSNorm")
+
+    def int4_linear_normed(
+        self, x: PendingNorm, weight: Int4Weight, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`int4_linear` of the rows a `PendingNorm` stands for (where `fused_int4_norm`)."""
+        raise NotImplementedError(f"the {self.name} backend has no fused INT4 RMSNorm")
+
+    def int4_linear_swiglu(self, x: torch.Tensor | PendingNorm, weight: Int4Weight) -> torch.Tensor:
         """`silu_and_mul(int4_linear(x, W))` in one kernel, W a [gate ‖ up] projection whose
         rows are in `kernels.int4_linear.swiglu_order` (where `fused_int4_swiglu`)."""
         raise NotImplementedError(f"the {self.name} backend has no fused INT4 SiLU-and-mul")

@@ -36,6 +36,11 @@ the store writes silu(gate) * up, rounded as the separate kernel rounds it: one 
 fewer per layer (H200, INT4 engine with an INT4 LM head: batch 1 2,410 -> 2,371 us a
 step, batch 32 3,982 -> 3,921).
 
+The epilogue can also carry an RMSNorm across two GEMMs (`kernels.pending_norm`): with
+NORM_OUT (o_proj, down_proj) it adds the residual, writes s and gamma * s, and each tile's
+sums of s^2 per row; with NORM_IN (qkv, gate_up, reading gamma * s) it scales each output
+row by rsqrt(mean(s^2) + eps) from those sums. The norm kernel between them is gone.
+
 On sm_90, at small M, the kernel is a programmatic dependent launch (`triton_runtime.pdl`):
 it starts while the kernel before it (a norm, RoPE, attention) still runs, pulls its first
 K-block of weights into L2 with one bulk prefetch per 16-channel group, then waits for
@@ -53,6 +58,7 @@ import triton.language as tl
 
 from kernels.activation_triton import silu_mul
 from kernels.int4_linear import K_BLOCK, N_TILE, Int4Weight
+from kernels.pending_norm import PendingNorm
 from kernels.triton_runtime import (
     INTERPRET,
     check_device,
@@ -158,10 +164,12 @@ def _prefetch_weights(first_run, stride, size, runs, RUNS: tl.constexpr):
 def _int4_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, stride_xm, stride_om, blocks_per_split,
+    res_ptr, sum_ptr, gamma_ptr, ssq_in_ptr, ssq_out_ptr, P_IN, eps,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, UNROLL: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, ASM: tl.constexpr, UPCAST: tl.constexpr, AHEAD: tl.constexpr,
     HEAD: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr,
+    NORM_IN: tl.constexpr, NORM_OUT: tl.constexpr, P_IN_P2: tl.constexpr,
 ):  # fmt: skip
     pdl_trigger(PDL)
     pid_n = tl.program_id(0)
@@ -257,40 +265,76 @@ def _int4_gemm_kernel(
                     total += tl.load(
                         part_ptr + p * M * N + live_slot, mask=live_mask, cache_modifier=".cg"
                     )
-                _store_out(total, bias_ptr, out_ptr, live, rn, N, M, stride_om, HAS_BIAS, SWIGLU)
+                _store_out(
+                    total, bias_ptr, out_ptr, live, rn, N, M, stride_om, HAS_BIAS, SWIGLU,
+                    res_ptr, sum_ptr, gamma_ptr, ssq_in_ptr, ssq_out_ptr, P_IN, eps, K,
+                    NORM_IN, NORM_OUT, P_IN_P2,
+                )  # fmt: skip
             else:
                 acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 for p in range(split_k):
                     acc += tl.load(part_ptr + p * M * N + slot, mask=out_mask, cache_modifier=".cg")
-                _store_out(acc, bias_ptr, out_ptr, offs_m, rn, N, M, stride_om, HAS_BIAS, SWIGLU)
+                _store_out(
+                    acc, bias_ptr, out_ptr, offs_m, rn, N, M, stride_om, HAS_BIAS, SWIGLU,
+                    res_ptr, sum_ptr, gamma_ptr, ssq_in_ptr, ssq_out_ptr, P_IN, eps, K,
+                    NORM_IN, NORM_OUT, P_IN_P2,
+                )  # fmt: skip
             tl.atomic_xchg(count_ptr + tile, 0)
     else:
-        _store_out(acc, bias_ptr, out_ptr, offs_m, rn, N, M, stride_om, HAS_BIAS, SWIGLU)
+        _store_out(
+            acc, bias_ptr, out_ptr, offs_m, rn, N, M, stride_om, HAS_BIAS, SWIGLU,
+            res_ptr, sum_ptr, gamma_ptr, ssq_in_ptr, ssq_out_ptr, P_IN, eps, K,
+            NORM_IN, NORM_OUT, P_IN_P2,
+        )  # fmt: skip
 
 
 @triton.jit
 def _store_out(
     acc, bias_ptr, out_ptr, offs_m, rn, N, M, stride_om,
     HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+    res_ptr, sum_ptr, gamma_ptr, ssq_in_ptr, ssq_out_ptr, P_IN, eps, K,
+    NORM_IN: tl.constexpr, NORM_OUT: tl.constexpr, P_IN_P2: tl.constexpr,
 ):  # fmt: skip
-    """out[offs_m, this tile's channels] = acc^T (+ bias), rows < M and channels in range;
-    with SWIGLU, acc's channels are in `swiglu_order` and out gets silu(gate) * up."""
+    """out[offs_m, this tile's channels] = acc^T (+ bias), rows < M and channels in range.
+
+    NORM_IN: x was gamma * s of a `PendingNorm`; each row is first scaled by rsqrt(mean(s^2)
+    + eps) from its [M, P_IN] partial sums of s^2. SWIGLU: acc's channels are in
+    `swiglu_order` and out gets silu(gate) * up. NORM_OUT: out gets gamma * s with s = (the
+    projection, rounded) + residual, s goes to sum_ptr, and this tile's sum of s^2 per row to
+    column program_id(0) of the [M, num_programs(0)] partials."""
     BN: tl.constexpr = acc.shape[0]
+    dtype = out_ptr.dtype.element_ty
+    if NORM_IN:
+        p = tl.arange(0, P_IN_P2)
+        sums = tl.load(ssq_in_ptr + offs_m.to(tl.int64)[None, :] * P_IN + p[:, None],
+                       mask=(p[:, None] < P_IN) & (offs_m[None, :] < M), other=0.0)  # fmt: skip
+        acc = acc * tl.rsqrt(tl.sum(sums, axis=0) / K + eps)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn).to(tl.float32)[:, None]
     if SWIGLU:
         # Rows 32p .. 32p + 15 are gate channels, 32p + 16 .. 32p + 31 the same channels' up.
         pairs = tl.permute(tl.reshape(acc, (BN // 32, 2, 16, acc.shape[1])), (0, 2, 3, 1))
         gate, up = tl.split(pairs)
-        y = tl.reshape(silu_mul(gate, up, out_ptr.dtype.element_ty), (BN // 2, acc.shape[1]))
+        y = tl.reshape(silu_mul(gate, up, dtype), (BN // 2, acc.shape[1]))
         offs_n = tl.program_id(0) * (BN // 2) + tl.arange(0, BN // 2)
         n_out = N // 2
     else:
-        y = acc.to(out_ptr.dtype.element_ty)
+        y = acc.to(dtype)
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_out = N
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
     mask = (offs_n[:, None] < n_out) & (offs_m[None, :] < M)
+    if NORM_OUT:
+        # s as rms_norm's residual add makes it: the projection rounded, then the add
+        # rounded; its sum of squares from the rounded s.
+        rows = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        res = tl.load(res_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        s = (y.to(tl.float32) + res).to(dtype)
+        tl.store(sum_ptr + rows, s, mask=mask)
+        sf = tl.where(mask, s.to(tl.float32), 0.0)
+        tl.store(ssq_out_ptr + offs_m.to(tl.int64) * tl.num_programs(0) + tl.program_id(0),
+                 tl.sum(sf * sf, axis=0), mask=offs_m < M)  # fmt: skip
+        y = (sf * tl.load(gamma_ptr + rn).to(tl.float32)[:, None]).to(dtype)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
     tl.store(out_ptrs, y, mask=mask)
 
 
@@ -345,7 +389,7 @@ def _use_asm(device: torch.device) -> bool:
 
 
 def int4_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | PendingNorm,
     weight: Int4Weight,
     bias: torch.Tensor | None,
     config: Int4GemmConfig | None = None,
@@ -353,7 +397,44 @@ def int4_linear(
 ) -> torch.Tensor:
     """x [M, K] (bf16/fp16) -> [M, N] in x's dtype; with `swiglu`, the weight's rows are a
     [gate ‖ up] projection in `kernels.int4_linear.swiglu_order` and the result is
-    silu(gate) * up, [M, N/2] (SiLU-and-mul in the epilogue: one kernel, not two)."""
+    silu(gate) * up, [M, N/2] (SiLU-and-mul in the epilogue: one kernel, not two). A
+    `PendingNorm` x is normed in the epilogue (its rows scaled by their rsqrt)."""
+    if isinstance(x, PendingNorm):
+        return _launch(x.scaled, weight, bias, config, swiglu, x, None)[0]
+    return _launch(x, weight, bias, config, swiglu, None, None)[0]
+
+
+def int4_linear_add_norm(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    residual: torch.Tensor,
+    gamma: torch.Tensor,
+    eps: float,
+    config: Int4GemmConfig | None = None,
+) -> tuple[PendingNorm, torch.Tensor]:
+    """s = x @ W.T + residual (each rounded, as `rms_norm`'s residual add rounds), and
+    rms_norm(s) * gamma left pending: (PendingNorm, s), one launch."""
+    n = weight.out_features
+    assert residual.shape == (x.shape[0], n) and residual.is_contiguous(), residual.shape
+    assert residual.dtype == gamma.dtype == x.dtype and gamma.shape == (n,), gamma.shape
+    assert gamma.is_contiguous()
+    s = torch.empty_like(residual)
+    scaled, sumsq = _launch(x, weight, None, config, False, None, (residual, s, gamma))
+    assert sumsq is not None
+    return PendingNorm(scaled, sumsq, eps), s
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    bias: torch.Tensor | None,
+    config: Int4GemmConfig | None,
+    swiglu: bool,
+    norm_in: PendingNorm | None,
+    norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel launch behind `int4_linear` and `int4_linear_add_norm`: (out, the partial
+    sums of s^2 where `norm_out` = (residual, s, gamma))."""
     assert weight.layout == "triton" and weight.zeros is not None, weight.layout
     n, k, g = weight.out_features, weight.in_features, weight.group_size
     k_blocks = triton.cdiv(k, K_BLOCK)
@@ -374,10 +455,17 @@ def int4_linear(
     if swiglu:
         assert bias is None, "a gated projection has no bias"
         assert n % 32 == 0 and cfg.block_n % 32 == 0, (n, cfg.block_n)
-    out = torch.empty((m, n // 2 if swiglu else n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out
+    assert norm_out is None or (bias is None and not swiglu)
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k, triton.cdiv(m, cfg.block_m))
+    out = torch.empty((m, n // 2 if swiglu else n), dtype=x.dtype, device=x.device)
+    sumsq = None
+    if norm_out is not None:
+        sumsq = torch.empty((m, grid[0]), dtype=torch.float32, device=x.device)
+    if norm_in is not None:
+        assert norm_in.sumsq.shape[0] == m and norm_in.sumsq.is_contiguous()
+        assert norm_in.sumsq.dtype == torch.float32
+    if m == 0:
+        return out, sumsq
     rows = min(cfg.block_m, triton.next_power_of_2(m))
     unroll = cfg.split_k > 1 and rows * cfg.block_n * cfg.split_k <= 1024
     if cfg.split_k > 1:
@@ -390,10 +478,15 @@ def int4_linear(
         x, weight.qweight, weight.scales, weight.zeros, out if bias is None else bias, out,
         partials, counters,
         m, n, k, x.stride(0), out.stride(0), triton.cdiv(k_blocks, cfg.split_k),
+        *(norm_out or (out, out, out)), out if norm_in is None else norm_in.sumsq,
+        out if sumsq is None else sumsq, 1 if norm_in is None else norm_in.sumsq.shape[1],
+        0.0 if norm_in is None else norm_in.eps,
+        NORM_IN=norm_in is not None, NORM_OUT=norm_out is not None,
+        P_IN_P2=1 if norm_in is None else triton.next_power_of_2(norm_in.sumsq.shape[1]),
         GROUP=g, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, ROWS=rows, SPLIT=cfg.split_k > 1,
         SPLIT_K=cfg.split_k if unroll else 0, UNROLL=unroll, EVEN_K=k % K_BLOCK == 0,
         HAS_BIAS=bias is not None, ASM=_use_asm(x.device), UPCAST=INTERPRET,
         AHEAD=cfg.prefetch, HEAD=cfg.prefetch_head, PDL=pdl(x.device, m), SWIGLU=swiglu,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **options, **pdl_options(x.device, m),
     )  # fmt: skip
-    return out
+    return out, sumsq

@@ -11,6 +11,7 @@ from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend
 from kernels.fp8_linear import Fp8Weight
 from kernels.int4_linear import Int4Weight
+from kernels.pending_norm import PendingNorm
 from kernels.rope_triton import apply_rope, apply_rope_write_kv
 
 
@@ -18,6 +19,7 @@ class TritonBackend(KernelBackend):
     name = "triton"
     int4_layout = "triton"
     fused_int4_swiglu = True
+    fused_int4_norm = True
     quantized_activation_dtypes = (torch.bfloat16, torch.float16)
 
     def rms_norm(
@@ -119,8 +121,23 @@ class TritonBackend(KernelBackend):
     ) -> torch.Tensor:
         return int4_linear_triton.int4_linear(x, weight, bias)
 
-    def int4_linear_swiglu(self, x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    def int4_linear_swiglu(self, x: torch.Tensor | PendingNorm, weight: Int4Weight) -> torch.Tensor:
         return int4_linear_triton.int4_linear(x, weight, None, swiglu=True)
+
+    def int4_linear_normed(
+        self, x: PendingNorm, weight: Int4Weight, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return int4_linear_triton.int4_linear(x, weight, bias)
+
+    def int4_linear_add_norm(
+        self,
+        x: torch.Tensor,
+        weight: Int4Weight,
+        residual: torch.Tensor,
+        gamma: torch.Tensor,
+        eps: float,
+    ) -> tuple[PendingNorm, torch.Tensor]:
+        return int4_linear_triton.int4_linear_add_norm(x, weight, residual, gamma, eps)
 
     def write_kv_fp8(
         self,

@@ -33,6 +33,7 @@ from kernels.int4_linear import (
     swiglu_fits,
     swiglu_order,
 )
+from kernels.pending_norm import PendingNorm
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,29 @@ class Int4Format(LinearFormat):
         )
         return self.prepare_quantized(reordered, dtype, device, ops)
 
-    def apply_gated(self, ops: KernelBackend, stored: Int4Weight, x: torch.Tensor) -> torch.Tensor:
+    def apply_gated(
+        self, ops: KernelBackend, stored: Int4Weight, x: torch.Tensor | PendingNorm
+    ) -> torch.Tensor:
         return ops.int4_linear_swiglu(x, stored)
+
+    def takes_pending_norm(self, ops: KernelBackend) -> bool:
+        return ops.fused_int4_norm
+
+    def apply_normed(
+        self, ops: KernelBackend, stored: Int4Weight, x: PendingNorm, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return ops.int4_linear_normed(x, stored, bias)
+
+    def apply_add_norm(
+        self,
+        ops: KernelBackend,
+        stored: Int4Weight,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        gamma: torch.Tensor,
+        eps: float,
+    ) -> tuple[PendingNorm, torch.Tensor]:
+        return ops.int4_linear_add_norm(x, stored, residual, gamma, eps)
 
 
 register_format("int4", Int4Format)

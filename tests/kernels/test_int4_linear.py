@@ -9,7 +9,7 @@ from kernels.int4_linear import (
     swiglu_order,
     unpack_int4,
 )
-from kernels.int4_linear_triton import Int4GemmConfig, int4_linear
+from kernels.int4_linear_triton import Int4GemmConfig, int4_linear, int4_linear_add_norm
 from tests.kernels.bounds import ROUND, assert_within, poisoned_outputs
 from tests.kernels.conftest import DEVICE
 
@@ -113,3 +113,46 @@ def test_swiglu_order_pairs_each_gate_row_with_its_up_row():
     assert sorted(order.tolist()) == list(range(64))
     with pytest.raises(ValueError, match="divisible by 32"):
         swiglu_order(48)
+
+
+NORM_CASES = {
+    "cpu": [
+        (1, 128, 256, None),
+        (5, 192, 128, Int4GemmConfig(64, 16, 2, 4, 1)),
+        (20, 64, 384, None),
+    ],
+    "cuda": [(1, 4096, 4096, None), (4, 4096, 14336, None), (33, 4096, 4096, None)],
+}
+
+
+@pytest.mark.parametrize("case", range(len(NORM_CASES[DEVICE.type])))
+def test_rms_norm_split_across_two_int4_gemms(device, case):
+    """A producer GEMM adds the residual and leaves rms_norm pending (gamma * s and partial
+    sums of s^2 per tile); the consumer GEMM finishes the norm in its epilogue. Against
+    fp64: s = round(round(x W1^T) + residual), then rmsnorm(s) * gamma @ W2^T."""
+    m, n, k, cfg = NORM_CASES[device.type][case]
+    q1, s1, z1, g1 = _quantized(n, k, device)
+    w1 = dequantize_int4(q1, s1, z1).double()
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    residual = torch.randn(m, n, device=device).to(torch.bfloat16)
+    gamma = (1 + 0.1 * torch.randn(n, device=device)).to(torch.bfloat16)
+    with poisoned_outputs():
+        pending, s = int4_linear_add_norm(
+            x, pack_int4(q1, s1, z1, g1, "triton", device), residual, gamma, 1e-5, cfg
+        )
+    want_s = (x.double() @ w1.T).to(torch.bfloat16).double() + residual.double()
+    size = x.double().abs() @ w1.abs().T
+    assert_within(s, want_s, ROUND * (want_s.abs() + size) + 2**-20 * size, "s")
+    s64 = s.double()  # the rest from the s the kernel wrote
+    assert_within(pending.scaled, s64 * gamma.double(), ROUND * (s64 * gamma.double()).abs(), "g")
+    assert_within(pending.sumsq.sum(1), (s64 * s64).sum(1), 1e-5 * (s64 * s64).sum(1), "s^2")
+    q2, s2, z2, g2 = _quantized(64, n, device)
+    w2 = dequantize_int4(q2, s2, z2).double()
+    normed = s64 * torch.rsqrt((s64 * s64).mean(1, keepdim=True) + 1e-5) * gamma.double()
+    ref = normed @ w2.T
+    with poisoned_outputs():
+        out = int4_linear(pending, pack_int4(q2, s2, z2, g2, "triton", device), None)
+    # gamma * s rounded once, the product summed in fp32, one rounding of the output
+    ref_size = normed.abs() @ w2.abs().T
+    assert_within(out, ref, ROUND * ref.abs() + 2 * ROUND * ref_size, "consumer")
+    assert_within(pending.materialize(), normed, 2 * ROUND * normed.abs(), "materialized")
