@@ -95,11 +95,11 @@ class DecoderLayer:
         meta: AttentionMetadata,
         next_norm: torch.Tensor | None,
     ) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
-        """`h` is this layer's input already normed by its `input_norm` (pending where the
-        projections can finish a norm, `Linear.add_norm`), `residual` the stream it was
-        normed from. Returns the stream plus this layer's output, normed by `next_norm`
-        (the next layer's input norm), or with `next_norm` None the output itself (the
-        model's final norm follows), and the new stream."""
+        """`h` is this layer's input, already normed by its `input_norm` (left pending where
+        the projections can finish a norm, `Linear.add_norm`), and `residual` the stream it
+        was normed from. Returns (the new stream normed by `next_norm`, the next layer's
+        input norm; the new stream) or, with `next_norm` None, (this layer's MLP output;
+        the stream without it), for the model's final norm to add and norm."""
         cfg, ops = self.cfg, self.ops
         q, k, v = self.qkv_proj(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         t = q.shape[0]
