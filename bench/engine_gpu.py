@@ -70,6 +70,7 @@ from engine.rope import RotaryTable
 from engine.sampler import SamplerPlan
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from kernels.pending_norm import PendingNorm
 
 CONTEXT = 512
 SECTIONS = ("compile", "formats", "engine", "handoff", "profile", "ablate")
@@ -272,12 +273,26 @@ def _no_attention(self: Any, q: torch.Tensor, *args: Any) -> torch.Tensor:
     return q
 
 
-def _no_int4(self: Any, x: torch.Tensor, weight: Any, bias: Any = None) -> torch.Tensor:
-    return torch.empty((x.shape[0], weight.out_features), dtype=x.dtype, device=x.device)
+def _rows(x: Any) -> torch.Tensor:
+    return x.scaled if isinstance(x, PendingNorm) else x
 
 
-def _no_int4_swiglu(self: Any, x: torch.Tensor, weight: Any) -> torch.Tensor:
-    return torch.empty((x.shape[0], weight.out_features // 2), dtype=x.dtype, device=x.device)
+def _no_int4(self: Any, x: Any, weight: Any, bias: Any = None) -> torch.Tensor:
+    rows = _rows(x)
+    return torch.empty((rows.shape[0], weight.out_features), dtype=rows.dtype, device=rows.device)
+
+
+def _no_int4_swiglu(self: Any, x: Any, weight: Any) -> torch.Tensor:
+    rows = _rows(x)
+    shape = (rows.shape[0], weight.out_features // 2)
+    return torch.empty(shape, dtype=rows.dtype, device=rows.device)
+
+
+def _no_int4_add_norm(
+    self: Any, x: torch.Tensor, weight: Any, residual: torch.Tensor, gamma: Any, eps: float
+) -> tuple[PendingNorm, torch.Tensor]:
+    sumsq = torch.ones((residual.shape[0], 1), dtype=torch.float32, device=residual.device)
+    return PendingNorm(residual, sumsq, eps), residual
 
 
 ABLATIONS: dict[str, dict[str, Callable[..., Any]]] = {
@@ -285,7 +300,12 @@ ABLATIONS: dict[str, dict[str, Callable[..., Any]]] = {
     "RMSNorm": {"rms_norm": _no_norm},
     "attention (RoPE, KV write)": {"rope_attention": _no_attention},
     "both": {"rms_norm": _no_norm, "rope_attention": _no_attention},
-    "INT4 GEMMs (LM head too)": {"int4_linear": _no_int4, "int4_linear_swiglu": _no_int4_swiglu},
+    "INT4 GEMMs (LM head too)": {
+        "int4_linear": _no_int4,
+        "int4_linear_swiglu": _no_int4_swiglu,
+        "int4_linear_normed": _no_int4,
+        "int4_linear_add_norm": _no_int4_add_norm,
+    },
 }
 """What section ablate removes: TritonBackend methods and their no-op stand-ins."""
 
