@@ -11,8 +11,10 @@ with `s` and `z` in bf16. How q is packed is the kernel's business; there are tw
 128 (the padding has s = z = 0, so it adds nothing):
 
     qweight  int32 [N/16, K'/128, 16, 16]   one 1 KiB tile per (16 channels, 128-wide K block)
-    scales   bf16 [K'/G, N]                 group-major: a K step reads BN adjacent values
-    zeros    bf16 [K'/G, N]
+    scales   int32 [K'/G, N]                group-major: a K step reads BN adjacent words;
+                                            each word is a group's scale and zero together:
+                                            bits 0-15 the bf16 s, bits 16-31 the bf16 128 + z
+    zeros    None
 
 Within a tile, row r holds channel 16i + r as 16 words j, and nibble t = p + 4u of word j
 (bits 4t..4t+3) holds k = 16s + 2c + 8h + u of the block, where
@@ -29,10 +31,12 @@ holds them (thread c of a quad owns k = 2c, 2c+1, 2c+8, 2c+9 of each 16-wide k s
 Why: a warp's 16-byte loads cover 512 contiguous bytes; with the bits `0x4300 | q` each
 16-bit half *is* the bf16 number 128 + q, so one shift and one and-or per two weights
 dequantize, with no int->float conversion and no byte shuffling. The kernel multiplies
-those numbers by the activations on tensor cores and applies scale and zero once per group
-on the fp32 accumulator:
-
-    sum_k x_k W[n, k] = s[n, g] * (sum_k x_k (128 + q[n, k]) - (128 + z[n, g]) sum_k x_k)
+those numbers, less 128 + z (one bf16x2 subtraction, exact), by the activations on tensor
+cores and applies the scale once per group on the fp32 accumulator. A group's scale and
+zero share one 4-byte word so that the kernel's software pipeline copies them ahead with
+the weights (cp.async moves 4 bytes or more; two 2-byte loads stayed in the loop's
+dependency chain): `(word << 16)` is the fp32 scale, `(word >> 16) * 0x10001` the bf16x2
+pair 128 + z, 128 + z that the subtraction takes.
 
 `"avx2"` (x86 CPUs with AVX2), read by `kernels/cpu/int4_linear.cpp`:
 
@@ -59,6 +63,8 @@ import torch.nn.functional as F
 
 K_BLOCK = 128
 """K width of one packed tile (eight 16-wide nibble planes)."""
+ZERO_BIAS_BITS = 0x4300
+"""bf16 128.0: `ZERO_BIAS_BITS | q` is the bf16 number 128 + q for q in [0, 15]."""
 N_TILE = 16
 LAYOUTS = ("triton", "avx2", "cpu")
 
@@ -78,9 +84,10 @@ class Int4Weight:
 
     layout: str
     qweight: torch.Tensor
-    # "triton": [K'/G, N]; "avx2": [N'/4, K/G, 4]; "cpu": scale-and-zero [K/G, N, 2]
+    # "triton": scale-and-zero words [K'/G, N]; "avx2": [N'/4, K/G, 4];
+    # "cpu": scale-and-zero [K/G, N, 2]
     scales: torch.Tensor
-    zeros: torch.Tensor | None  # None for "cpu"
+    zeros: torch.Tensor | None  # None for "triton" and "cpu"
     out_features: int
     in_features: int
     group_size: int
@@ -136,16 +143,12 @@ def pack_int4(
     words = (nibbles << shifts).sum(dim=-1)  # disjoint bit ranges: the sum is an OR
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     g_pad = k_pad // group_size - k // group_size
-    sc = F.pad(scales.float(), (0, g_pad)).T.to(torch.bfloat16)
-    ze = F.pad(zeros.float(), (0, g_pad)).T.to(torch.bfloat16)
+    sc = F.pad(scales.float(), (0, g_pad)).T.to(torch.bfloat16)  # padding: s = z = 0
+    ze = F.pad(zeros.float(), (0, g_pad)).T.to(torch.int32)
+    scale_bits = sc.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    scale_zero = scale_bits | ((ZERO_BIAS_BITS | ze) << 16)  # 0x43xx: positive, no sign
     return Int4Weight(
-        "triton",
-        words.contiguous().to(device),
-        sc.contiguous().to(device),
-        ze.contiguous().to(device),
-        n,
-        k,
-        group_size,
+        "triton", words.contiguous().to(device), scale_zero.contiguous(), None, n, k, group_size
     )
 
 
@@ -191,7 +194,7 @@ def _tile_k_index() -> torch.Tensor:
 
 def unpack_int4(weight: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Canonical (q [N, K] uint8, scales/zeros [N, K/G] fp32) of a "triton" weight."""
-    assert weight.layout == "triton" and weight.zeros is not None
+    assert weight.layout == "triton", weight.layout
     n, k, g = weight.out_features, weight.in_features, weight.group_size
     words = weight.qweight.to(torch.int64) & 0xFFFFFFFF  # [N/16, b, r, j]
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=words.device)
@@ -199,8 +202,9 @@ def unpack_int4(weight: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.T
     tiles = torch.empty_like(nibbles)
     tiles[..., _tile_k_index().flatten().to(words.device)] = nibbles
     q = tiles.transpose(1, 2).reshape(n, -1)[:, :k]
-    scales = weight.scales.float().T[:, : k // g]
-    zeros = weight.zeros.float().T[:, : k // g]
+    scale_zero = weight.scales.T[:, : k // g]
+    scales = (scale_zero << 16).view(torch.float32)
+    zeros = ((scale_zero >> 16) & 0xF).float()
     return q.to(torch.uint8), scales.contiguous(), zeros.contiguous()
 
 

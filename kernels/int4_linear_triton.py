@@ -19,9 +19,11 @@ contiguous bytes a warp), dequantizes each nibble plane t
 sets a group's planes side by side, [BLOCK_N, G] (register moves only: every thread
 already holds its columns of each plane), and multiplies that by x[:, group]^T in one
 tensor-core product: one wait per group instead of a chain of eight dependent 16-deep
-MMAs. Then, per group, acc += s * part. Scales and zeros are read once per tile, straight
-from memory, so they are prefetched a block or two ahead (`Int4GemmConfig.prefetch`;
-without that each block waited on them: up to 17% slower at M = 32 to 64).
+MMAs. Then, per group, acc += s * part. A group's scale and zero are one 4-byte word
+(`kernels.int4_linear`), which Triton's software pipeline copies ahead with the weight
+tile (cp.async); as two 2-byte loads, prefetched into L2 a block or two ahead, they were
+the loop's dependency chain (H200, session 21: M = 1 qkv 9.3 -> 8.2 us, o_proj 7.8 ->
+7.0, gate_up 27.1 -> 25.0, down 15.4 -> 14.8 with the register caps below).
 
 Small M leaves few output tiles, so K is split (SPLIT_K programs per tile); each writes
 an fp32 partial and the last one to finish a tile (an acq_rel counter) sums the partials
@@ -68,7 +70,6 @@ from kernels.triton_runtime import (
     pdl_options,
     pdl_trigger,
     pdl_wait,
-    prefetch,
     tile_counters,
 )
 
@@ -162,13 +163,13 @@ def _prefetch_weights(first_run, stride, size, runs, RUNS: tl.constexpr):
 
 @triton.jit
 def _int4_gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+    x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, stride_xm, stride_om, blocks_per_split,
     res_ptr, sum_ptr, gamma_ptr, ssq_in_ptr, ssq_out_ptr, P_IN, eps,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, UNROLL: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, UPCAST: tl.constexpr, AHEAD: tl.constexpr,
-    HEAD: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    SWIGLU: tl.constexpr,
     NORM_IN: tl.constexpr, NORM_OUT: tl.constexpr, P_IN_P2: tl.constexpr,
 ):  # fmt: skip
     pdl_trigger(PDL)
@@ -192,16 +193,6 @@ def _int4_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T
     first = pid_k * blocks_per_split
     last = tl.minimum(first + blocks_per_split, k_blocks)
-    _LINES: tl.constexpr = BLOCK_N // 64 if BLOCK_N >= 64 else 1
-    if HEAD:
-        # The loop below prefetches AHEAD blocks ahead of itself; the first AHEAD blocks'
-        # scales and zeros start moving here, with the first weight tiles, not after them
-        # (a block's zeros are loaded once its weights have arrived).
-        head = tl.minimum(first + tl.arange(0, AHEAD), last - 1) * (128 // GROUP) * N
-        head = head[:, None] + (pid_n * BLOCK_N + tl.arange(0, _LINES) * 64) % N  # 128 B lines
-        for g in tl.static_range(128 // GROUP):
-            prefetch(z_ptr + head + g * N, 1 if AHEAD == 1 else 2)
-            prefetch(s_ptr + head + g * N, 1 if AHEAD == 1 else 2)
     if PDL:
         # Until the kernel before finishes (x is its output), pull this program's first
         # K-block of weights into L2: one packed tile per 16-channel group. (H100, batch-1
@@ -221,22 +212,18 @@ def _int4_gemm_kernel(
         )
     pdl_wait(PDL)
     for b in range(first, last):
-        # Scales and zeros of block b + AHEAD (into L1 if AHEAD is 1, else L2).
-        ahead = tl.minimum(b + AHEAD, last - 1) * (128 // GROUP) * N + rn
-        prefetch(z_ptr + ahead, 1 if AHEAD == 1 else 2)
-        prefetch(s_ptr + ahead, 1 if AHEAD == 1 else 2)
-        if GROUP == 64:
-            prefetch(z_ptr + ahead + N, 1 if AHEAD == 1 else 2)
-            prefetch(s_ptr + ahead + N, 1 if AHEAD == 1 else 2)
         words = tl.load(w_ptrs + b * _TILE_WORDS)  # [BLOCK_N, 16] int32
         words_odd = words
         if not ASM:
             words_odd = tl.load(w_ptrs + b * _TILE_WORDS + 1)
         for g in tl.static_range(128 // GROUP):
-            grp = (b * (128 // GROUP) + g) * N
-            z = tl.load(z_ptr + grp + rn).to(tl.int32)[:, None]
+            # the group's scale and zero, one word (`kernels.int4_linear`: pipelined with
+            # the weights, where two 2-byte loads stalled every block)
+            sz = tl.load(sz_ptr + (b * (128 // GROUP) + g) * N + rn)
             if ASM:
-                z = tl.broadcast_to((z | 0x4300) * 0x10001, (BLOCK_N, 16))
+                z = tl.broadcast_to(((sz >> 16) * 0x10001)[:, None], (BLOCK_N, 16))
+            else:
+                z = ((sz >> 16) & 0xF)[:, None]
             w = _dequant_group(words, words_odd, z, g * (GROUP // 16), GROUP // 16, j, ASM)
             k = b * 128 + g * GROUP + tl.arange(0, GROUP)
             if EVEN_K:
@@ -244,7 +231,7 @@ def _int4_gemm_kernel(
             else:
                 xt = tl.load(x_rows + k[:, None], mask=m_mask & (k[:, None] < K), other=0.0)
             part = mma(w, xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), UPCAST)
-            acc += tl.load(s_ptr + grp + rn).to(tl.float32)[:, None] * part
+            acc += (sz << 16).to(tl.float32, bitcast=True)[:, None] * part
 
     if SPLIT:
         # Partials are [split_k, M, N] fp32; the last program of this tile sums them in
@@ -345,12 +332,12 @@ class Int4GemmConfig:
     split_k: int
     num_warps: int
     num_stages: int
-    prefetch: int = 2
-    """Blocks ahead that scales and zeros are prefetched: 1 into L1, 2 into L2."""
-    prefetch_head: bool = False
-    """Also prefetch the first `prefetch` blocks' scales and zeros when a program starts."""
     max_registers: int | None = None
     """ptxas's cap (Triton's `maxnreg`)."""
+
+
+MAX_REGISTERS_SMALL_M = 112
+"""The register cap of a 16-row tile when its programs do not all fit an SM at >= 80."""
 
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int) -> Int4GemmConfig:
@@ -359,27 +346,33 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int) -> Int4GemmConfig:
     an H100 over the Llama-3-8B projections: 64-channel tiles beat 128-channel ones at
     every M but 64 with N = 28672, where one wave of 128-channel tiles wins. One 64-row
     tile of a weight of at most 4096 x 4096 splits less (o_proj, M = 64: 4 splits of 8
-    K-blocks 14.4 us, 6 of 6 with a last of 2 16.2 us, bf16 15.0 us; not at M = 100)."""
+    K-blocks 14.4 us, 6 of 6 with a last of 2 16.2 us, bf16 15.0 us; not at M = 100).
+
+    16-row tiles (M <= 16) cap the registers: at the number that lets every program of
+    the launch sit on an SM at once where that is >= 80, else at 112 (fewer programs an
+    SM, none spilling: with the scale-and-zero words pipelined, a 72 cap spilled, and 112
+    beat 72 by 3-8% on gate_up and down at M = 1; H200 sweep, session 21)."""
     block_m = max(16, min(64, triton.next_power_of_2(m)))
-    block_n, warps, stages, per_sm, prefetch = 64, 4, 3, 7.0, 2
-    head, max_registers = False, None
+    block_n, warps, stages, per_sm = 64, 4, 3, 7.0
     if block_m == 16:
-        # 7 programs an SM need <= 72 registers (65536 / (7 * 128)); the M = 1 compile takes
-        # 79 without the cap, and down_proj's 896 programs then run in two waves (+17%).
-        # With the head prefetch and the one-wait reduction: o_proj 9.7 -> 8.9 us at M = 1.
-        head, max_registers = True, 72
+        per_sm = 7.0 if m <= 4 else 4.0  # gate_up at M = 4: one split of 32 blocks lost 12%
     elif block_m == 32:
         stages, per_sm = 4, 3.5
     elif block_m == 64:
-        per_sm, prefetch = (2.0 if m <= 64 and n * k <= 4096 * 4096 else 3.0), 1
+        per_sm = 2.0 if m <= 64 and n * k <= 4096 * 4096 else 3.0
         if triton.cdiv(n, 64) > 2 * sms:
             block_n, warps, per_sm = 128, 8, 1.5
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     k_blocks = triton.cdiv(k, K_BLOCK)
     split = max(1, min(k_blocks, round(per_sm * sms / tiles)))
     split = triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty splits
+    max_registers = None
+    if block_m == 16:
+        per_sm_needed = triton.cdiv(tiles * split, sms)
+        fit = 65536 // (32 * warps * per_sm_needed) // 8 * 8
+        max_registers = min(fit, MAX_REGISTERS_SMALL_M) if fit >= 80 else MAX_REGISTERS_SMALL_M
     stages = 1 if INTERPRET else stages
-    return Int4GemmConfig(block_n, block_m, split, warps, stages, prefetch, head, max_registers)
+    return Int4GemmConfig(block_n, block_m, split, warps, stages, max_registers)
 
 
 @functools.cache
@@ -435,7 +428,7 @@ def _launch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernel launch behind `int4_linear` and `int4_linear_add_norm`: (out, the partial
     sums of s^2 where `norm_out` = (residual, s, gamma))."""
-    assert weight.layout == "triton" and weight.zeros is not None, weight.layout
+    assert weight.layout == "triton", weight.layout
     n, k, g = weight.out_features, weight.in_features, weight.group_size
     k_blocks = triton.cdiv(k, K_BLOCK)
     assert x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride(), k)
@@ -443,13 +436,12 @@ def _launch(
     assert weight.qweight.shape == (n // N_TILE, k_blocks, N_TILE, 16), weight.qweight.shape
     assert weight.qweight.dtype == torch.int32 and weight.qweight.is_contiguous()
     groups = k_blocks * K_BLOCK // g
-    assert weight.scales.shape == weight.zeros.shape == (groups, n), weight.scales.shape
-    assert weight.scales.dtype == weight.zeros.dtype == torch.bfloat16
-    assert weight.scales.is_contiguous() and weight.zeros.is_contiguous()
+    assert weight.scales.shape == (groups, n), weight.scales.shape  # scale-and-zero words
+    assert weight.scales.dtype == torch.int32 and weight.scales.is_contiguous()
     assert g in (64, 128), g
     if bias is not None:
         assert bias.shape == (n,) and bias.is_contiguous(), bias.shape
-    check_device(x, weight.qweight, weight.scales, weight.zeros)
+    check_device(x, weight.qweight, weight.scales)
     m = x.shape[0]
     cfg = config or int4_gemm_config(m, n, k, num_sms(x.device))
     if swiglu:
@@ -475,7 +467,7 @@ def _launch(
         partials = counters = out  # unused
     options = {} if cfg.max_registers is None or INTERPRET else {"maxnreg": cfg.max_registers}
     _int4_gemm_kernel[grid](
-        x, weight.qweight, weight.scales, weight.zeros, out if bias is None else bias, out,
+        x, weight.qweight, weight.scales, out if bias is None else bias, out,
         partials, counters,
         m, n, k, x.stride(0), out.stride(0), triton.cdiv(k_blocks, cfg.split_k),
         *(norm_out or (out, out, out)), out if norm_in is None else norm_in.sumsq,
@@ -486,7 +478,7 @@ def _launch(
         GROUP=g, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, ROWS=rows, SPLIT=cfg.split_k > 1,
         SPLIT_K=cfg.split_k if unroll else 0, UNROLL=unroll, EVEN_K=k % K_BLOCK == 0,
         HAS_BIAS=bias is not None, ASM=_use_asm(x.device), UPCAST=INTERPRET,
-        AHEAD=cfg.prefetch, HEAD=cfg.prefetch_head, PDL=pdl(x.device, m), SWIGLU=swiglu,
+        PDL=pdl(x.device, m), SWIGLU=swiglu,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **options, **pdl_options(x.device, m),
     )  # fmt: skip
     return out, sumsq
