@@ -352,14 +352,15 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int) -> Int4GemmConfig:
     the launch sit on an SM at once where that is >= 80, else at 112 (fewer programs an
     SM, none spilling: with the scale-and-zero words pipelined, a 72 cap spilled, and 112
     beat 72 by 3-8% on gate_up and down at M = 1; H200 sweep, session 21). Where N is
-    large, 128-channel tiles of 4 warps, uncapped, beat them (H200, M = 1): the INT4 LM
-    head 80.5-88.8 against 92.5-93.4 us, a plain gate_up 22.1 against 26.2; the engine's
-    gate_up with its SiLU and norm epilogues 26.0 against 25.4-26.1, no gain."""
+    large, 128-channel tiles of 4 warps capped at 128 registers beat them (H200, M = 1):
+    the INT4 LM head 80.5-88.8 against 92.5-93.4 us, a plain gate_up 22.1 against 26.2, the
+    engine's gate_up with its norm and SiLU epilogues 23.3 against 25.4-26.1 (uncapped, the
+    SiLU epilogue took 167 registers, three programs an SM: 25.6)."""
     block_m = max(16, min(64, triton.next_power_of_2(m)))
     block_n, warps, stages, per_sm = 64, 4, 3, 7.0
     if block_m == 16:
         per_sm = 7.0 if m <= 4 else 4.0  # gate_up at M = 4: one split of 32 blocks lost 12%
-        if triton.cdiv(n, 64) > 2 * sms:  # the LM head, gate_up: 128-channel tiles, no cap
+        if triton.cdiv(n, 64) > 2 * sms:  # the LM head, gate_up: 128-channel tiles
             block_n = 128
     elif block_m == 32:
         stages, per_sm = 4, 3.5
@@ -372,6 +373,8 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int) -> Int4GemmConfig:
     split = max(1, min(k_blocks, round(per_sm * sms / tiles)))
     split = triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty splits
     max_registers = None
+    if block_m == 16 and block_n == 128:
+        max_registers = 128  # four programs an SM; the SiLU epilogue took 167 uncapped
     if block_m == 16 and block_n == 64:
         per_sm_needed = triton.cdiv(tiles * split, sms)
         fit = 65536 // (32 * warps * per_sm_needed) // 8 * 8
