@@ -72,6 +72,19 @@ def copy_hashed(dest: memoryview, source: memoryview) -> int:
     return hasher.intdigest()
 
 
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+
+
+def _populate_writable(buffer: mmap.mmap) -> None:
+    """Maps every page of `buffer` writable now. MAP_POPULATE alone leaves a shared
+    mapping's pages read-only, so the first write to each 4 KiB still faults (Linux does not
+    dirty shared pages it populates): a 64 MiB shared-memory put into fresh slots ran 42-46%
+    of memcpy, the same put into slots written before 63% (session 21). Older kernels
+    refuse the advice; their first writes fault as before."""
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        buffer.madvise(MADV_POPULATE_WRITE)
+
+
 class SharedSegment:
     """A mapped region: a shared-memory file, or anonymous memory when sharing is off."""
 
@@ -107,6 +120,7 @@ class SharedSegment:
                 raise
             finally:
                 os.close(fd)
+        _populate_writable(buffer)
         buffer[: len(MAGIC) + TOKEN_BYTES] = MAGIC + token
         return cls(buffer, path, token, owner=True)
 
@@ -126,6 +140,7 @@ class SharedSegment:
         if buffer[: len(MAGIC) + TOKEN_BYTES] != MAGIC + token:
             buffer.close()
             return None
+        _populate_writable(buffer)
         return cls(buffer, Path(path), token, owner=False)
 
     def close(self) -> None:
