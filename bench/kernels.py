@@ -287,7 +287,7 @@ def bench_int4(device: torch.device, smoke: bool, sweep: bool) -> None:
             x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16)
             ref = x.double() @ w_ref.T
             configs: list[int4_linear_triton.Int4GemmConfig | None] = [None]
-            if sweep and not smoke and m in (1, 16, 64):
+            if sweep and not smoke:  # every M given (--ms)
                 base = int4_linear_triton.int4_gemm_config(m, n, k, 132)
                 splits = sorted({max(1, base.split_k // 2), base.split_k, 2 * base.split_k})
                 configs += [
@@ -534,7 +534,9 @@ def bench_prefill(device: torch.device, smoke: bool, sweep: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sections", default="fp8,int4,decode,prefill")
-    ap.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
+    ap.add_argument(
+        "--sweep", action="store_true", help="also time alternative INT4 tile configs at each M"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, no timing (CPU ok)")
     ap.add_argument("--fp8-m", type=int, default=4096)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="projections to run")
