@@ -8,7 +8,8 @@ tree first on `sys.path`, so the trees share nothing: not Triton's in-process ca
 the allocator, not a warm GPU clock. Each measurement is `bench.engine_gpu.
 engine_decode_rate` of the Llama-3-8B-shaped model (32 layers, INT4, 512-token context,
 CUDA graphs) with the LM head in `--lm-head`; it prints the engine's tokens/s and the
-replay time of one step's graph, which is what the trees' kernels change.
+replay time of one step's graph, which is what the trees' kernels change
+(`bench.engine_gpu.tree_decode_rate`, which `engine_gpu.py --baseline` uses too).
 """
 
 from __future__ import annotations
@@ -16,26 +17,21 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
-MEASURE = """
-import sys
-sys.path.insert(0, {tree!r})
-import torch
-torch.set_grad_enabled(False)
-from bench.engine_gpu import engine_decode_rate, llama3_8b
-rate, replay_ms = engine_decode_rate(llama3_8b(32), {linear!r}, 64, {batch}, lm_head={head!r})
-print("RATE", rate, replay_ms)
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engine_gpu import tree_decode_rate
 
 
 def measure(tree: str, linear: str, head: str, batch: int) -> str:
     """One fresh process's engine tokens/s and graph replay of a step, or its error."""
-    code = MEASURE.format(tree=tree, linear=linear, head=head, batch=batch)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if done.returncode:
-        return "failed: " + done.stderr[-600:]
-    rate, replay_ms = done.stdout.rsplit("RATE", 1)[1].split()
-    return f"{float(rate):8.1f} tok/s  replay {float(replay_ms) * 1e3:7.1f} us"
+    try:
+        rate, replay_ms = tree_decode_rate(tree, 32, linear, batch, head)
+    except subprocess.CalledProcessError as exc:
+        return "failed: " + exc.stderr[-600:]
+    replay = "?" if replay_ms is None else f"{replay_ms * 1e3:7.1f}"
+    return f"{rate:8.1f} tok/s  replay {replay} us"
 
 
 def main() -> None:

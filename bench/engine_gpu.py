@@ -327,20 +327,27 @@ def ablated_step_us(cfg: ModelConfig, removed: str) -> tuple[float, float]:
     return rate, replay_ms * 1e3
 
 
-def baseline_engine_rate(tree: str, layers: int, linear: str, batch: int) -> float:
-    """`engine_decode_rate` (greedy, graphs) of an earlier Baton tree (`git archive` of a
-    commit), in a subprocess of its own: the engine this run's is compared against."""
+def tree_decode_rate(
+    tree: str, layers: int, linear: str, batch: int, lm_head: str = "dense"
+) -> tuple[float, float | None]:
+    """`engine_decode_rate` (greedy, graphs) of another Baton tree (`git archive` of a
+    commit) in a fresh process of its own: (tokens/s, ms of one step's graph replay, None
+    where that tree does not report it). The A/B against an earlier engine (`--baseline`,
+    `bench/engine_ab.py`)."""
+    head = "" if lm_head == "dense" else f", lm_head={lm_head!r}"  # trees before INT4 heads
     code = (
         f"import sys; sys.path.insert(0, {tree!r}); import torch; "
         "torch.set_grad_enabled(False); "
         "from bench.engine_gpu import engine_decode_rate, llama3_8b; "
-        f"r = engine_decode_rate(llama3_8b({layers}), {linear!r}, 64, {batch}); "
-        "print('RATE', r[0] if isinstance(r, tuple) else r)"
+        f"r = engine_decode_rate(llama3_8b({layers}), {linear!r}, 64, {batch}{head}); "
+        "r = r if isinstance(r, tuple) else (r, None); "
+        "print('RATE', r[0], r[1])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    return float(out.rsplit("RATE", 1)[1])
+    rate, replay = out.rsplit("RATE", 1)[1].split()
+    return float(rate), None if replay == "None" else float(replay)
 
 
 def prefill_ms(model: LlamaModel, cfg: ModelConfig, length: int) -> float:
@@ -781,7 +788,7 @@ def main() -> None:
             for batch in args.batches:
                 if args.baseline:
                     key = f"{linear} baseline engine b{batch}"
-                    rates[key] = baseline_engine_rate(args.baseline, args.layers, linear, batch)
+                    rates[key] = tree_decode_rate(args.baseline, args.layers, linear, batch)[0]
                     report(key, rates[key])
                 variants = [(False, "dense")]
                 if linear == "int4":  # also with the LM head in INT4, as torchao's figure

@@ -22,8 +22,9 @@ tensor-core product: one wait per group instead of a chain of eight dependent 16
 MMAs. Then, per group, acc += s * part. A group's scale and zero are one 4-byte word
 (`kernels.int4_linear`), which Triton's software pipeline copies ahead with the weight
 tile (cp.async); as two 2-byte loads, prefetched into L2 a block or two ahead, they were
-the loop's dependency chain (H200, session 21: M = 1 qkv 9.3 -> 8.2 us, o_proj 7.8 ->
-7.0, gate_up 27.1 -> 25.0, down 15.4 -> 14.8 with the register caps below).
+the loop's dependency chain (H200, `bench/kernels.py --sections int4`, M = 1, 64-channel
+tiles with the register caps below: qkv 9.7 -> 8.5 us, o_proj 7.9 -> 7.2, gate_up 26.6 ->
+25.6, down 15.7 -> 15.3).
 
 Small M leaves few output tiles, so K is split (SPLIT_K programs per tile); each writes
 an fp32 partial and the last one to finish a tile (an acq_rel counter) sums the partials
@@ -350,8 +351,9 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int) -> Int4GemmConfig:
 
     16-row tiles (M <= 16) cap the registers: at the number that lets every program of
     the launch sit on an SM at once where that is >= 80, else at 112 (fewer programs an
-    SM, none spilling: with the scale-and-zero words pipelined, a 72 cap spilled, and 112
-    beat 72 by 3-8% on gate_up and down at M = 1; H200 sweep, session 21). Where N is
+    SM, none spilling: with the scale-and-zero words pipelined, a 72 cap spilled 4-10
+    registers, and caps of 96-112 beat it on gate_up and down at M = 1, 26.9 -> 25.2-25.9
+    and 15.2 -> 14.8 us; H200 scratch sweeps, session 21). Where N is
     large, 128-channel tiles of 4 warps capped at 128 registers beat them (H200, M = 1):
     the INT4 LM head 80.5-88.8 against 92.5-93.4 us, a plain gate_up 22.1 against 26.2, the
     engine's gate_up with its norm and SiLU epilogues 23.3 against 25.4-26.1 (uncapped, the
