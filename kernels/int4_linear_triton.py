@@ -360,19 +360,23 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int) -> Int4GemmConfig:
     SiLU epilogue took 167 registers, three programs an SM: 25.6)."""
     block_m = max(16, min(64, triton.next_power_of_2(m)))
     block_n, warps, stages, per_sm = 64, 4, 3, 7.0
+    large_n = triton.cdiv(n, 64) > 2 * sms  # the LM head, gate_up: 128-channel tiles
     if block_m == 16:
         per_sm = 7.0 if m <= 4 else 4.0  # gate_up at M = 4: one split of 32 blocks lost 12%
-        if triton.cdiv(n, 64) > 2 * sms:  # the LM head, gate_up: 128-channel tiles
-            block_n = 128
+        block_n = 128 if large_n else 64
     elif block_m == 32:
-        stages, per_sm = 4, 3.5
+        stages, per_sm = 4, 2.5
+        block_n = 128 if large_n else 64
     elif block_m == 64:
         per_sm = 2.0 if m <= 64 and n * k <= 4096 * 4096 else 3.0
-        if triton.cdiv(n, 64) > 2 * sms:
-            block_n, warps, per_sm = 128, 8, 1.5
+        if large_n:
+            block_n, per_sm = 128, 1.5
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     k_blocks = triton.cdiv(k, K_BLOCK)
     split = max(1, min(k_blocks, round(per_sm * sms / tiles)))
+    if block_m == 32:  # equal splits: the K-block count's divisor nearest the target
+        split = min((d for d in range(1, k_blocks + 1) if k_blocks % d == 0),
+                    key=lambda d: (abs(d - per_sm * sms / tiles), d))  # fmt: skip
     split = triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty splits
     max_registers = None
     if block_m == 16 and block_n == 128:
