@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engine_gpu import tree_decode_rate
 
 
-def measure(tree: str, linear: str, head: str, batch: int) -> str:
+def measure(tree: str, linear: str, head: str, batch: int, sampled: bool) -> str:
     """One fresh process's engine tokens/s and graph replay of a step, or its error."""
     try:
-        rate, replay_ms = tree_decode_rate(tree, 32, linear, batch, head)
+        rate, replay_ms = tree_decode_rate(tree, 32, linear, batch, head, sampled)
     except subprocess.CalledProcessError as exc:
         return "failed: " + exc.stderr[-600:]
     replay = "?" if replay_ms is None else f"{replay_ms * 1e3:7.1f}"
@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--linear", default="int4")
     parser.add_argument("--lm-head", default="int4")
+    parser.add_argument(
+        "--sampled", action="store_true", help="temperature 0.8 and top-p 0.9, not greedy"
+    )
     args = parser.parse_args()
     if any("=" not in arg for arg in args.trees):
         parser.error("each tree is NAME=TREE")
@@ -50,9 +53,10 @@ def main() -> None:
     for batch in args.batches:
         for rnd in range(args.rounds):
             for name, tree in trees.items():
-                result = measure(tree, args.linear, args.lm_head, batch)
-                print(f"b{batch} {args.linear} head={args.lm_head} round {rnd} {name}: {result}",
-                      flush=True)  # fmt: skip
+                result = measure(tree, args.linear, args.lm_head, batch, args.sampled)
+                mode = " sampled" if args.sampled else ""
+                print(f"b{batch} {args.linear} head={args.lm_head}{mode} round {rnd} {name}: "
+                      f"{result}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

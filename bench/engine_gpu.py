@@ -328,7 +328,7 @@ def ablated_step_us(cfg: ModelConfig, removed: str) -> tuple[float, float]:
 
 
 def tree_decode_rate(
-    tree: str, layers: int, linear: str, batch: int, lm_head: str = "dense"
+    tree: str, layers: int, linear: str, batch: int, lm_head: str = "dense", sampled: bool = False
 ) -> tuple[float, float | None]:
     """`engine_decode_rate` (greedy, graphs) of another Baton tree (`git archive` of a
     commit) in a fresh process of its own: (tokens/s, ms of one step's graph replay, None
@@ -339,7 +339,7 @@ def tree_decode_rate(
         f"import sys; sys.path.insert(0, {tree!r}); import torch; "
         "torch.set_grad_enabled(False); "
         "from bench.engine_gpu import engine_decode_rate, llama3_8b; "
-        f"r = engine_decode_rate(llama3_8b({layers}), {linear!r}, 64, {batch}{head}); "
+        f"r = engine_decode_rate(llama3_8b({layers}), {linear!r}, 64, {batch}, {sampled}{head}); "
         "r = r if isinstance(r, tuple) else (r, None); "
         "print('RATE', r[0], r[1])"
     )

@@ -528,12 +528,64 @@ def bench_prefill(device: torch.device, smoke: bool, sweep: bool) -> None:
             row("prefill", case, f"{us:.0f}us {flops / us / 1e6:.0f}TF", "-", "-")
 
 
+# ------------------------------------------------------------------------ sampling
+
+SAMPLE_VOCAB = 128256
+"""Llama-3's vocabulary."""
+
+
+def bench_sample(device: torch.device, smoke: bool) -> None:
+    """The decode step's sampler on a GPU (`engine.sampler.sample_tokens_triton`) against
+    its torch reference (`sample_tokens_torch`, which sorts for top-p), same
+    host noise, same tokens required."""
+    from engine.sampler import (
+        SamplerPlan,
+        SamplingTensors,
+        sample_tokens_torch,
+        sample_tokens_triton,
+    )
+
+    print("Sampling (temperature 0.8; top-p 0.9; top-k 50) vs the torch path")
+    vocab = 1000 if smoke else SAMPLE_VOCAB
+    for rows in (1, 3) if smoke else (1, 32):
+        # fp32 logits for the check: bf16 ties split the reference's top-p edge in its sort
+        # order, where the kernel keeps tied tokens together (kernels.sampling_triton)
+        exact = torch.randn(rows, vocab, device=device) * 4
+        logits = exact.to(torch.bfloat16)
+        sampling = SamplingTensors.empty(rows, vocab, device)
+        sampling.temperature.fill_(0.8)
+        sampling.top_k.fill_(50)
+        sampling.top_p.fill_(0.9)
+        sampling.noise.exponential_()
+        plans = {
+            "temperature": SamplerPlan(sample=True),
+            "top-p": SamplerPlan(sample=True, top_p=True),
+            "top-k + top-p": SamplerPlan(sample=True, top_k=64, top_p=True),
+        }
+        for name, plan in plans.items():
+            if plan.top_k == 0:
+                sampling.top_k.fill_(0)
+            else:
+                sampling.top_k.fill_(50)
+            if not plan.top_p:
+                sampling.top_p.fill_(1.0)
+            else:
+                sampling.top_p.fill_(0.9)
+            ours = sample_tokens_triton(exact, plan, sampling)
+            ref = sample_tokens_torch(exact, plan, sampling)
+            check(f"sample {name} b{rows}", float((ours != ref).float().mean()), 0.0)
+            us = time_us(lambda i: sample_tokens_triton(logits, plan, sampling), 1, smoke)
+            peer = time_us(lambda i: sample_tokens_torch(logits, plan, sampling), 1, smoke)
+            row("sample", f"{name} b{rows} V={vocab}", f"{us:.1f}us", f"torch {peer:.1f}us",
+                peer / us)  # fmt: skip
+
+
 # -------------------------------------------------------------------------- main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sections", default="fp8,int4,decode,prefill")
+    ap.add_argument("--sections", default="fp8,int4,decode,prefill,sample")
     ap.add_argument(
         "--sweep", action="store_true", help="also time alternative INT4 tile configs at each M"
     )
@@ -569,6 +621,8 @@ def main() -> None:
         bench_decode(device, copy_tbps, smoke)
     if "prefill" in sections:
         bench_prefill(device, smoke, args.sweep)
+    if "sample" in sections:
+        bench_sample(device, smoke)
     print(f"\n{card}, copy {copy_tbps:.2f} TB/s, {' '.join(sys.argv)}")
     print(f"| {'section':<8} | {'case':<34} | {'ours':<22} | {'peer':<22} | ratio |")
     print(f"|{'-' * 10}|{'-' * 36}|{'-' * 24}|{'-' * 24}|-------|")

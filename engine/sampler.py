@@ -6,8 +6,10 @@ vector per row. A seeded request draws it on the host from its own generator, so
 samples never depend on what else is in the batch, nor on the device (the same noise on a
 CPU and on a GPU). An unseeded request promises no reproducibility: on a GPU its noise is
 drawn there, inside the step (a host draw of a 128k vocabulary costs milliseconds).
-Everything after the host's draws is `sample_tokens`, whole-batch tensor ops with no host
-sync, so a CUDA graph captures it right after the LM head (engine.cuda_graphs).
+Everything after the host's draws is `sample_tokens`, with no host sync, so a CUDA graph
+captures it right after the LM head (engine.cuda_graphs): on a GPU a Triton sampler that
+finds the top-k and top-p cuts by search instead of sorting the vocabulary
+(`kernels.sampling_triton`), elsewhere whole-batch torch ops.
 """
 
 from __future__ import annotations
@@ -125,16 +127,51 @@ def sample_tokens(
     logits: torch.Tensor, plan: SamplerPlan, sampling: SamplingTensors | None
 ) -> torch.Tensor:
     """logits [B, vocab] (any float dtype; sampling runs in float32) -> [B] int64 token
-    ids, without a host sync.
+    ids, without a host sync: on a GPU the sort-free Triton sampler
+    (`kernels.sampling_triton`), elsewhere `sample_tokens_torch`, its reference.
 
     Each row's arithmetic is its own (row-wise ops only), so a row samples the same token
     whatever else is in the batch, and the same as a batch of one.
     """
+    if plan.sample and logits.is_cuda and logits.stride(1) == 1:
+        return sample_tokens_triton(logits, plan, sampling)
+    return sample_tokens_torch(logits, plan, sampling)
+
+
+def sample_tokens_triton(
+    logits: torch.Tensor, plan: SamplerPlan, sampling: SamplingTensors | None
+) -> torch.Tensor:
+    """`sample_tokens` through `kernels.sampling_triton` (on a CPU only under Triton's
+    interpreter)."""
+    assert sampling is not None, "a sampling plan needs its SamplingTensors"
+    # Imported here: a CPU-only install never loads Triton (as kernels.argmax).
+    from kernels.sampling_triton import sample_rows
+
+    drawn = None
+    if plan.device_noise:
+        drawn = torch.empty(logits.shape, device=logits.device).exponential_()
+    sampled = sample_rows(
+        logits,
+        sampling.temperature,
+        sampling.top_k if plan.top_k else None,
+        sampling.top_p if plan.top_p else None,
+        sampling.noise,
+        drawn,
+        sampling.host_noise if plan.device_noise else None,
+    )
+    return torch.where(sampling.temperature > 0, sampled, argmax_rows(logits))
+
+
+def sample_tokens_torch(
+    logits: torch.Tensor, plan: SamplerPlan, sampling: SamplingTensors | None
+) -> torch.Tensor:
+    """`sample_tokens` in torch ops: the CPU path, and the GPU kernel's reference (it
+    sorts the vocabulary for top-p)."""
     greedy = argmax_rows(logits)
     if not plan.sample:
         return greedy
-    logits = logits.float()
     assert sampling is not None, "a sampling plan needs its SamplingTensors"
+    logits = logits.float()
     temperature = sampling.temperature
     scaled = logits / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
     if plan.top_k:

@@ -39,7 +39,7 @@ def _chunk_max_kernel(
 
 
 @triton.jit
-def _row_max_kernel(val_ptr, idx_ptr, out_ptr, chunks, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def row_max_kernel(val_ptr, idx_ptr, out_ptr, chunks, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
@@ -68,5 +68,5 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
         x, val, idx, n, x.stride(0), chunks, CHUNK=CHUNK, num_warps=8, PDL=on, **options
     )
     block = triton.next_power_of_2(chunks)
-    _row_max_kernel[(rows,)](val, idx, out, chunks, BLOCK=block, num_warps=1, PDL=on, **options)
+    row_max_kernel[(rows,)](val, idx, out, chunks, BLOCK=block, num_warps=1, PDL=on, **options)
     return out

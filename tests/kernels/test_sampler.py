@@ -13,6 +13,7 @@ from engine.sampler import (
     SamplerPlan,
     SamplingTensors,
     sample_tokens,
+    sample_tokens_torch,
 )
 from engine.sampling_params import SamplingParams
 
@@ -158,3 +159,113 @@ def test_unseeded_rows_sample_within_their_limits(device: torch.device):
             s.add(t)
     assert seen[1] <= top4 and len(seen[1]) > 1
     assert seen[2] <= nucleus
+
+
+def _triton_sample(
+    logits: torch.Tensor,
+    plan: SamplerPlan,
+    sampling: SamplingTensors,
+    drawn: torch.Tensor | None = None,
+    host_noise: torch.Tensor | None = None,
+) -> list[int]:
+    """The Triton sampler on its own, small chunks so each row spans several programs."""
+    from kernels.sampling_triton import sample_rows
+
+    tokens = sample_rows(
+        logits,
+        sampling.temperature,
+        sampling.top_k if plan.top_k else None,
+        sampling.top_p if plan.top_p else None,
+        sampling.noise,
+        drawn,
+        host_noise,
+        chunk=256,
+        block=128,
+    )
+    return torch.where(sampling.temperature > 0, tokens, logits.argmax(-1)).tolist()
+
+
+def test_triton_sampler_samples_as_the_torch_path(device: torch.device):
+    """Same rows, same noise: the sort-free kernel draws the torch path's tokens, with
+    bf16 and fp32 logits, ties at the k-th largest value and suppressed (-inf) tokens."""
+    params = [*PARAMS, SamplingParams(temperature=0.9, top_k=7, seed=6)]
+    params += [SamplingParams(temperature=1.1, top_k=20, top_p=0.7, seed=7)]
+    logits = torch.randn(len(params), VOCAB, device=device) * 3
+    logits[-2, :12] = logits[-2].max() + 1.0  # twelve tokens tie above the 7th
+    logits[-1, ::3] = float("-inf")
+    plan, sampling = _tensors(params, device)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(dtype)
+        expected = sample_tokens_torch(x, plan, sampling).tolist()
+        assert _triton_sample(x, plan, sampling) == expected
+    assert _triton_sample(logits, plan, sampling)[-1] % 3 != 0
+
+
+def _edges(probs: torch.Tensor, p: SamplingParams) -> tuple[int, int | None]:
+    """The least probable token a row keeps and the most probable one it drops (None if
+    it keeps all), from the reference's sorted order."""
+    order = probs.argsort(descending=True)
+    keep = len(order)
+    if 0 < p.top_k < len(order):
+        keep = p.top_k
+    if p.top_p < 1.0:
+        kept = probs[order[:keep]] / probs[order[:keep]].sum()  # renormalized after top-k
+        before = kept.cumsum(0) - kept
+        keep = min(keep, int((before < p.top_p).sum()))
+    return int(order[keep - 1]), int(order[keep]) if keep < len(order) else None
+
+
+def test_triton_sampler_cuts_exactly_at_the_top_k_and_top_p_edges(device: torch.device):
+    """Noise that makes the most probable dropped token the winner were it kept, and the
+    least probable kept one the winner otherwise: a cut one token off either way shows."""
+    params = [
+        SamplingParams(temperature=1.0, top_k=37, seed=1),
+        SamplingParams(temperature=0.6, top_p=0.8, seed=2),
+        SamplingParams(temperature=1.4, top_p=0.35, seed=3),
+        SamplingParams(temperature=1.0, top_k=300, top_p=0.97, seed=4),
+        SamplingParams(temperature=2.0, top_k=2, top_p=0.999, seed=5),
+        SamplingParams(temperature=0.5, seed=6),  # no cut: the least probable token wins
+    ]
+    logits = torch.randn(len(params), VOCAB, device=device) * 2
+    plan, sampling = _tensors(params, device)
+    expected = []
+    for i, p in enumerate(params):
+        probs = torch.softmax(logits[i].double().cpu() / p.temperature, dim=-1)
+        last_kept, first_dropped = _edges(probs, p)
+        sampling.noise[i] = 1.0
+        sampling.noise[i, last_kept] = 1e-30
+        if first_dropped is not None:
+            sampling.noise[i, first_dropped] = 1e-35
+        expected.append(last_kept)
+    assert _triton_sample(logits, plan, sampling) == expected
+
+
+def test_triton_sampler_races_each_row_against_its_own_noise(device: torch.device):
+    """Under a device-noise plan, rows marked host race the host's noise and the others
+    the noise drawn on the device."""
+    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0)]
+    logits = torch.zeros(2, VOCAB, device=device)
+    plan, sampling = _tensors(params, device)
+    sampling.noise.fill_(1.0)
+    drawn = torch.ones(2, VOCAB, device=device)
+    sampling.noise[:, 10] = 1e-9
+    drawn[:, 20] = 1e-9
+    host = torch.tensor([True, False], device=device)
+    assert _triton_sample(logits, plan, sampling, drawn=drawn, host_noise=host) == [10, 20]
+
+
+def test_triton_sampler_keeps_tokens_tied_at_the_top_p_edge_together(device: torch.device):
+    """Four tokens of equal probability straddle the top-p edge: the mass above each is
+    below top_p, so all four stay (the reference's sort keeps whichever came first)."""
+    params = [SamplingParams(temperature=1.0, top_p=0.5, seed=1)]
+    logits = torch.full((1, VOCAB), -20.0, device=device)
+    logits[0, 0] = 1.0
+    tied = [100, 200, 300, 400]
+    logits[0, tied] = 0.0  # p(0) ~ 0.4, each tied one ~ 0.15: the edge falls inside them
+    plan, sampling = _tensors(params, device)
+    for token in tied:
+        sampling.noise.fill_(1.0)
+        sampling.noise[0, token] = 1e-9
+        assert _triton_sample(logits, plan, sampling) == [token]
+    sampling.noise[0, 500] = 1e-30  # below the edge: never drawn
+    assert _triton_sample(logits, plan, sampling) == [400]
