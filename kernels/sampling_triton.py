@@ -21,11 +21,19 @@ token tied with the k-th largest survives top-k. At the top-p edge, tokens of eq
 are kept or dropped together (the reference's sort keeps some of them, in whatever order
 its sort left them).
 
-Launches: the row range, [8 top-k passes], the kept mass, [8 top-p passes], the race
-per chunk, its row maximum (`kernels.argmax_triton`). torch's path sorts the whole
-vocabulary for top-p and reduces a 128k row in one block for the softmax and the race:
-H200, 128,256 tokens, batch 1: 161 us with top-p, 88 us with temperature alone; batch
-32: 828 and 145 us (bench/RESULTS.md).
+Launches: the row range (and the top-k search's start), [8 top-k passes], the kept mass
+(and the top-p search's start), [8 top-p passes], the race per chunk, its row maximum
+(`kernels.argmax_triton`). Each of the first four kinds ends with its row's last program
+(an acq_rel counter, as in the INT4 split-K) reducing the chunks for the next launch, so
+no program reads more than its own chunk and a few numbers of its row.
+
+torch's path sorts the whole vocabulary for top-p and reduces a 128k row in one block for
+the softmax and the race. H200, 128,256 tokens, bf16 logits, graphs (`python3
+bench/kernels.py --sections sample`, session 22), kernel against torch: batch 1
+temperature alone 19.7 against 76.4 us, top-p 58.8 against 153.5, top-k and top-p 97.4
+against 240.2; batch 32: 40.5 against 115.0, 217.9 against 804.3, 362.6 against 840.1.
+The search passes are most of it, each bound by its chain of dependent loads at batch 1
+(~6 us a pass).
 """
 
 from __future__ import annotations
@@ -43,9 +51,11 @@ BLOCK = 256
 
 def chunk_for(rows: int) -> int:
     """Tokens per program. A pass at batch 1 is latency-bound (more programs, shorter
-    chains), at batch 32 it is throughput-bound (fewer programs, fewer partials). H200,
-    128,256 tokens, top-p alone: batch 1 57.6 us with 1,024 against 72.4 with 2,048;
-    batch 32 234.4 against 222.7 (`sample_rows`, graphs, session 22)."""
+    chains), at batch 32 throughput-bound (fewer programs, fewer partials). An H200 sweep
+    of chunk x block x warps (128,256 tokens, top-p alone, a version of the search that
+    skipped tokens outside the interval): batch 1 54-58 us with 512-1,024 tokens a
+    program, 61-79 with 2,048; batch 32 215-226 with 2,048 (blocks of 256-512, 4 warps),
+    234-304 with 512-1,024; 8 warps slower at batch 32."""
     return 1024 if rows <= 8 else 2048
 
 
