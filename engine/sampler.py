@@ -139,10 +139,14 @@ def sample_tokens(
 
 
 def sample_tokens_triton(
-    logits: torch.Tensor, plan: SamplerPlan, sampling: SamplingTensors | None
+    logits: torch.Tensor,
+    plan: SamplerPlan,
+    sampling: SamplingTensors | None,
+    chunk: int | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
     """`sample_tokens` through `kernels.sampling_triton` (on a CPU only under Triton's
-    interpreter)."""
+    interpreter); `chunk` and `block` override its tiles (tests use small ones)."""
     assert sampling is not None, "a sampling plan needs its SamplingTensors"
     # Imported here: a CPU-only install never loads Triton (as kernels.argmax).
     from kernels.sampling_triton import sample_rows
@@ -158,6 +162,8 @@ def sample_tokens_triton(
         sampling.noise,
         drawn,
         sampling.host_noise if plan.device_noise else None,
+        chunk=chunk,
+        block=block,
     )
     return torch.where(sampling.temperature > 0, sampled, argmax_rows(logits))
 

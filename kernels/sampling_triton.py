@@ -290,7 +290,7 @@ def sample_rows(
     drawn: torch.Tensor | None = None,
     host_noise: torch.Tensor | None = None,
     chunk: int | None = None,
-    block: int = BLOCK,
+    block: int | None = None,
 ) -> torch.Tensor:
     """logits [B, V] -> [B] int64: each row with temperature > 0 sampled under its top-k
     (`top_k` [B] int64, 0 or >= V: off; None: no row uses it) and top-p (`top_p` [B]
@@ -308,7 +308,7 @@ def sample_rows(
     if drawn is not None and host_noise is not None:
         assert drawn.shape == (rows, n) and drawn.stride(1) == 1 and drawn.dtype == torch.float32
         assert host_noise.shape == (rows,) and host_noise.dtype == torch.bool
-    chunk = chunk or chunk_for(rows)
+    chunk, block = chunk or chunk_for(rows), block or BLOCK
     assert block <= chunk and chunk % block == 0
     check_device(logits, temperature, noise)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)

@@ -14,6 +14,7 @@ from engine.sampler import (
     SamplingTensors,
     sample_tokens,
     sample_tokens_torch,
+    sample_tokens_triton,
 )
 from engine.sampling_params import SamplingParams
 
@@ -161,28 +162,9 @@ def test_unseeded_rows_sample_within_their_limits(device: torch.device):
     assert seen[2] <= nucleus
 
 
-def _triton_sample(
-    logits: torch.Tensor,
-    plan: SamplerPlan,
-    sampling: SamplingTensors,
-    drawn: torch.Tensor | None = None,
-    host_noise: torch.Tensor | None = None,
-) -> list[int]:
+def _triton_sample(logits: torch.Tensor, plan: SamplerPlan, sampling: SamplingTensors) -> list[int]:
     """The Triton sampler on its own, small chunks so each row spans several programs."""
-    from kernels.sampling_triton import sample_rows
-
-    tokens = sample_rows(
-        logits,
-        sampling.temperature,
-        sampling.top_k if plan.top_k else None,
-        sampling.top_p if plan.top_p else None,
-        sampling.noise,
-        drawn,
-        host_noise,
-        chunk=256,
-        block=128,
-    )
-    return torch.where(sampling.temperature > 0, tokens, logits.argmax(-1)).tolist()
+    return sample_tokens_triton(logits, plan, sampling, chunk=256, block=128).tolist()
 
 
 def test_triton_sampler_samples_as_the_torch_path(device: torch.device):
@@ -242,16 +224,22 @@ def test_triton_sampler_cuts_exactly_at_the_top_k_and_top_p_edges(device: torch.
 
 def test_triton_sampler_races_each_row_against_its_own_noise(device: torch.device):
     """Under a device-noise plan, rows marked host race the host's noise and the others
-    the noise drawn on the device."""
+    noise drawn on the device in the step: the same draw as the torch path's."""
     params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0)]
-    logits = torch.zeros(2, VOCAB, device=device)
-    plan, sampling = _tensors(params, device)
-    sampling.noise.fill_(1.0)
-    drawn = torch.ones(2, VOCAB, device=device)
-    sampling.noise[:, 10] = 1e-9
-    drawn[:, 20] = 1e-9
-    host = torch.tensor([True, False], device=device)
-    assert _triton_sample(logits, plan, sampling, drawn=drawn, host_noise=host) == [10, 20]
+    logits = torch.randn(2, VOCAB, device=device)
+    plan = SamplerPlan(sample=True, device_noise=True)
+    sampling = SamplingTensors.empty(2, VOCAB, device)
+    sampling.fill(params, [torch.Generator().manual_seed(1), None], plan)
+    assert sampling.host_noise.tolist() == [True, False]
+    torch.manual_seed(5)
+    tokens = _triton_sample(logits, plan, sampling)
+    torch.manual_seed(5)
+    assert tokens == sample_tokens_torch(logits, plan, sampling).tolist()
+    torch.manual_seed(5)
+    drawn = torch.empty(2, VOCAB, device=device).exponential_()
+    probs = torch.softmax(logits, dim=-1)
+    assert tokens[0] == int((probs[0] / sampling.noise[0]).argmax())
+    assert tokens[1] == int((probs[1] / drawn[1]).argmax())
 
 
 def test_triton_sampler_keeps_tokens_tied_at_the_top_p_edge_together(device: torch.device):
