@@ -14,9 +14,9 @@ counts fall as s rises, so each cut is "s >= v" for one v, found by searching th
 orderings of fp32 values (`_key`: s's bits as a signed integer ordered like s) instead
 of sorting the row: each pass splits the remaining interval at 16 points and counts (or
 weighs) the tokens above each, 8 passes in all. Every pass is one launch over (row,
-chunk) programs; each program re-derives the interval from the previous pass's chunk
-sums, added in chunk order, so every program of a row agrees and a row's result never
-depends on the batch or on timing (no atomics). Ties behave as in the reference: every
+chunk) programs; the row's last program to finish adds the chunks' sums in chunk order
+and narrows the interval for the next pass, so a row's result depends neither on the
+batch nor on which program finished last. Ties behave as in the reference: every
 token tied with the k-th largest survives top-k. At the top-p edge, tokens of equal p
 are kept or dropped together (the reference's sort keeps some of them, in whatever order
 its sort left them).
