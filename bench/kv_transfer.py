@@ -13,6 +13,14 @@ lands on both sides of a ratio alike. Then starts
 redis-server and a Redis-indexed shard and times a 256-block prefix lookup, straight
 against Redis and through the Lookup RPC, beside a PING (the round-trip floor).
 Throughputs are medians over --repeats, in GB/s (1e9 bytes).
+
+The bench's own tensor work (making the blocks, checking each get byte for byte, zeroing
+the output) runs on one torch thread. With torch's default of one OpenMP thread per core,
+the pool's workers keep spinning after each such op, and the gRPC put, which follows the
+check of the shared-memory get, shared a core with them: 8-9 ms of their CPU inside a
+64 MiB put, which took ~8 ms (18%) longer than the same put after a put; no peer paid
+it (bench/RESULTS.md, session 22). The clients do no torch compute: this only keeps the
+bench's bookkeeping out of the timed windows.
 """
 
 from __future__ import annotations
@@ -408,6 +416,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=ClientConfig.streams)
     parser.add_argument("--skip-lookup", action="store_true")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # no spinning OpenMP worker inside a timed window (see above)
     cpu = next(
         (
             line.split(":", 1)[1].strip()
