@@ -554,8 +554,6 @@ def bench_sample(device: torch.device, smoke: bool) -> None:
         logits = exact.to(torch.bfloat16)
         sampling = SamplingTensors.empty(rows, vocab, device)
         sampling.temperature.fill_(0.8)
-        sampling.top_k.fill_(50)
-        sampling.top_p.fill_(0.9)
         sampling.noise.exponential_()
         plans = {
             "temperature": SamplerPlan(sample=True),
@@ -563,14 +561,8 @@ def bench_sample(device: torch.device, smoke: bool) -> None:
             "top-k + top-p": SamplerPlan(sample=True, top_k=64, top_p=True),
         }
         for name, plan in plans.items():
-            if plan.top_k == 0:
-                sampling.top_k.fill_(0)
-            else:
-                sampling.top_k.fill_(50)
-            if not plan.top_p:
-                sampling.top_p.fill_(1.0)
-            else:
-                sampling.top_p.fill_(0.9)
+            sampling.top_k.fill_(50 if plan.top_k else 0)
+            sampling.top_p.fill_(0.9 if plan.top_p else 1.0)
             ours = sample_tokens_triton(exact, plan, sampling)
             ref = sample_tokens_torch(exact, plan, sampling)
             check(f"sample {name} b{rows}", float((ours != ref).float().mean()), 0.0)
