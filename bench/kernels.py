@@ -503,10 +503,25 @@ def bench_prefill(device: torch.device, smoke: bool, sweep: bool) -> None:
                     flush=True,
                 )
             meta.plan = base
+        # The dispatched kernel (Gluon on Hopper), and the Triton kernel it replaces there.
+        triton_meta = dataclasses.replace(meta)
+        triton_meta.plan = dataclasses.replace(meta.plan, prefill_gluon=False)
         out = attention.paged_attention(q, kv, meta, d**-0.5)
         check(f"prefill ctx={ctx} new={new}", rel_err(out[rows], ref), 8e-3)
+        out = attention.paged_attention(q, kv, triton_meta, d**-0.5)
+        check(f"prefill ctx={ctx} new={new} triton kernel", rel_err(out[rows], ref), 8e-3)
         us = time_us(lambda i: attention.paged_attention(q, kv, meta, d**-0.5), 1, smoke)
+        us_triton = time_us(
+            lambda i: attention.paged_attention(q, kv, triton_meta, d**-0.5), 1, smoke
+        )
         case = f"ctx={ctx} new={new}"
+        row(
+            "prefill",
+            f"{case} vs triton kernel",
+            f"{us:.0f}us",
+            f"triton {us_triton:.0f}us {flops / us_triton / 1e6:.0f}TF",
+            us_triton / us,
+        )
         if new == ctx:
             qd = q.transpose(0, 1)[None]
             kd, vd = k[None].contiguous(), v[None].contiguous()

@@ -36,6 +36,10 @@ per tile grows with m0; this order packs the grid's tail with short tiles), and 
 tile's page numbers are fetched one key tile early so that the K/V copies run
 `num_stages - 1` key tiles ahead of the MMAs.
 
+On Hopper, prefill over a bf16/fp16 cache runs the warp-specialized Gluon kernel of
+`kernels.paged_prefill_gluon` instead (same tiles, same arithmetic; 1.5x this one at 4k);
+this kernel remains the path for FP8 caches, other GPUs and the interpreter.
+
 FP8 caches hold fp8(value / scale) per (K|V, head); the K scale folds into the softmax
 scale and the V scale into the output, so the tiles themselves are only widened.
 """
@@ -49,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import paged_prefill_gluon
 from kernels.attention_metadata import AttentionMetadata
 from kernels.fp8_linear import FP8_DTYPE, FP8_MAX
 from kernels.rope_triton import check_rope_inputs, cos_sin, rotate_rows
@@ -427,6 +432,9 @@ class TritonAttentionPlan:
     block_n: int
     prefill_warps: int
     prefill_stages: int
+    prefill_gluon: bool = True
+    """Run prefill through `kernels.paged_prefill_gluon` where it `supports` the call (the
+    bench turns it off to time this module's kernel beside it)."""
 
 
 MERGE_IN_KERNEL_MAX = 16
@@ -554,7 +562,16 @@ def paged_attention(
             _decode_merge_kernel[(nd, hq)](
                 part_o, part_lse, out, out.stride(0), hq, splits, S_P2=s_p2, D=d, num_warps=4
             )
-    if plan.prefill_tiles is not None:
+    if (
+        plan.prefill_tiles is not None
+        and plan.prefill_gluon
+        and not fp8
+        and (paged_prefill_gluon.supports(q, kv_layer, plan.block_m))
+    ):
+        paged_prefill_gluon.prefill_attention(
+            q, kv_layer, bt, plan.prefill_tiles, meta.query_start_loc, seq_lens, scale, out
+        )
+    elif plan.prefill_tiles is not None:
         _prefill_kernel[(plan.prefill_tiles.shape[0] * hq,)](
             q, kv_layer, bt, plan.prefill_tiles, meta.query_start_loc, seq_lens, scales, out,
             q.stride(0), out.stride(0), *strides, scale,

@@ -1,8 +1,10 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from kernels import paged_prefill_gluon
 from kernels.attention_metadata import AttentionMetadata
 from kernels.paged_attention_triton import (
     MERGE_IN_KERNEL_MAX,
@@ -135,6 +137,26 @@ def test_paged_attention_mixed_batch(device, kv_dtype, page):
     ref, size = _reference(q, kv, meta, d**-0.5, scales)
     # p is rounded to bf16 for the PV product, the output once more; fp32 elsewhere.
     assert_within(out, ref, 3 * ROUND * size + 1e-6, "paged attention")
+
+
+# On Hopper a bf16 prefill runs the warp-specialized Gluon kernel, elsewhere the Triton one;
+# both against the reference, with every unwritten slot NaN: the Gluon kernel's last key
+# tile reads pages' tail slots (and page 0 past a table's end), whose V it must zero.
+@pytest.mark.parametrize("page", [16, 8, 32])
+def test_prefill_runs_the_gluon_kernel_on_hopper(device, page):
+    meta, kv, cached, (hq, hk, d) = _batch(device, torch.bfloat16, page)
+    write_kv(*_kv_rows(cached.numel(), hk, d, device), kv, cached, None)
+    write_kv(*_kv_rows(meta.num_tokens, hk, d, device), kv, meta.slot_mapping, None)
+    q = torch.randn(meta.num_tokens, hq, d, device=device).to(torch.bfloat16)
+    meta.plan = plan_attention(meta)
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    assert paged_prefill_gluon.supports(q, kv, meta.plan.block_m) == hopper
+    ref, size = _reference(q, kv, meta, d**-0.5, None)
+    for gluon in (True, False):
+        meta.plan = dataclasses.replace(meta.plan, prefill_gluon=gluon)
+        with poisoned_outputs():
+            out = paged_attention(q, kv, meta, d**-0.5)
+        assert_within(out, ref, 3 * ROUND * size + 1e-6, f"paged attention, gluon={gluon}")
 
 
 def test_decode_merges_many_splits_in_a_second_kernel(device):
