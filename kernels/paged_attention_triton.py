@@ -46,7 +46,6 @@ scale and the V scale into the output, so the tiles themselves are only widened.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -442,14 +441,23 @@ MERGE_IN_KERNEL_MAX = 16
 
 
 def _decode_splits(batch: int, kv_heads: int, max_len: int, sms: int, block_n: int) -> int:
-    """Enough (sequence, head, split) programs for about two waves, each split >= 1 tile.
+    """Splits so that the (sequence, head, split) programs number about four an SM.
 
-    Small steps are latency-bound, so a split's serial chain of key tiles costs more than
-    merging more partials: at b=1, 1k context on an H100, 16 one-tile splits (one wave)
-    take 6.8 us, 8 two-tile splits 7.8-8.3 us (SDPA 6.7-7.3 us).
+    The power of two at or below 4 * SMs / (batch x KV heads), at most one key tile a
+    split, and at most 64. Past MERGE_IN_KERNEL_MAX splits (which then cost a second
+    kernel) each split gets at least two key tiles, and never fewer than
+    MERGE_IN_KERNEL_MAX splits where that many fit. A sweep of every split count in
+    {1, 2, 4, ..., 64} at batch 1-64 x context 1k-16k (H200, 32 query / 8 KV heads,
+    bench/RESULTS.md "Kernels", session 23) found these best or within 0.03x of the best
+    at every point; the rule before it (about two programs an SM, any count) ran up to
+    1.4x slower than it at batch 2-8 (batch 4, 2k: 9 splits 1.60x SDPA, 16 splits 1.15x).
     """
-    want = math.ceil(2 * sms / max(1, batch * kv_heads))
-    return max(1, min(want, max_len // block_n, 64))
+    want = max(1, 4 * sms // max(1, batch * kv_heads))
+    splits = 1 << (want.bit_length() - 1)
+    tiles = max(1, max_len // block_n)
+    if splits > MERGE_IN_KERNEL_MAX:
+        splits = max(min(MERGE_IN_KERNEL_MAX, tiles), min(splits, tiles // 2))
+    return max(1, min(splits, tiles, 64))
 
 
 def plan_attention(meta: AttentionMetadata) -> TritonAttentionPlan:
