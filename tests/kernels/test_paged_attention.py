@@ -26,9 +26,9 @@ BATCH = {
 HEADS = {"cpu": (4, 2, 64), "cuda": (32, 8, 128)}
 
 
-def _batch(device, kv_dtype, page=16, layers=2, spec=None):
+def _batch(device, kv_dtype, page=16, layers=2, spec=None, heads=None):
     spec = spec or BATCH[device.type]
-    hq, hk, d = HEADS[device.type]
+    hq, hk, d = heads or HEADS[device.type]
     seq_lens = [s for s, _ in spec]
     q_lens = [q for _, q in spec]
     nd = sum(1 for q in q_lens if q == 1)
@@ -142,12 +142,22 @@ def test_paged_attention_mixed_batch(device, kv_dtype, page):
 # On Hopper a bf16 prefill runs the warp-specialized Gluon kernel, elsewhere the Triton one;
 # both against the reference, with every unwritten slot NaN: the Gluon kernel's last key
 # tile reads pages' tail slots (and page 0 past a table's end), whose V it must zero.
-@pytest.mark.parametrize("page", [16, 8, 32])
-def test_prefill_runs_the_gluon_kernel_on_hopper(device, page):
-    meta, kv, cached, (hq, hk, d) = _batch(device, torch.bfloat16, page)
-    write_kv(*_kv_rows(cached.numel(), hk, d, device), kv, cached, None)
-    write_kv(*_kv_rows(meta.num_tokens, hk, d, device), kv, meta.slot_mapping, None)
-    q = torch.randn(meta.num_tokens, hq, d, device=device).to(torch.bfloat16)
+@pytest.mark.parametrize(
+    ("page", "dtype", "heads"),
+    [
+        (16, torch.bfloat16, None),
+        (8, torch.bfloat16, None),
+        (32, torch.bfloat16, None),
+        (16, torch.float16, None),
+        (16, torch.bfloat16, (8, 2, 64)),  # head_dim 64, GQA 4
+    ],
+)
+def test_prefill_runs_the_gluon_kernel_on_hopper(device, page, dtype, heads):
+    meta, kv, cached, (hq, hk, d) = _batch(device, dtype, page, heads=heads)
+    write_kv(*(x.to(dtype) for x in _kv_rows(cached.numel(), hk, d, device)), kv, cached, None)
+    new_kv = (x.to(dtype) for x in _kv_rows(meta.num_tokens, hk, d, device))
+    write_kv(*new_kv, kv, meta.slot_mapping, None)
+    q = torch.randn(meta.num_tokens, hq, d, device=device).to(dtype)
     meta.plan = plan_attention(meta)
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
     assert paged_prefill_gluon.supports(q, kv, meta.plan.block_m) == hopper
