@@ -34,7 +34,11 @@ session 23.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -47,6 +51,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kernels.triton_runtime import INTERPRET
+
+log = logging.getLogger(__name__)
+
+TRITON_RELEASES = ("3.6.",)
+"""Triton releases this kernel was compiled and tested with. Gluon is experimental and its
+API moves between releases, so on any other `supports` answers False and prefill keeps
+the Triton kernel (with one warning)."""
 
 BLOCK_M = 128
 """Query rows a program attends (two consumers of 64); the plan's tile table must use it."""
@@ -244,12 +255,29 @@ def _prefill_ws_kernel(
     )
 
 
+@functools.cache
+def tested_triton(version: str) -> bool:
+    """Whether `version` is one of TRITON_RELEASES; warns once when it is not."""
+    if version.startswith(TRITON_RELEASES):
+        return True
+    log.warning(
+        "Triton %s is not a release the Gluon prefill attention was tested with (%s): "
+        "prefill attention runs the Triton kernel (about 1.5x slower on Hopper)",
+        version,
+        ", ".join(r + "x" for r in TRITON_RELEASES),
+    )
+    return False
+
+
 def supports(q: torch.Tensor, kv_layer: torch.Tensor, block_m: int) -> bool:
     """Whether this kernel runs the prefill of `paged_attention(q, kv_layer, ...)` here:
-    compiled on sm_90 (not the interpreter), a bf16/fp16 cache, head_dim 64 or 128, pages of
-    8 to 128 tokens that tile BLOCK_N, the plan's tiles of BLOCK_M rows, and the strides TMA
-    takes (16-byte aligned, one row of every KV head contiguous)."""
+    compiled on sm_90 (not the interpreter) by a tested Triton release, a bf16/fp16 cache,
+    head_dim 64 or 128, pages of 8 to 128 tokens that tile BLOCK_N, the plan's tiles of
+    BLOCK_M rows, and the strides TMA takes (16-byte aligned, one row of every KV head
+    contiguous)."""
     if INTERPRET or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if not tested_triton(triton.__version__):
         return False
     _, _, page, hk, d = kv_layer.shape
     stok = kv_layer.stride(2)

@@ -169,6 +169,15 @@ def test_prefill_runs_the_gluon_kernel_on_hopper(device, page, dtype, heads):
         assert_within(out, ref, 3 * ROUND * size + 1e-6, f"paged attention, gluon={gluon}")
 
 
+def test_gluon_prefill_only_on_tested_triton_releases(caplog):
+    """Gluon's API moves between Triton releases: an untested one keeps the Triton kernel."""
+    tested = paged_prefill_gluon.TRITON_RELEASES[0] + "0"
+    assert paged_prefill_gluon.tested_triton(tested)
+    with caplog.at_level("WARNING", logger=paged_prefill_gluon.__name__):
+        assert not paged_prefill_gluon.tested_triton("9.9.0")
+    assert "Triton 9.9.0 is not a release" in caplog.text
+
+
 def test_decode_merges_many_splits_in_a_second_kernel(device):
     """One sequence, one KV head: more splits than the in-kernel merge takes."""
     hq, hk, d, page = 4, 1, 64, 16
