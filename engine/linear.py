@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from kernels.backend import KernelBackend
+from kernels.fp8_linear import Fp8Rows
 from kernels.pending_norm import PendingNorm
 
 
@@ -91,6 +92,17 @@ class LinearFormat(ABC):
     ) -> torch.Tensor:
         """x [T, in] -> silu(gate) * up, [T, out / 2], from `prepare_gated`'s stored form."""
         raise NotImplementedError(f"the {self.name} format has no fused SiLU-and-mul")
+
+    def takes_fp8_rows(self, ops: KernelBackend) -> bool:
+        """Whether `apply_fp8_rows` exists: inputs quantized per token by the op that
+        produced them (an RMSNorm, a SiLU-and-mul) rather than by a pass of their own."""
+        return False
+
+    def apply_fp8_rows(
+        self, ops: KernelBackend, stored: Any, x: Fp8Rows, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`apply` to the rows `x` holds quantized."""
+        raise NotImplementedError(f"the {self.name} format takes no pre-quantized rows")
 
     def takes_pending_norm(self, ops: KernelBackend) -> bool:
         """Whether, on `ops`, `apply_normed` and `apply_add_norm` exist: an RMSNorm split
@@ -182,6 +194,11 @@ class Linear:
     `add_norm` is this projection followed by the residual add and RMSNorm of the next one's
     input; where the format can, the norm is left pending (`kernels.pending_norm`) and the
     projection called with it finishes it in its own epilogue, so no norm kernel runs.
+
+    Where the next projection `takes_fp8`, `add_norm(..., fp8_out=True)`'s RMSNorm and a
+    gated projection's SiLU-and-mul (`quantized`) quantize their output per token as they
+    write it (`kernels.fp8_linear.Fp8Rows`): the FP8 GEMM after them skips its quantization
+    pass and reads one byte an element instead of two. The numbers are the unfused pair's.
     """
 
     def __init__(
@@ -209,6 +226,8 @@ class Linear:
         """Whether a `PendingNorm` input is finished in this GEMM (else materialized first)."""
         self.adds_norm = self.takes_pending and bias is None and not gated
         """Whether `add_norm` leaves its norm pending."""
+        self.takes_fp8 = fmt.takes_fp8_rows(ops) and not batch_invariant
+        """Whether the op producing this projection's input should quantize it (`Fp8Rows`)."""
         stored = fmt.prepare_gated(weight, dtype, device, ops) if gated and bias is None else None
         self.fused_gate = stored is not None
         """Whether the SiLU-and-mul runs in the GEMM's epilogue (the rows are then reordered)."""
@@ -220,27 +239,49 @@ class Linear:
             self.stored = fmt.prepare(weight, dtype, device, ops)
         self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
 
-    def __call__(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | PendingNorm | Fp8Rows) -> torch.Tensor:
         if isinstance(x, PendingNorm) and not self.takes_pending:
             x = x.materialize()
+        assert not isinstance(x, Fp8Rows) or self.takes_fp8, "pre-quantized rows: FP8 only"
         if self.batch_invariant and isinstance(x, torch.Tensor) and x.shape[0] > 1:
-            return torch.cat([self._apply(r) for r in x.split(1)])
-        return self._apply(x)
+            y = torch.cat([self._apply(r) for r in x.split(1)])
+        else:
+            y = self._apply(x)
+        return self.ops.silu_and_mul(y) if self.gated and not self.fused_gate else y
+
+    def quantized(self, x: torch.Tensor | PendingNorm | Fp8Rows) -> Fp8Rows:
+        """A gated projection's silu(gate) * up, quantized per token as it is written, for
+        an FP8 projection after it (one that `takes_fp8`)."""
+        assert self.gated and not self.fused_gate, "only a SiLU-and-mul quantizes its output"
+        assert not isinstance(x, PendingNorm) or self.takes_pending
+        y = self._apply(x)
+        return Fp8Rows(*self.ops.silu_and_mul_fp8(y), y.dtype)
 
     def add_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
+        self,
+        x: torch.Tensor | Fp8Rows,
+        residual: torch.Tensor,
+        gamma: torch.Tensor,
+        eps: float,
+        fp8_out: bool = False,
+    ) -> tuple[torch.Tensor | PendingNorm | Fp8Rows, torch.Tensor]:
         """`ops.rms_norm(self(x), gamma, eps, residual)`: the normed rows (pending where
-        `adds_norm`) and the residual sum s."""
+        `adds_norm`, quantized with `fp8_out`) and the residual sum s."""
+        if fp8_out:
+            q, scale, s = self.ops.rms_norm_fp8(self(x), gamma, eps, residual)
+            return Fp8Rows(q, scale, s.dtype), s
         if self.adds_norm:
+            assert isinstance(x, torch.Tensor)
             return self.fmt.apply_add_norm(self.ops, self.stored, x, residual, gamma, eps)
         return self.ops.rms_norm(self(x), gamma, eps, residual)
 
-    def _apply(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor | PendingNorm | Fp8Rows) -> torch.Tensor:
+        """The projection alone (a gated one's [gate ‖ up], unless its SiLU is fused)."""
         if self.fused_gate:
+            assert not isinstance(x, Fp8Rows)
             return self.fmt.apply_gated(self.ops, self.stored, x)
+        if isinstance(x, Fp8Rows):
+            return self.fmt.apply_fp8_rows(self.ops, self.stored, x, self.bias)
         if isinstance(x, PendingNorm):
-            y = self.fmt.apply_normed(self.ops, self.stored, x, self.bias)
-        else:
-            y = self.fmt.apply(self.ops, self.stored, x, self.bias)
-        return self.ops.silu_and_mul(y) if self.gated else y
+            return self.fmt.apply_normed(self.ops, self.stored, x, self.bias)
+        return self.fmt.apply(self.ops, self.stored, x, self.bias)

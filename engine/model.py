@@ -20,6 +20,7 @@ from engine.loaders.tensor_layout import layer_tensors
 from engine.rope import RotaryTable
 from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend, get_backend
+from kernels.fp8_linear import Fp8Rows
 from kernels.layer_cpu import NativeLayers
 from kernels.pending_norm import PendingNorm
 
@@ -84,22 +85,28 @@ class DecoderLayer:
         self.cfg = cfg
         self.ops = ops
         self.scale = cfg.head_dim**-0.5
+        self.takes_fp8 = self.qkv_proj.takes_fp8
+        """Whether this layer's input should come quantized from the norm before it."""
+        self.fp8_mlp = self.gate_up_proj.takes_fp8
+        self.fp8_down = self.down_proj.takes_fp8
 
     def __call__(
         self,
-        h: torch.Tensor | PendingNorm,
+        h: torch.Tensor | PendingNorm | Fp8Rows,
         residual: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
         next_norm: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
+        next_fp8: bool = False,
+    ) -> tuple[torch.Tensor | PendingNorm | Fp8Rows, torch.Tensor]:
         """`h` is this layer's input, already normed by its `input_norm` (left pending where
-        the projections can finish a norm, `Linear.add_norm`), and `residual` the stream it
-        was normed from. Returns (the new stream normed by `next_norm`, the next layer's
-        input norm; the new stream) or, with `next_norm` None, (this layer's MLP output;
-        the stream without it), for the model's final norm to add and norm."""
+        the projections can finish a norm, `Linear.add_norm`; quantized where they take
+        `Fp8Rows`), and `residual` the stream it was normed from. Returns (the new stream
+        normed by `next_norm`, the next layer's input norm, quantized with `next_fp8`; the
+        new stream) or, with `next_norm` None, (this layer's MLP output; the stream without
+        it), for the model's final norm to add and norm."""
         cfg, ops = self.cfg, self.ops
         q, k, v = self.qkv_proj(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         t = q.shape[0]
@@ -114,12 +121,17 @@ class DecoderLayer:
             self.scale,
         )
         h, residual = self.o_proj.add_norm(
-            attn.reshape(t, cfg.q_size), residual, self.post_attention_norm, cfg.rms_norm_eps
+            attn.reshape(t, cfg.q_size),
+            residual,
+            self.post_attention_norm,
+            cfg.rms_norm_eps,
+            fp8_out=self.fp8_mlp,
         )
-        mlp = self.gate_up_proj(h)  # silu(gate) * up
+        gate_up = self.gate_up_proj
+        mlp = gate_up.quantized(h) if self.fp8_down else gate_up(h)  # silu(gate) * up
         if next_norm is None:
             return self.down_proj(mlp), residual
-        return self.down_proj.add_norm(mlp, residual, next_norm, cfg.rms_norm_eps)
+        return self.down_proj.add_norm(mlp, residual, next_norm, cfg.rms_norm_eps, next_fp8)
 
 
 class LlamaModel:
@@ -166,11 +178,19 @@ class LlamaModel:
         else:
             # Each layer norms the next one's input (leaving the norm pending for its GEMMs
             # where they can finish it); the last one's output takes the final norm.
-            h: torch.Tensor | PendingNorm
-            h, residual = self.ops.rms_norm(x, self.layers[0].input_norm, eps)
-            norms = [layer.input_norm for layer in self.layers[1:]] + [None]
-            for i, (layer, next_norm) in enumerate(zip(self.layers, norms, strict=True)):
-                h, residual = layer(h, residual, cos, sin, kv_cache[:, i], meta, next_norm)
+            h: torch.Tensor | PendingNorm | Fp8Rows
+            first = self.layers[0]
+            if first.takes_fp8:  # the norm quantizes for the FP8 GEMM (`Linear.add_norm`)
+                q, scale, residual = self.ops.rms_norm_fp8(x, first.input_norm, eps)
+                h = Fp8Rows(q, scale, x.dtype)
+            else:
+                h, residual = self.ops.rms_norm(x, first.input_norm, eps)
+            nexts: list[tuple[torch.Tensor | None, bool]] = [
+                (layer.input_norm, layer.takes_fp8) for layer in self.layers[1:]
+            ]
+            nexts.append((None, False))
+            for i, (layer, (norm, fp8)) in enumerate(zip(self.layers, nexts, strict=True)):
+                h, residual = layer(h, residual, cos, sin, kv_cache[:, i], meta, norm, fp8)
             assert isinstance(h, torch.Tensor)
             x = h
         x, _ = self.ops.rms_norm(x, self.norm, eps, residual)

@@ -27,6 +27,21 @@ AMAX_FLOOR = 1e-12
 
 
 @dataclass(frozen=True)
+class Fp8Rows:
+    """Activations their producer (`rms_norm_fp8`, `silu_and_mul_fp8`) already quantized per
+    token for the FP8 GEMM that consumes them: the q and scale that quantizing the
+    producer's `dtype` output would give, without that output's round trip through memory
+    or a quantization pass of its own."""
+
+    q: torch.Tensor
+    """[T, K] float8_e4m3fn."""
+    scale: torch.Tensor
+    """[T, 1] fp32: row t ≈ q[t] * scale[t]."""
+    dtype: torch.dtype
+    """The activation dtype: what the GEMM returns."""
+
+
+@dataclass(frozen=True)
 class Fp8Weight:
     """A projection weight in FP8 with per-output-channel scales.
 

@@ -9,7 +9,14 @@ import torch
 
 from engine.linear import LinearFormat, QuantizedWeight, check_activation_dtype, register_format
 from kernels.backend import KernelBackend
-from kernels.fp8_linear import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, Fp8Weight, make_fp8_weight
+from kernels.fp8_linear import (
+    AMAX_FLOOR,
+    FP8_DTYPE,
+    FP8_MAX,
+    Fp8Rows,
+    Fp8Weight,
+    make_fp8_weight,
+)
 
 
 def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,18 +86,13 @@ class Fp8Format(LinearFormat):
     ) -> torch.Tensor:
         return ops.fp8_linear(x, stored, bias)
 
-    def apply_quantized(
-        self,
-        ops: KernelBackend,
-        stored: Fp8Weight,
-        x_q: torch.Tensor,
-        x_scale: torch.Tensor,
-        bias: torch.Tensor | None,
-        out_dtype: torch.dtype,
+    def takes_fp8_rows(self, ops: KernelBackend) -> bool:
+        return True
+
+    def apply_fp8_rows(
+        self, ops: KernelBackend, stored: Fp8Weight, x: Fp8Rows, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """For inputs already quantized by their producer (`ops.rms_norm_fp8`,
-        `ops.silu_and_mul_fp8`): skips the separate quantization pass."""
-        return ops.fp8_linear(x_q, stored, bias, x_scale, out_dtype)
+        return ops.fp8_linear(x.q, stored, bias, x.scale, x.dtype)
 
 
 register_format("fp8", Fp8Format)

@@ -123,3 +123,31 @@ def test_fp8_prefill_int4_decode_logits_match_the_torch_reference(device):
     _, ref_decode, ref_runner = pipelines["reference"]
     truth = ref_decode.logits(ref_runner.step(ref_decode, chunk, 1)).float()
     assert _rel(blind, truth) > 4 * max(ours[1:])
+
+
+def test_fp8_prefill_quantizes_in_the_producers(device, monkeypatch):
+    """The FP8 model's RMSNorms and SiLU-and-mul quantize their outputs for the GEMMs after
+    them (`Fp8Rows`): only o_proj, whose input comes from attention, keeps a quantization
+    pass, and the logits are bit for bit those of quantizing every GEMM's input apart."""
+    import kernels.fp8_linear_triton as fp8_triton
+
+    cfg, lengths, _ = _shapes(device)
+    tensors = _weights(cfg, device)
+    prompts = [torch.randint(1, cfg.vocab_size, (n,)).tolist() for n in lengths]
+    passes = []
+    quantize = fp8_triton.quantize_fp8
+    monkeypatch.setattr(fp8_triton, "quantize_fp8", lambda x: passes.append(1) or quantize(x))
+
+    def prefill(fused: bool) -> torch.Tensor:
+        model = _model(cfg, tensors, "fp8", "triton", device, "bfloat16")
+        for layer in model.layers:
+            assert layer.takes_fp8 and layer.fp8_mlp and layer.fp8_down
+            if not fused:
+                layer.takes_fp8 = layer.fp8_mlp = layer.fp8_down = False
+        runner = Runner(cfg, len(lengths), max(lengths), device, torch.bfloat16)
+        passes.clear()
+        logits = model.logits(runner.step(model, [(b, p, 0) for b, p in enumerate(prompts)], 0))
+        assert len(passes) == cfg.num_layers * (1 if fused else 4)
+        return logits
+
+    assert torch.equal(prefill(True), prefill(False))
