@@ -46,13 +46,15 @@ scale and the V scale into the output, so the tiles themselves are only widened.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import paged_prefill_gluon
 from kernels.attention_metadata import AttentionMetadata
 from kernels.fp8_linear import FP8_DTYPE, FP8_MAX
 from kernels.rope_triton import check_rope_inputs, cos_sin, rotate_rows
@@ -69,6 +71,8 @@ from kernels.triton_runtime import (
     tile_counters,
     to_fp8,
 )
+
+log = logging.getLogger(__name__)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -507,6 +511,17 @@ def _check_rope(q: torch.Tensor, rope: DecodeRope, meta: AttentionMetadata) -> N
     check_device(q, rope.k, rope.v, rope.cos, rope.sin, meta.slot_mapping)
 
 
+@functools.cache
+def _gluon_prefill() -> ModuleType | None:
+    """`kernels.paged_prefill_gluon`, or None where this Triton has no Gluon to build it."""
+    try:
+        from kernels import paged_prefill_gluon
+    except ImportError as exc:  # a Triton release before Gluon
+        log.warning("prefill attention runs the Triton kernel: no Gluon here (%s)", exc)
+        return None
+    return paged_prefill_gluon
+
+
 def paged_attention(
     q: torch.Tensor,
     kv_layer: torch.Tensor,
@@ -570,13 +585,9 @@ def paged_attention(
             _decode_merge_kernel[(nd, hq)](
                 part_o, part_lse, out, out.stride(0), hq, splits, S_P2=s_p2, D=d, num_warps=4
             )
-    if (
-        plan.prefill_tiles is not None
-        and plan.prefill_gluon
-        and not fp8
-        and (paged_prefill_gluon.supports(q, kv_layer, plan.block_m))
-    ):
-        paged_prefill_gluon.prefill_attention(
+    gluon = _gluon_prefill() if plan.prefill_gluon and not fp8 and q.is_cuda else None
+    if plan.prefill_tiles is not None and gluon and gluon.supports(q, kv_layer, plan.block_m):
+        gluon.prefill_attention(
             q, kv_layer, bt, plan.prefill_tiles, meta.query_start_loc, seq_lens, scale, out
         )
     elif plan.prefill_tiles is not None:
