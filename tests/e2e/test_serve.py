@@ -11,7 +11,6 @@ import concurrent.futures
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from engine.disaggregated import InProcessDisaggregation
 from engine.engine_args import EngineArgs
 from engine.loaders import LoadedCheckpoint
 from engine.sampling_params import SamplingParams
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -49,12 +49,6 @@ PROMPTS = [
     "List three primary colors:",
 ]
 POOL = {"kv_cache_bytes": 64 * 2**20, "batch_invariant": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

@@ -19,14 +19,9 @@ from services.kvstore.client import ClientConfig, KVStoreClient
 from services.prefill.server import PrefillServer
 from services.router.disaggregated import DisaggregatedPipeline
 from services.router.pool_clients import LocalDecodePool, LocalPrefillPool, StorePrefixIndex
+from tests.ports import free_port
 
 MODEL = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Shard:

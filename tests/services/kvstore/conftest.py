@@ -19,6 +19,7 @@ from engine.hashing import KVFingerprint, block_hashes
 from engine.kv_format import KVBlockFormat
 from services.kvstore.client import ClientConfig, KVStoreClient
 from services.kvstore.server import KVStoreServer, ServerConfig
+from tests.ports import free_port
 
 FORMAT = KVBlockFormat(num_layers=2, num_kv_heads=2, head_dim=16, block_size=16, dtype="bf16")
 FINGERPRINT = KVFingerprint("test/tiny", "digest-1", "bf16", 1, "fp8", 16)
@@ -34,12 +35,6 @@ def make_blocks(count: int, seed: int = 0) -> torch.Tensor:
 def make_hashes(count: int, seed: int = 0) -> list[bytes]:
     tokens = [(seed * 7919 + i) % 50_000 for i in range(count * FORMAT.block_size)]
     return block_hashes(FINGERPRINT, tokens)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisProcess:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -27,6 +26,7 @@ from services.router.errors import OverloadedError
 from services.router.grpc_api import build_grpc_server
 from services.router.http_api import build_http_app
 from services.router.pipeline import ColocatedPipeline, GenerationRequest, Pipeline
+from tests.ports import free_port
 
 MODEL_ID = "SmolLM2-135M-Instruct"
 
@@ -82,12 +82,6 @@ def serve_http(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
