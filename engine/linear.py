@@ -240,22 +240,24 @@ class Linear:
         self.bias = None if bias is None else bias.to(device=device, dtype=dtype)
 
     def __call__(self, x: torch.Tensor | PendingNorm | Fp8Rows) -> torch.Tensor:
-        if isinstance(x, PendingNorm) and not self.takes_pending:
-            x = x.materialize()
-        assert not isinstance(x, Fp8Rows) or self.takes_fp8, "pre-quantized rows: FP8 only"
-        if self.batch_invariant and isinstance(x, torch.Tensor) and x.shape[0] > 1:
-            y = torch.cat([self._apply(r) for r in x.split(1)])
-        else:
-            y = self._apply(x)
+        y = self._project(x)
         return self.ops.silu_and_mul(y) if self.gated and not self.fused_gate else y
 
     def quantized(self, x: torch.Tensor | PendingNorm | Fp8Rows) -> Fp8Rows:
         """A gated projection's silu(gate) * up, quantized per token as it is written, for
         an FP8 projection after it (one that `takes_fp8`)."""
         assert self.gated and not self.fused_gate, "only a SiLU-and-mul quantizes its output"
-        assert not isinstance(x, PendingNorm) or self.takes_pending
-        y = self._apply(x)
+        y = self._project(x)
         return Fp8Rows(*self.ops.silu_and_mul_fp8(y), y.dtype)
+
+    def _project(self, x: torch.Tensor | PendingNorm | Fp8Rows) -> torch.Tensor:
+        """The projection alone, row by row where `batch_invariant`."""
+        if isinstance(x, PendingNorm) and not self.takes_pending:
+            x = x.materialize()
+        assert not isinstance(x, Fp8Rows) or self.takes_fp8, "pre-quantized rows: FP8 only"
+        if self.batch_invariant and isinstance(x, torch.Tensor) and x.shape[0] > 1:
+            return torch.cat([self._apply(r) for r in x.split(1)])
+        return self._apply(x)
 
     def add_norm(
         self,
