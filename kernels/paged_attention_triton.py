@@ -585,12 +585,14 @@ def paged_attention(
             _decode_merge_kernel[(nd, hq)](
                 part_o, part_lse, out, out.stride(0), hq, splits, S_P2=s_p2, D=d, num_warps=4
             )
+    if plan.prefill_tiles is None:
+        return out
     gluon = _gluon_prefill() if plan.prefill_gluon and not fp8 and q.is_cuda else None
-    if plan.prefill_tiles is not None and gluon and gluon.supports(q, kv_layer, plan.block_m):
+    if gluon is not None and gluon.supports(q, kv_layer, plan.block_m):
         gluon.prefill_attention(
             q, kv_layer, bt, plan.prefill_tiles, meta.query_start_loc, seq_lens, scale, out
         )
-    elif plan.prefill_tiles is not None:
+    else:
         _prefill_kernel[(plan.prefill_tiles.shape[0] * hq,)](
             q, kv_layer, bt, plan.prefill_tiles, meta.query_start_loc, seq_lens, scales, out,
             q.stride(0), out.stride(0), *strides, scale,

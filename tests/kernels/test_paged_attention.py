@@ -152,7 +152,12 @@ def test_paged_attention_mixed_batch(device, kv_dtype, page):
         (16, torch.bfloat16, (8, 2, 64)),  # head_dim 64, GQA 4
     ],
 )
-def test_prefill_runs_the_gluon_kernel_on_hopper(device, page, dtype, heads):
+def test_prefill_runs_the_gluon_kernel_on_hopper(device, page, dtype, heads, monkeypatch):
+    launches = []
+    launch = paged_prefill_gluon.prefill_attention
+    monkeypatch.setattr(
+        paged_prefill_gluon, "prefill_attention", lambda *a: launches.append(1) or launch(*a)
+    )
     meta, kv, cached, (hq, hk, d) = _batch(device, dtype, page, heads=heads)
     write_kv(*(x.to(dtype) for x in _kv_rows(cached.numel(), hk, d, device)), kv, cached, None)
     new_kv = (x.to(dtype) for x in _kv_rows(meta.num_tokens, hk, d, device))
@@ -164,13 +169,16 @@ def test_prefill_runs_the_gluon_kernel_on_hopper(device, page, dtype, heads):
     ref, size = _reference(q, kv, meta, d**-0.5, None)
     for gluon in (True, False):
         meta.plan = dataclasses.replace(meta.plan, prefill_gluon=gluon)
+        launches.clear()
         with poisoned_outputs():
             out = paged_attention(q, kv, meta, d**-0.5)
         assert_within(out, ref, 3 * ROUND * size + 1e-6, f"paged attention, gluon={gluon}")
+        assert len(launches) == int(gluon and hopper)  # the Gluon kernel ran exactly there
 
 
 def test_gluon_prefill_only_on_tested_triton_releases(caplog):
     """Gluon's API moves between Triton releases: an untested one keeps the Triton kernel."""
+    paged_prefill_gluon.tested_triton.cache_clear()  # it warns once per version
     tested = paged_prefill_gluon.TRITON_RELEASES[0] + "0"
     assert paged_prefill_gluon.tested_triton(tested)
     with caplog.at_level("WARNING", logger=paged_prefill_gluon.__name__):
