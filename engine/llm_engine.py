@@ -173,6 +173,8 @@ class LLMEngine:
 
     def _check_tokens(self, token_ids: list[int], what: str) -> None:
         vocab = self.config.model.vocab_size
+        if not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab):
+            return  # two passes in C; the per-token scan below only finds the culprit
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"{what} token id {bad[0]} is outside the vocabulary [0, {vocab})")

@@ -100,9 +100,8 @@ class ModelRunner:
             start = request.num_computed_tokens
             block_ids = kv.block_ids(request)
             input_ids.extend(request.token_ids[start : start + n])
-            pos = range(start, start + n)
-            positions.extend(pos)
-            slots.extend(block_ids[p // bs] * bs + p % bs for p in pos)
+            positions.extend(range(start, start + n))
+            slots.extend(_slots(block_ids, bs, start, start + n))
             query_lens.append(n)
             seq_lens.append(start + n)
             tables.append(block_ids)
@@ -138,7 +137,7 @@ class ModelRunner:
                 )
                 if not finishing:
                     return StepResult([], SampleResult([], []))
-                last = torch.tensor(last_rows, device=hidden.device)
+                (last,) = _to_device([last_rows], torch.long, hidden.device)
                 logits = self.model.logits(hidden[last])
                 return StepResult(finishing, self.sampler(logits, params, generators, suppressed))
         return StepResult(finishing, self.sampler(logits, params, generators, suppressed))
@@ -168,31 +167,28 @@ class ModelRunner:
         num_decodes: int,
     ) -> torch.Tensor:
         """One eager forward over the step's rows (any mix of decodes and prefill chunks)."""
-        device = self.config.device
+        device = torch.device(self.config.device)
         width = max(len(t) for t in tables)
-        table = torch.zeros((len(tables), width), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
         starts = [0]
         for q in query_lens:
             starts.append(starts[-1] + q)
+        table: list[int] = []
+        for t in tables:
+            table += t + [0] * (width - len(t))
+        ids_t, positions_t, slots_t = _to_device([input_ids, positions, slots], torch.long, device)
+        starts_t, seq_lens_t, table_t = _to_device([starts, seq_lens, table], torch.int32, device)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=table.to(device),
+            slot_mapping=slots_t,
+            query_start_loc=starts_t,
+            seq_lens=seq_lens_t,
+            block_tables=table_t.view(len(tables), width),
             num_decodes=num_decodes,
             block_size=self.block_size,
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
             row_invariant=self.config.batch_invariant,
         )
-        return self.model.forward(
-            torch.tensor(input_ids, dtype=torch.long, device=device),
-            torch.tensor(positions, dtype=torch.long, device=device),
-            self.kv_cache,
-            meta,
-        )
+        return self.model.forward(ids_t, positions_t, self.kv_cache, meta)
 
     def _suppressed(self, request: Request) -> tuple[int, ...]:
         p = request.params
@@ -200,3 +196,29 @@ class ModelRunner:
             return ()
         eos = () if p.ignore_eos else self.config.model.eos_token_ids
         return eos + p.stop_token_ids
+
+
+def _slots(block_ids: list[int], block_size: int, start: int, end: int) -> Iterator[int]:
+    """Cache slots of positions [start, end): one range per block, not one step per token."""
+    pos = start
+    while pos < end:
+        offset = pos % block_size
+        take = min(block_size - offset, end - pos)
+        first = block_ids[pos // block_size] * block_size + offset
+        yield from range(first, first + take)
+        pos += take
+
+
+def _to_device(
+    rows: list[list[int]], dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """Host lists as tensors on `device`: on a GPU one pinned buffer and one asynchronous
+    copy (separate pageable copies each waited for the host to convert its list, and
+    left the GPU idle before a long prefill's first kernel), split into contiguous views."""
+    values: list[int] = []
+    for row in rows:
+        values += row
+    flat = torch.tensor(values, dtype=dtype)
+    if device.type != "cpu":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return list(flat.split([len(row) for row in rows]))
