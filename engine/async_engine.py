@@ -30,6 +30,11 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; nothing more can be served by this engine."""
 
 
+class RequestRefused(ValueError):
+    """`generate` refused the request before queueing it (bad input, an id in use): nothing
+    of it exists in the engine, so the caller must not clean up under its id."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -55,10 +60,13 @@ class AsyncEngine:
         **add_kwargs: Any,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Bad input raises ValueError before anything is queued."""
-        self._check_alive()
+        self.check_alive()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
-            rid = self.engine.add_request(prompt, params, request_id, **add_kwargs)
+            try:
+                rid = self.engine.add_request(prompt, params, request_id, **add_kwargs)
+            except ValueError as e:
+                raise RequestRefused(str(e)) from e
             self._streams[rid] = stream
         self._wake.set()
         finished = False
@@ -71,7 +79,9 @@ class AsyncEngine:
                 yield item
         finally:
             with self._lock:
-                self._streams.pop(rid, None)
+                # A finished id can be taken again at once: only our own stream is ours.
+                if self._streams.get(rid) is stream:
+                    del self._streams[rid]
                 if not finished:
                     self.engine.abort(rid)
 
@@ -93,7 +103,8 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=30)
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raises EngineDeadError once the engine thread has failed or is shutting down."""
         if self._dead is not None:
             raise EngineDeadError(f"engine thread failed: {self._dead!r}") from self._dead
         if self._stopping:

@@ -80,6 +80,10 @@ class KVPort:
             out.append((b.block_hash, b.block_id))
         return out
 
+    def holds(self, request_id: str) -> bool:
+        """Whether a finished request's prompt blocks are still held under this id."""
+        return request_id in self._held
+
     def release_held(self, request_id: str) -> None:
         self.pool.free(reversed(self._held.pop(request_id, [])))
 

@@ -113,30 +113,18 @@ class LLMEngine:
         until it is scheduled. `hold_prompt_blocks` keeps the prompt's full blocks cached
         and pinned after the request finishes, for `port.held` and `port.release_held`.
         """
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(token_ids, params)
-        self._check_tokens(list(output_prefix), "output_prefix")
-        if len(output_prefix) > params.max_tokens:
-            raise ValueError("output_prefix is longer than max_tokens")
-        fingerprint = kv_fingerprint or self.fingerprint
-        if fingerprint.block_size != self.config.cache.block_size:
-            raise ValueError(
-                f"kv_fingerprint block size {fingerprint.block_size} differs from the "
-                f"engine's {self.config.cache.block_size}"
+        try:
+            request = self._admit(
+                prompt, params, request_id, cache_salt, kv_fingerprint, output_prefix
             )
-        request = Request(
-            request_id,
-            token_ids,
-            params,
-            root_hash(fingerprint, cache_salt),
-            self.config.cache.block_size,
-        )
+        except ValueError:
+            # The pins were handed over with the request: refused, it leaves none behind.
+            self.port.release(list(pinned_blocks))
+            raise
+        request_id = request.request_id
         request.pinned = [self.pool.blocks[i] for i in pinned_blocks]
         request.hold_prompt_blocks = hold_prompt_blocks
-        if fingerprint != self.fingerprint:
+        if (kv_fingerprint or self.fingerprint) != self.fingerprint:
             # Only the imported blocks belong to that chain: blocks this engine computes
             # after them are its own arithmetic, never to be cached under another's name.
             request.publish_limit = len(pinned_blocks)
@@ -152,6 +140,41 @@ class LLMEngine:
             if out.finished:
                 break
         return request_id
+
+    def _admit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None,
+        cache_salt: bytes,
+        kv_fingerprint: KVFingerprint | None,
+        output_prefix: Sequence[int],
+    ) -> Request:
+        """The request, validated (ValueError for input it cannot take), not yet queued."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests or self.port.holds(request_id):
+            # Held blocks are the finished request's until its server releases them: a new
+            # request under the id would replace them and strand them.
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(token_ids, params)
+        self._check_tokens(list(output_prefix), "output_prefix")
+        self._check_tokens(list(params.stop_token_ids), "stop_token_ids")
+        if len(output_prefix) > params.max_tokens:
+            raise ValueError("output_prefix is longer than max_tokens")
+        fingerprint = kv_fingerprint or self.fingerprint
+        if fingerprint.block_size != self.config.cache.block_size:
+            raise ValueError(
+                f"kv_fingerprint block size {fingerprint.block_size} differs from the "
+                f"engine's {self.config.cache.block_size}"
+            )
+        return Request(
+            request_id,
+            token_ids,
+            params,
+            root_hash(fingerprint, cache_salt),
+            self.config.cache.block_size,
+        )
 
     def _skip_sample(self, request: Request) -> None:
         # A token sampled elsewhere used one draw of the request's generator: take it here

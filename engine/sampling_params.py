@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_TOP_K = 2**31 - 1
+"""Any k at or above the vocabulary keeps every token; past int32 it only overflows."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(
+                f"top_k must be an integer in [0, {MAX_TOP_K}] (0 disables), got {self.top_k!r}"
+            )
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if len(self.stop) > MAX_STOP_STRINGS:

@@ -68,6 +68,11 @@ class PoolWorker:
             attributes=attributes,
         )
 
+    def check_health(self) -> None:
+        """Ray Serve's health probe: a replica whose engine thread died (a bug in a step) is
+        replaced, instead of failing every request it is sent."""
+        self.engine.check_alive()
+
     def describe(self) -> ModelCard:
         e = self.engine.engine
         return ModelCard(

@@ -8,6 +8,7 @@ import logging
 
 from opentelemetry import trace
 
+from engine.async_engine import RequestRefused
 from engine.handoff import Handoff, prefill_params
 from services.pool_requests import PrefillRequest
 from services.pool_worker import PoolWorker
@@ -45,6 +46,7 @@ class PrefillServer(PoolWorker):
             pinned = await self._fetch(request.block_hashes[: request.stored_prefix])
         last = None
         lease_id = ""
+        refused = False
         try:
             async for out in self.engine.generate(
                 request.prompt_token_ids,
@@ -63,6 +65,9 @@ class PrefillServer(PoolWorker):
                 lease_id = await self._export(rid, request.stored_prefix)
                 if not lease_id:
                     block_hashes = []
+        except RequestRefused:
+            refused = True  # never queued: the id may be another request's
+            raise
         except asyncio.CancelledError:
             # The router gave up (deadline): hand nothing over, pin nothing in the store.
             if lease_id and self.bridge is not None:
@@ -71,7 +76,8 @@ class PrefillServer(PoolWorker):
         finally:
             # Whether the request finished, failed or was cancelled mid-way: a request that
             # finished before its output was read still holds its prompt blocks.
-            self.engine.call(lambda _: port.release_held(rid))
+            if not refused:
+                self.engine.call(lambda _: port.release_held(rid))
         return Handoff(
             request_id=rid,
             prompt_token_ids=request.prompt_token_ids,

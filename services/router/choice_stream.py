@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from engine.outputs import RequestOutput
 from engine.sampler import TokenLogprobs
 from engine.tokenizer import Tokenizer
-from services.router.errors import ApiError, InvalidRequestError
+from services.router.errors import ApiError, InvalidRequestError, remote_cause
 from services.router.pipeline import Pipeline
 from services.router.request_plan import RequestPlan
 
@@ -162,7 +162,7 @@ class ChoiceStream:
         if isinstance(item, ApiError):
             raise item
         if isinstance(item, ValueError):  # the pipeline's word for input it cannot take
-            raise InvalidRequestError(str(item)) from item
+            raise InvalidRequestError(str(remote_cause(item))) from item
         if isinstance(item, BaseException):
             raise item
         return index, item

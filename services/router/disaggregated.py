@@ -81,6 +81,7 @@ class DisaggregatedPipeline(Pipeline):
         self.model_id = decode_card.model_id
         self.tokenizer = decode_card.tokenizer
         self.max_model_len = min(prefill_card.max_model_len, decode_card.max_model_len)
+        self.vocab_size = min(prefill_card.vocab_size, decode_card.vocab_size)
         self.fingerprint = prefill_card.fingerprint
         self.prefill = prefill
         self.decode = decode

@@ -10,6 +10,14 @@ from __future__ import annotations
 import grpc
 
 
+def remote_cause(error: BaseException) -> BaseException:
+    """What a pool raised, without the remote call's wrapper: Ray's RayTaskError carries
+    it as `cause`, and its own text is the whole remote traceback (paths, pids, colours),
+    which is no message for a client."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
 class ApiError(Exception):
     """A request the router answers with an error; `param` names the offending field."""
 

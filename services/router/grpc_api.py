@@ -26,7 +26,13 @@ from pydantic import ValidationError
 from proto.baton.v1 import inference_pb2 as pb
 from services.router.api_keys import ApiKeys
 from services.router.choice_stream import ChoiceOutput, ChoiceStream, Usage
-from services.router.errors import ApiError, InvalidRequestError, NotReadyError, OverloadedError
+from services.router.errors import (
+    ApiError,
+    InvalidRequestError,
+    NotReadyError,
+    OverloadedError,
+    remote_cause,
+)
 from services.router.openai_protocol import (
     MAX_REQUEST_BYTES,
     ChatCompletionRequest,
@@ -40,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "baton.v1.Inference"
 DEFAULT_PORT = 50051
+MAX_REQUEST_ID = 256  # characters; the id is echoed in every response and in traces
 _OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "min_tokens")
 M = TypeVar("M", bound=Message)
 
@@ -70,6 +77,10 @@ class InferenceServicer:
             openai_request = _openai_request(request)
             pipeline = serving_pipeline(self._get_pipeline)
             request_id = request.request_id or None
+            if request_id is not None and len(request_id) > MAX_REQUEST_ID:
+                raise InvalidRequestError(
+                    f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID}"
+                )
             if isinstance(openai_request, ChatCompletionRequest):
                 plan = plan_chat(openai_request, pipeline, request_id, tenant)
             else:
@@ -85,7 +96,7 @@ class InferenceServicer:
             await context.abort(e.grpc_code, e.message)
         except Exception as e:  # a pipeline failure, not the request's fault
             log.exception("Generate failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {e!r}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {remote_cause(e)!r}")
 
     async def ListModels(self, raw: bytes, context: Context) -> pb.ListModelsResponse:
         try:

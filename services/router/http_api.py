@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.router.api_keys import ApiKeys
 from services.router.choice_stream import ChoiceStream
-from services.router.errors import ApiError, OverloadedError, RequestTooLargeError
+from services.router.errors import ApiError, OverloadedError, RequestTooLargeError, remote_cause
 from services.router.openai_chat import chat_chunks, chat_response
 from services.router.openai_completions import completion_chunks, completion_response
 from services.router.openai_protocol import (
@@ -171,7 +171,8 @@ async def _server_sent_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator
         async for chunk in chunks:
             yield f"data: {chunk.model_dump_json()}\n\n"
     except Exception as e:  # the status line is sent: the error becomes the last event
-        error = e if isinstance(e, ApiError) else ApiError(f"generation failed: {e!r}")
+        failed = ApiError(f"generation failed: {remote_cause(e)!r}")
+        error = e if isinstance(e, ApiError) else failed
         if not isinstance(e, ApiError):
             log.exception("stream failed")
         yield f"data: {_error_body(error).model_dump_json()}\n\n"
@@ -237,7 +238,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def internal_error(_: Request, e: Exception) -> Response:
         log.error("request failed", exc_info=e)
-        return _error_response(ApiError(f"internal error: {e!r}"))
+        return _error_response(ApiError(f"internal error: {remote_cause(e)!r}"))
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -35,6 +35,7 @@ class InstrumentedPipeline(Pipeline):
         self.model_id = inner.model_id
         self.tokenizer = inner.tokenizer
         self.max_model_len = inner.max_model_len
+        self.vocab_size = inner.vocab_size
 
     def ready(self) -> bool:
         return self.inner.ready()

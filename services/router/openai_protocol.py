@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
+from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, MAX_TOP_K
 from services.router.errors import InvalidRequestError
 
 MAX_N = 128  # OpenAI's limit on choices per request
@@ -47,7 +47,9 @@ class SamplingRequest(BaseModel):
     model: str | None = Field(None, description="The served model's id; omitted: that model.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus mass; default 1.")
-    top_k: int | None = Field(None, ge=-1, description="Extension: 0 or -1 disables top-k.")
+    top_k: int | None = Field(
+        None, ge=-1, le=MAX_TOP_K, description="Extension: 0 or -1 disables top-k."
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Choice i of n samples with seed+i.")
     stop: NonEmptyStr | StopList | None = Field(None, description="Strings that end a choice.")
     stop_token_ids: list[TokenId] | None = Field(None, description="Extension: ids that end it.")

@@ -35,6 +35,7 @@ class Pipeline(ABC):
     model_id: str
     tokenizer: Tokenizer
     max_model_len: int
+    vocab_size: int  # token ids a prompt may hold: [0, vocab_size)
 
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
@@ -53,6 +54,7 @@ class ColocatedPipeline(Pipeline):
         self.model_id = model_id
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.config.scheduler.max_model_len
+        self.vocab_size = engine.engine.config.model.vocab_size
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         async for out in self.engine.generate(

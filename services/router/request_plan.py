@@ -40,15 +40,18 @@ SEED_LIMIT = 2**63
 
 @dataclass(frozen=True)
 class RequestPlan:
-    request_id: str  # "cmpl-…" or "chatcmpl-…"; choice i runs as f"{request_id}-{i}"
+    request_id: str  # what the client sees: its own id, or "cmpl-…" / "chatcmpl-…"
     model: str
     prompts: list[list[int]]
     n: int
     params: list[SamplingParams]  # one per choice, len(prompts) * n
     cache_salt: bytes = b""
+    run_id: str = ""  # unique; choice i runs as f"{run_id}-{i}" (default: request_id)
 
     def __post_init__(self) -> None:
         assert len(self.params) == len(self.prompts) * self.n
+        if not self.run_id:
+            object.__setattr__(self, "run_id", self.request_id)
 
     @property
     def num_choices(self) -> int:
@@ -60,7 +63,7 @@ class RequestPlan:
     def generation_requests(self) -> list[GenerationRequest]:
         return [
             GenerationRequest(
-                f"{self.request_id}-{i}",
+                f"{self.run_id}-{i}",
                 self.prompts[self.prompt_of(i)],
                 params,
                 cache_salt=self.cache_salt,
@@ -87,11 +90,12 @@ def plan_completion(
     prompts = [
         pipeline.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in request.prompts
     ]
+    _check_token_ids(prompts, request, pipeline.vocab_size)
     max_tokens = request.max_tokens or DEFAULT_COMPLETION_TOKENS
     params = _choice_params(request, len(prompts), max_tokens, request.logprobs)
-    return RequestPlan(
-        request_id or _new_id("cmpl"), model, prompts, request.n, params, _salt(request, tenant)
-    )
+    salt = _salt(request, tenant)
+    shown, run = _ids(request_id, "cmpl")
+    return RequestPlan(shown, model, prompts, request.n, params, salt, run)
 
 
 def plan_chat(
@@ -110,9 +114,10 @@ def plan_chat(
     # fills the window gets the engine's context-length error rather than this one's.
     max_tokens = request.max_output_tokens or max(1, pipeline.max_model_len - len(prompt))
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    _check_token_ids([prompt], request, pipeline.vocab_size)
     params = _choice_params(request, 1, max_tokens, logprobs)
-    salt = _salt(request, tenant)
-    return RequestPlan(request_id or _new_id("chatcmpl"), model, [prompt], request.n, params, salt)
+    shown, run = _ids(request_id, "chatcmpl")
+    return RequestPlan(shown, model, [prompt], request.n, params, _salt(request, tenant), run)
 
 
 def _salt(request: SamplingRequest, tenant: str) -> bytes:
@@ -168,3 +173,33 @@ def _choice_params(
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _ids(client_id: str | None, prefix: str) -> tuple[str, str]:
+    """(the id the client sees, the unique id its choices run under). A client's own id
+    is echoed, never trusted to be unique: two requests under one id would share engine
+    request ids, and one's cleanup would free the other's blocks."""
+    if client_id is None:
+        own = _new_id(prefix)
+        return own, own
+    return client_id, f"{client_id}.{uuid.uuid4().hex[:12]}"
+
+
+def _check_token_ids(prompts: list[list[int]], request: SamplingRequest, vocab: int) -> None:
+    """Refused here, with the field named, rather than by the engine behind a pool."""
+    for j, prompt in enumerate(prompts):
+        which = "prompt" if len(prompts) == 1 else f"prompt {j}"
+        if not prompt:
+            message = f"{which} is empty: it must hold at least one token"
+            raise InvalidRequestError(message, param="prompt")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = next(t for t in prompt if not 0 <= t < vocab)
+            raise InvalidRequestError(
+                f"{which}: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt"
+            )
+    for t in request.stop_token_ids or ():
+        if not 0 <= t < vocab:
+            raise InvalidRequestError(
+                f"stop_token_ids: token id {t} is outside the vocabulary [0, {vocab})",
+                param="stop_token_ids",
+            )

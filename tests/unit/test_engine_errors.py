@@ -15,7 +15,8 @@ from tests.unit.conftest import MakeEngine, assert_idle
         ({"temperature": -0.5}, r"temperature must be in \[0, 2\]"),
         ({"temperature": 3.0}, r"temperature must be in \[0, 2\]"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"top_k": -1}, r"top_k must be an integer in \[0, 2147483647\]"),
+        ({"top_k": 2**63}, r"top_k must be an integer in \[0, 2147483647\]"),
         ({"seed": -1}, "seed must be in"),
         ({"stop": ("",)}, "stop strings must be non-empty"),
         ({"stop": tuple("abcdefghijklmnopq")}, "stop takes at most 16"),
@@ -49,6 +50,33 @@ def test_bad_prompts(make_engine: MakeEngine, prompt: list[int] | str, message: 
     engine = make_engine()
     with pytest.raises(ValueError, match=message):
         engine.add_request(prompt, SamplingParams())
+    assert_idle(engine)
+
+
+def test_stop_token_ids_outside_the_vocabulary(make_engine: MakeEngine) -> None:
+    """Checked at admission: a step suppressing them (before min_tokens) would index the
+    logits out of range and take the engine down with every request on it."""
+    engine = make_engine()
+    params = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=(49152,))
+    with pytest.raises(ValueError, match=r"stop_token_ids token id 49152 is outside"):
+        engine.add_request([1, 2, 3], params)
+    assert_idle(engine)
+
+
+def test_a_refused_request_releases_the_blocks_pinned_for_it(make_engine: MakeEngine) -> None:
+    """Imported KV is pinned before the request is added; a refusal must not strand it."""
+    engine = make_engine()
+    blocks = engine.port.reserve(3)
+    assert blocks is not None
+    engine.port.publish(blocks, [bytes([i]) * 32 for i in range(3)])
+    for prompt, request_id in (([5, 49152], None), ([1, 2], "y")):
+        if request_id == "y":
+            engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), request_id="y")
+            blocks = engine.port.reserve(2)
+            assert blocks is not None
+        with pytest.raises(ValueError, match=r"outside the vocabulary|already in use"):
+            engine.add_request(prompt, SamplingParams(), request_id, pinned_blocks=blocks)
+    assert engine.abort("y")
     assert_idle(engine)
 
 

@@ -16,6 +16,7 @@ import openai
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from ray.exceptions import RayTaskError
 
 from engine.async_engine import AsyncEngine
 from engine.engine_args import EngineArgs
@@ -129,21 +130,27 @@ def grpc_address(pipeline: ColocatedPipeline) -> Iterator[str]:
 
 
 class SwitchedPipeline(Pipeline):
-    """The real pipeline behind switches a test flips: not ready, queues full, or failing
-    after some outputs (as when a decode replica dies mid-stream)."""
+    """The real pipeline behind switches a test flips: not ready, queues full, failing
+    after some outputs (as when a decode replica dies mid-stream), or refusing the request
+    from behind a Ray call (the pool's ValueError inside Ray's RayTaskError)."""
 
     def __init__(self, inner: Pipeline) -> None:
         self.inner = inner
         self.model_id = inner.model_id
         self.tokenizer = inner.tokenizer
         self.max_model_len = inner.max_model_len
+        self.vocab_size = inner.vocab_size
         self.is_ready = True
         self.full = False
         self.fail_after: int | None = None
+        self.refusal: str | None = None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if self.full:
             raise OverloadedError("every decode replica's queue is full", retry_after_s=2.5)
+        if self.refusal is not None:
+            remote = "Traceback (most recent call last):\n  File ...\nValueError: " + self.refusal
+            raise RayTaskError("generate", remote, ValueError(self.refusal)).as_instanceof_cause()
         outputs = cast(AsyncGenerator[RequestOutput, None], self.inner.generate(request))
         async with contextlib.aclosing(outputs):
             sent = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -115,6 +116,12 @@ def test_token_ids_prompt_and_stop_string(
             grpc.StatusCode.INVALID_ARGUMENT,
             "this model's context window is 1024 tokens",
         ),
+        (
+            {"prompt_token_ids": pb.TokenIds(ids=[5, 49152])},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt: token id 49152 is outside the vocabulary [0, 49152)",
+        ),
+        ({"prompt": "Hi", "request_id": "x" * 257}, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
     ],
 )
 def test_errors_end_the_call_with_their_status(
@@ -123,6 +130,27 @@ def test_errors_end_the_call_with_their_status(
     error = failure(channel, **fields)
     assert error.code() == code
     assert error.details().startswith(says)
+
+
+def test_requests_sharing_a_client_id_run_apart(grpc_address: str, engine: AsyncEngine) -> None:
+    """A client's request_id is echoed, not used as the engine's: concurrent calls under one
+    id used to collide (one refused with a traceback, one's cleanup freeing the other's
+    blocks, one left waiting for outputs that went to the other's stream)."""
+    request = pb.GenerateRequest(
+        model=MODEL_ID, prompt=PROMPT, max_tokens=24, ignore_eos=True, request_id="dup-a"
+    )
+
+    def run(_: int) -> list[pb.GenerateResponse]:
+        with grpc.insecure_channel(grpc_address) as channel:
+            return list(pb_grpc.InferenceStub(channel).Generate(request, timeout=60))
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(run, range(3)))
+    for responses in results:
+        assert {r.request_id for r in responses} == {"dup-a"}
+        assert responses[-1].finish_reason == "length"
+        assert sum(len(r.token_ids) for r in responses) == 24
+    wait_until_idle(engine)
 
 
 def test_cancelling_the_call_aborts_the_request(channel: grpc.Channel, engine: AsyncEngine) -> None:

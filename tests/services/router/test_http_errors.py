@@ -191,3 +191,40 @@ def test_a_pipeline_failing_mid_stream_ends_the_stream_with_an_error_event(
     }
     assert plain.status_code == 500
     assert plain.json()["error"]["message"] == "internal error: RuntimeError('decode replica lost')"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        ({"prompt": [5, 49152]}, "prompt", "prompt: token id 49152 is outside the vocabulary"),
+        ({"prompt": [[5], [49153]]}, "prompt", "prompt 1: token id 49153 is outside"),
+        ({"prompt": ["Hi", ""]}, "prompt", "prompt 1 is empty"),
+        ({"extra_body": {"stop_token_ids": [2**40]}}, "stop_token_ids", "is outside the vocab"),
+        ({"extra_body": {"top_k": 2**70}}, "top_k", "less than or equal to 2147483647"),
+    ],
+)
+def test_token_ids_and_top_k_the_engine_cannot_take_are_400_at_the_router(
+    client: openai.OpenAI, pipeline: ColocatedPipeline, fields: dict[str, Any], param: str,
+    says: str,
+) -> None:  # fmt: skip
+    """Refused where the request enters, with the field named: behind a pool they came back
+    as the remote call's traceback, and a top_k past int64 overflowed inside a step and took
+    the whole engine down."""
+    assert pipeline.vocab_size == 49152
+    body = bad_request(client, **fields)
+    assert body["param"] == param
+    assert says in body["message"] and "Traceback" not in body["message"]
+    assert client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=1).choices
+
+
+def test_a_pools_refusal_reaches_the_client_as_its_own_message(
+    pipeline: ColocatedPipeline,
+) -> None:
+    """Through Ray the pool's ValueError arrives as a RayTaskError, whose text is the whole
+    remote traceback (paths, pids, ANSI colours): the client gets the pool's message."""
+    switched = SwitchedPipeline(pipeline)
+    switched.refusal = "prompt token id 7 is not allowed here"
+    with serve_http(build_http_app(lambda: switched)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        body = bad_request(client)
+    assert body["message"] == "prompt token id 7 is not allowed here"

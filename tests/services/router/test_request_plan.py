@@ -40,7 +40,12 @@ def test_choices_are_prompt_major_with_seed_plus_index(pipeline: ColocatedPipeli
     assert [p.seed for p in plan.params] == [2**63 - 2, 2**63 - 1, 0] * 2
     assert plan.params[0] == SamplingParams(max_tokens=16, seed=2**63 - 2, stop=("\n",))
     requests = plan.generation_requests()
-    assert [r.request_id for r in requests] == [f"cmpl-x-{i}" for i in range(6)]
+    assert plan.request_id == "cmpl-x" and plan.run_id.startswith("cmpl-x.")
+    assert [r.request_id for r in requests] == [f"{plan.run_id}-{i}" for i in range(6)]
+    again = plan_completion(request, pipeline, "cmpl-x")  # a client's id is not unique
+    assert again.request_id == "cmpl-x" and again.run_id != plan.run_id
+    own = plan_completion(request, pipeline)
+    assert own.run_id == own.request_id and own.request_id.startswith("cmpl-")
     assert [r.prompt_token_ids for r in requests] == [plan.prompts[0]] * 3 + [plan.prompts[1]] * 3
 
 
