@@ -26,7 +26,7 @@ def secret_volume(name: str) -> dict[str, Any]:
 
 def kvstore_pod(release: Release) -> dict[str, Any]:
     spec: dict[str, Any] = release.get("StatefulSet", f"{FULLNAME}-kvstore")["spec"]
-    return spec["template"]["spec"]  # type: ignore[no-any-return]
+    return spec["template"]["spec"]
 
 
 def token_of(secret: Manifest) -> str:

@@ -16,7 +16,7 @@ def container(release: Any, name: str) -> dict[str, Any]:
     (c,) = release.get("StatefulSet", f"{FULLNAME}-{name}")["spec"]["template"]["spec"][
         "containers"
     ]
-    return c  # type: ignore[no-any-return]
+    return c
 
 
 def test_the_bundled_redis_admits_only_the_shards() -> None:

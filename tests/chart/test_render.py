@@ -326,6 +326,19 @@ def test_operator_off() -> None:
     assert {"ServiceAccount", "Role", "RoleBinding", "Deployment"}.isdisjoint(
         o["kind"] for o in release.objects
     )
+    assert (
+        "WARNING: operator.enabled is false, so no CapacityPolicy sizes the prefill and decode\n"
+        "pools, which stay at pools.*.replicas."
+    ) in release.notes
+    assert "WARNING: operator.enabled" not in render("default").notes
+    fixed = {"enabled": False}
+    acknowledged = render_values(
+        {
+            "operator": {"enabled": False},
+            "pools": {"prefill": {"capacityPolicy": fixed}, "decode": {"capacityPolicy": fixed}},
+        }
+    )
+    assert "WARNING: operator.enabled" not in acknowledged.notes
 
 
 def test_three_kvstore_shards() -> None:

@@ -9,6 +9,7 @@ import helm_python as helm
 import pytest
 
 from tests.chart.chart import render_values
+from tests.chart.test_render import admission_errors
 
 SCHEMA_ERRORS = [
     (
@@ -54,6 +55,52 @@ SCHEMA_ERRORS = [
     ),
     ({"mode": "split"}, "at '/mode': value must be one of 'disaggregated', 'colocated'"),
     ({"replicas": 3}, "at '': additional properties 'replicas' not allowed"),
+    (
+        {"pools": {"decode": {"resources": {"requests": {"cpu": "lots"}}}}},
+        "at '/pools/decode/resources/requests/cpu': 'lots' does not match pattern",
+    ),
+    (
+        {"router": {"resources": {"requests": {"cpu": -1}}}},
+        "at '/router/resources/requests/cpu': minimum: got -1, want 0",
+    ),
+    (
+        {"operator": {"resources": {"limits": {"cpu": "-500m"}}}},
+        "at '/operator/resources/limits/cpu': '-500m' does not match pattern",
+    ),
+    (
+        # 512 millibytes: a valid quantity the kubelet rounds to a 1-byte limit.
+        {"ray": {"head": {"resources": {"limits": {"memory": "512m"}}}}},
+        "at '/ray/head/resources/limits/memory': '512m' does not match pattern",
+    ),
+    (
+        {"pools": {"prefill": {"resources": {"limits": {"ephemeral-storage": "-1Gi"}}}}},
+        "at '/pools/prefill/resources/limits/ephemeral-storage': '-1Gi' does not match pattern",
+    ),
+    (
+        {"pools": {"prefill": {"resources": {"limits": {"nvidia.com/gpu": 0.5}}}}},
+        "at '/pools/prefill/resources/limits/nvidia.com~1gpu': got number, want integer or string",
+    ),
+    (
+        {"router": {"resources": {"requests": {"cpus": "2"}}}},
+        "at '/router/resources/requests': additional properties 'cpus' not allowed",
+    ),
+    (
+        {"operator": {"watchNamespaces": ["Team A"]}},
+        "at '/operator/watchNamespaces/0': 'Team A' does not match pattern",
+    ),
+    (
+        {"commonLabels": {"team": "ml platform!"}},
+        "at '/commonLabels/team': 'ml platform!' does not match pattern",
+    ),
+    (
+        {"commonLabels": {"team": "x" * 64}},
+        "at '/commonLabels/team': maxLength: got 64, want 63",
+    ),
+    (
+        {"podLabels": {"bad key": "x"}},
+        # Helm's validator reports a bad key at the root, not at its map.
+        "invalid propertyName 'bad key'",
+    ),
 ]
 
 
@@ -79,6 +126,49 @@ TEMPLATE_ERRORS = [
         {"inferencePool": {"enabled": True}},
         "inferencePool.enabled needs inferencePool.endpointPicker.name",
     ),
+    (
+        {"router": {"httpPort": 50051}},
+        "router.httpPort and router.grpcPort are both 50051: the router Service needs two ports",
+    ),
+    (
+        {"kvstore": {"metricsPort": 50052}},
+        "kvstore.port and kvstore.metricsPort are both 50052: the KV store Service needs two ports",
+    ),
+    (
+        {"model": {"mountPath": "/tmp", "volume": {"emptyDir": {}}}},
+        "model.mountPath (/tmp) is already mounted in the Ray pods: use a path other than "
+        "/dev/shm, /tmp and /etc/baton/kvstore-token",
+    ),
+    (
+        {"model": {"mountPath": "/dev/shm/", "volume": {"emptyDir": {}}}},
+        "model.mountPath (/dev/shm/) is already mounted in the Ray pods",
+    ),
+    (
+        {"ray": {"autoscaler": {"enabled": False}}},
+        "ray.autoscaler.enabled is false, so the worker group of pools.prefill stays at "
+        "replicas (1) pods, but the operator may raise its Serve replicas to maxReplicas (4), "
+        "which could never be placed: enable ray.autoscaler, set pools.prefill.replicas to "
+        "maxReplicas (a fixed-size group), or set pools.prefill.capacityPolicy.enabled=false",
+    ),
+    (
+        {"router": {"podDisruptionBudget": {"enabled": True, "minAvailable": 5}}},
+        "router.podDisruptionBudget.minAvailable (5) must be less than router.replicas (1): "
+        "otherwise no router pod can ever be evicted and node drains hang",
+    ),
+    (
+        {
+            "pools": {
+                "decode": {
+                    "minReplicas": 2,
+                    "replicas": 3,
+                    "podDisruptionBudget": {"minAvailable": 2},
+                }
+            }
+        },
+        "pools.decode.podDisruptionBudget.minAvailable (2) must be less than "
+        "pools.decode.minReplicas (2): otherwise no decode pod can be evicted once the pool is "
+        "at minReplicas and node drains hang",
+    ),
 ]
 
 
@@ -87,6 +177,41 @@ def test_chart_rejects(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmRenderError) as raised:
         render_values(values)
     assert message in str(raised.value)
+
+
+def test_kubernetes_quantities_are_accepted() -> None:
+    """The quantity patterns refuse no form the API server takes for these resources."""
+    quantities = {
+        "cpu": "1.5",
+        "memory": "1e9",
+        "ephemeral-storage": "10G",
+        "hugepages-2Mi": "64Mi",
+        "nvidia.com/gpu": 1,
+    }
+    values = {"requests": {**quantities, "cpu": 0.25, "memory": 2**30}, "limits": quantities}
+    release = render_values({"pools": {"decode": {"resources": values}}})
+    (decode,) = release.worker_group("decode")["template"]["spec"]["containers"]
+    assert decode["resources"]["limits"] == quantities
+    assert admission_errors(release.rayservice) == []
+
+
+def test_fixed_size_pools_need_no_autoscaler() -> None:
+    """Without Ray's autoscaler a pool works when its worker group already holds every
+    replica the operator may ask for, or when no policy sizes it."""
+    values = {
+        "ray": {"autoscaler": {"enabled": False}},
+        "pools": {
+            "prefill": {"replicas": 4},
+            "decode": {"capacityPolicy": {"enabled": False}},
+        },
+    }
+    groups = render_values(values).rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert [(g["groupName"], g["replicas"]) for g in groups] == [
+        ("router", 1),
+        ("prefill", 4),
+        ("decode", 1),
+    ]
+    render_values({"ray": {"autoscaler": {"enabled": False}}, "operator": {"enabled": False}})
 
 
 def test_colocated_mode_takes_no_prefill_replicas() -> None:

@@ -191,21 +191,3 @@ Bytes in a Kubernetes memory quantity ("4Gi", "512Mi", "1.5G", "1048576"), as an
 {{- define "baton.rayResource" -}}
 {{- printf "baton_%s" . }}
 {{- end }}
-
-{{/*
-Checks that span several values, which values.schema.json cannot express.
-*/}}
-{{- define "baton.validate" -}}
-{{- range $pool := splitList " " (include "baton.poolNames" .) }}
-{{- $v := index $.Values.pools $pool }}
-{{- if or (lt (int $v.replicas) (int $v.minReplicas)) (gt (int $v.replicas) (int $v.maxReplicas)) }}
-{{- fail (printf "pools.%s.replicas (%d) must lie within minReplicas (%d) and maxReplicas (%d)" $pool (int $v.replicas) (int $v.minReplicas) (int $v.maxReplicas)) }}
-{{- end }}
-{{- end }}
-{{- if and (include "baton.kvstoreEnabled" .) (gt (int .Values.kvstore.shards) 1) (not (include "baton.redisConfigured" .)) }}
-{{- fail "kvstore.shards > 1 needs a prefix index the shards share: set redis.enabled, redis.external.url or redis.external.existingSecret" }}
-{{- end }}
-{{- if and .Values.inferencePool.enabled (not .Values.inferencePool.endpointPicker.name) }}
-{{- fail "inferencePool.enabled needs inferencePool.endpointPicker.name: the Service of the endpoint picker you deploy" }}
-{{- end }}
-{{- end }}

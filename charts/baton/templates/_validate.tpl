@@ -1,0 +1,91 @@
+{{/*
+Checks that span several values, which values.schema.json cannot express: each would
+otherwise render objects the API server refuses halfway through an install, or that run
+but cannot work. rayservice.yaml includes it, so every install runs it.
+*/}}
+{{- define "baton.validate" -}}
+{{- range $pool := splitList " " (include "baton.poolNames" .) }}
+{{- $v := index $.Values.pools $pool }}
+{{- if gt (int $v.minReplicas) (int $v.maxReplicas) }}
+{{- fail (printf "pools.%s.minReplicas (%d) must be less than or equal to maxReplicas (%d)" $pool (int $v.minReplicas) (int $v.maxReplicas)) }}
+{{- end }}
+{{- if or (lt (int $v.replicas) (int $v.minReplicas)) (gt (int $v.replicas) (int $v.maxReplicas)) }}
+{{- fail (printf "pools.%s.replicas (%d) must lie within minReplicas (%d) and maxReplicas (%d)" $pool (int $v.replicas) (int $v.minReplicas) (int $v.maxReplicas)) }}
+{{- end }}
+{{- /* The operator may shrink the pool to minReplicas, where a larger budget blocks every eviction. */}}
+{{- $pdb := $v.podDisruptionBudget }}
+{{- if and $pdb.enabled (not (kindIs "invalid" $pdb.minAvailable)) (ge (int $pdb.minAvailable) (int $v.minReplicas)) }}
+{{- fail (printf "pools.%s.podDisruptionBudget.minAvailable (%d) must be less than pools.%s.minReplicas (%d): otherwise no %s pod can be evicted once the pool is at minReplicas and node drains hang" $pool (int $pdb.minAvailable) $pool (int $v.minReplicas) $pool) }}
+{{- end }}
+{{- if and $.Values.operator.enabled $v.capacityPolicy.enabled }}
+{{- include "baton.validatePolicy" (list $pool $v.capacityPolicy) }}
+{{- /* Without Ray's autoscaler KubeRay keeps `replicas` worker pods, one Serve replica each. */}}
+{{- if and (not $.Values.ray.autoscaler.enabled) (lt (int $v.replicas) (int $v.maxReplicas)) }}
+{{- fail (printf "ray.autoscaler.enabled is false, so the worker group of pools.%s stays at replicas (%d) pods, but the operator may raise its Serve replicas to maxReplicas (%d), which could never be placed: enable ray.autoscaler, set pools.%s.replicas to maxReplicas (a fixed-size group), or set pools.%s.capacityPolicy.enabled=false" $pool (int $v.replicas) (int $v.maxReplicas) $pool $pool) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $router := .Values.router }}
+{{- if and $router.podDisruptionBudget.enabled (not (kindIs "invalid" $router.podDisruptionBudget.minAvailable)) (ge (int $router.podDisruptionBudget.minAvailable) (int $router.replicas)) }}
+{{- fail (printf "router.podDisruptionBudget.minAvailable (%d) must be less than router.replicas (%d): otherwise no router pod can ever be evicted and node drains hang" (int $router.podDisruptionBudget.minAvailable) (int $router.replicas)) }}
+{{- end }}
+{{- if eq (int $router.httpPort) (int $router.grpcPort) }}
+{{- fail (printf "router.httpPort and router.grpcPort are both %d: the router Service needs two ports" (int $router.httpPort)) }}
+{{- end }}
+{{- if and (include "baton.kvstoreEnabled" .) (eq (int .Values.kvstore.port) (int .Values.kvstore.metricsPort)) }}
+{{- fail (printf "kvstore.port and kvstore.metricsPort are both %d: the KV store Service needs two ports" (int .Values.kvstore.port)) }}
+{{- end }}
+{{- $mounts := list "/dev/shm" "/tmp" (include "baton.kvstoreTokenDir" .) }}
+{{- if and .Values.model.volume (has (clean .Values.model.mountPath) $mounts) }}
+{{- fail (printf "model.mountPath (%s) is already mounted in the Ray pods: use a path other than %s" .Values.model.mountPath (printf "%s and %s" (join ", " (initial $mounts)) (last $mounts))) }}
+{{- end }}
+{{- if and (include "baton.kvstoreEnabled" .) (gt (int .Values.kvstore.shards) 1) (not (include "baton.redisConfigured" .)) }}
+{{- fail "kvstore.shards > 1 needs a prefix index the shards share: set redis.enabled, redis.external.url or redis.external.existingSecret" }}
+{{- end }}
+{{- if and .Values.inferencePool.enabled (not .Values.inferencePool.endpointPicker.name) }}
+{{- fail "inferencePool.enabled needs inferencePool.endpointPicker.name: the Service of the endpoint picker you deploy" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The CapacityPolicy CRD's CEL rules on the fields a pool's values pass through, with the
+CRD's messages (values.schema.json holds the rest of its schema: tests/chart/policy_schema.py).
+`include "baton.validatePolicy" (list "decode" $values.pools.decode.capacityPolicy)`
+*/}}
+{{- define "baton.validatePolicy" -}}
+{{- $pool := index . 0 }}
+{{- $policy := index . 1 }}
+{{- $where := printf "pools.%s.capacityPolicy" $pool }}
+{{- $objectives := $policy.objectives | default dict }}
+{{- $capacity := $policy.capacity | default dict }}
+{{- if and (ne $pool "prefill") (hasKey $objectives "ttftP90Ms") }}
+{{- fail (printf "%s: objectives.ttftP90Ms applies to the prefill pool only" $where) }}
+{{- end }}
+{{- if and (ne $pool "decode") (or (hasKey $objectives "itlP90Ms") (hasKey $objectives "kvCacheUtilization")) }}
+{{- fail (printf "%s: objectives.itlP90Ms and objectives.kvCacheUtilization apply to the decode pool only" $where) }}
+{{- end }}
+{{- if and (ne $pool "decode") (hasKey $capacity "sequencesPerReplica") }}
+{{- fail (printf "%s: capacity.sequencesPerReplica applies to the decode pool only" $where) }}
+{{- end }}
+{{- if not (or $objectives (hasKey $capacity "tokensPerSecondPerReplica") (hasKey $capacity "sequencesPerReplica")) }}
+{{- fail (printf "%s: set at least one objective or capacity hint: nothing would drive scaling" $where) }}
+{{- end }}
+{{- $metrics := $policy.metrics | default dict }}
+{{- range $source := list "prometheus" "scrape" }}
+{{- if and (eq (toString $metrics.source) $source) (not (hasKey $metrics $source)) }}
+{{- fail (printf "%s: metrics.%s is required when metrics.source is %s" $where $source $source) }}
+{{- end }}
+{{- end }}
+{{- $behavior := $policy.behavior | default dict }}
+{{- range $direction := list "scaleUp" "scaleDown" }}
+{{- $rules := get $behavior $direction | default dict }}
+{{- if and (hasKey $rules "policies") (not $rules.policies) (ne (toString $rules.selectPolicy) "Disabled") }}
+{{- fail (printf "%s: behavior.%s.policies must not be empty unless selectPolicy is Disabled" $where $direction) }}
+{{- end }}
+{{- end }}
+{{- range $i, $step := (get $behavior "scaleDown" | default dict).policies }}
+{{- if and (eq $step.type "Percent") (gt (int $step.value) 100) }}
+{{- fail (printf "%s: behavior.scaleDown.policies[%d]: a Percent policy cannot exceed 100 (got %d)" $where $i (int $step.value)) }}
+{{- end }}
+{{- end }}
+{{- end }}
