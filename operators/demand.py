@@ -26,6 +26,7 @@ from operators.metrics_window import MetricsWindow
 from operators.pool_policy import Pool, PoolPolicy
 
 _EPS = 1e-9  # keeps ceil(3 * (4 / 3)) at 4 despite float rounding
+_MOST_REPLICAS = 2**31 - 1  # Kubernetes counts replicas in int32
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class Signal:
 
 
 def _ceil(x: float) -> int:
-    return math.ceil(x - _EPS)
+    """Replicas for a demand of `x`; finite inputs can still overflow to +Inf (1e300 / 1e-10)."""
+    return _MOST_REPLICAS if x >= _MOST_REPLICAS else math.ceil(x - _EPS)
 
 
 def _ratio_signal(

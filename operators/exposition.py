@@ -3,7 +3,8 @@
 Metric names are DESIGN.md "Telemetry"'s, less the `baton_` prefix; series carry the
 labels `pool` (only `prefill` and `decode` matter here) and `model`. Series of one
 pool are merged: histograms bucket by bucket, counters summed, gauges kept per series
-(waiting/running are summed later, KV cache use averaged).
+(waiting/running are summed later, KV cache use averaged). Samples that are not finite
+numbers are left out, as `metrics_window.finite` has every source do.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from operators.histogram import Histogram
+from operators.metrics_window import finite
 from operators.pool_policy import Pool
 
 TTFT = "time_to_first_token_seconds"
@@ -57,17 +59,18 @@ class Exposition:
                     continue
                 if model is not None and sample.labels.get("model") != model:
                     continue
-                if not sample.name.startswith(prefix):
+                value = finite(sample.value)
+                if not sample.name.startswith(prefix) or value is None:
                     continue
                 name, pool = sample.name[len(prefix) :], Pool(pool_label)
                 if name.endswith("_bucket") and name[: -len("_bucket")] in HISTOGRAMS:
                     series = buckets.setdefault((pool, name[: -len("_bucket")]), {})
                     le = float(sample.labels["le"])
-                    series[le] = series.get(le, 0.0) + sample.value
+                    series[le] = series.get(le, 0.0) + value
                 elif name in COUNTERS:
-                    counters[pool, name] = counters.get((pool, name), 0.0) + sample.value
+                    counters[pool, name] = counters.get((pool, name), 0.0) + value
                 elif name in GAUGES:
-                    gauges.setdefault((pool, name), []).append(sample.value)
+                    gauges.setdefault((pool, name), []).append(value)
         return cls(
             {
                 pool: PoolSeries(

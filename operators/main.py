@@ -12,8 +12,10 @@ import argparse
 import logging
 
 import kopf
+from pydantic import ValidationError
 
 from operators.handlers import OperatorConfig, build_registry
+from operators.policy_spec import PrometheusSpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,15 +52,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.interval <= 0:
-        _parser().error("--interval must be positive")
+        parser.error("--interval must be positive")
+    default_prometheus = None
+    if args.metrics_source is not None:
+        try:  # the rule of a policy's own spec.metrics.prometheus.url
+            default_prometheus = PrometheusSpec(url=args.metrics_source)
+        except ValidationError:
+            parser.error(
+                "--metrics-source must be an http(s) URL such as "
+                f"http://prometheus.monitoring:9090, got {args.metrics_source!r}"
+            )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     registry = build_registry(
-        OperatorConfig(interval_s=args.interval, default_prometheus_url=args.metrics_source)
+        OperatorConfig(interval_s=args.interval, default_prometheus=default_prometheus)
     )
     kopf.run(
         registry=registry,

@@ -3,14 +3,22 @@
 A source (Prometheus query, direct scrape, the local autoscaler's own scrape, the
 simulator) reduces DESIGN.md's telemetry to these numbers. `None` means "no data in
 the window" (no request finished, or no previous scrape to take a rate from); the
-engine skips a signal without data rather than reading it as zero.
+engine skips a signal without data rather than reading it as zero. A sample that is
+not a finite number is no data either (`finite`), in every source.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from operators.pool_policy import Pool
+
+
+def finite(value: float) -> float | None:
+    """`value`, or None for NaN and ±Inf: a gauge set from 0/0, Prometheus' answer for an
+    empty ratio, a broken exporter. A pool with only such samples has missing metrics."""
+    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)

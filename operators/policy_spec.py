@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 from operators.pool_policy import (
@@ -191,6 +191,19 @@ class CapacityPolicySpec(_Spec):
             ),
             behavior=self.behavior.behavior(),
         )
+
+
+def describe(error: ValidationError, root: str = "spec") -> str:
+    """`error` as `<field path>: <message>` per problem, `; `-separated, e.g.
+    `spec.behavior.scaleUp.policies[0].value: Input should be greater than or equal to 1`
+    (no input dumps or documentation links: it goes into conditions and Events)."""
+    problems = []
+    for e in error.errors(include_url=False):
+        path = root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
+        cause = e.get("ctx", {}).get("error")
+        message = str(cause) if e["type"] == "value_error" and cause is not None else e["msg"]
+        problems.append(f"{path}: {message}")
+    return "; ".join(problems)
 
 
 def load_policy_file(path: Path) -> dict[Pool, PoolPolicy]:

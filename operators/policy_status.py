@@ -2,7 +2,10 @@
 
 Conditions keep their `lastTransitionTime` while their status stays the same, as
 Kubernetes API conventions ask; a condition this reconcile did not evaluate (metrics
-are not read when the target is missing) keeps its previous entry.
+are not read when the target is missing) keeps its previous entry, and so do the
+metrics. The rendering is a merge patch: a metric the previous pass saw and this one
+did not is patched to null (removed), and numbers are finite, since JSON has no NaN or
+Infinity and the API server refuses a body with them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 from operators.condition import Condition, ConditionType, ready
 from operators.demand import Signal
-from operators.metrics_window import MetricsWindow
+from operators.metrics_window import MetricsWindow, finite
 from operators.pool_policy import Pool
 
 _ORDER = list(ConditionType)
@@ -44,9 +47,9 @@ class PolicyStatus:
             out["currentReplicas"] = self.current_replicas
         if self.desired_replicas is not None:
             out["desiredReplicas"] = self.desired_replicas
-        if self.metrics is not None:
-            out["lastMetrics"] = dict(self.metrics)
-        if self.signals:
+        if self.metrics is not None:  # a decision was made: what it saw replaces the last
+            seen = {k: v for k, v in self.metrics.items() if finite(v) is not None}
+            out["lastMetrics"] = dict.fromkeys(previous.get("lastMetrics") or {}) | seen
             out["recommendations"] = [
                 {
                     "signal": s.name,
@@ -55,6 +58,7 @@ class PolicyStatus:
                     "replicas": s.replicas,
                 }
                 for s in self.signals
+                if finite(s.observed) is not None and finite(s.target) is not None
             ]
         if self.scaled:
             out["lastScaleTime"] = timestamp(now)

@@ -10,7 +10,6 @@ requests in the window) is None, as for the scrape source.
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import fields
 
 import aiohttp
@@ -26,7 +25,7 @@ from operators.exposition import (
     WAITING,
 )
 from operators.metrics_source import MetricsUnavailable
-from operators.metrics_window import MetricsWindow, PoolMetrics
+from operators.metrics_window import MetricsWindow, PoolMetrics, finite
 from operators.pool_policy import Pool
 
 # PoolMetrics field -> PromQL template; {m} is the metric, {s} the series selector, {w} range
@@ -99,5 +98,4 @@ class PrometheusSource:
         result = body["data"]["result"]
         if not result:
             return None
-        value = float(result[0]["value"][1])
-        return None if math.isnan(value) or math.isinf(value) else value
+        return finite(float(result[0]["value"][1]))

@@ -4,7 +4,12 @@ Idempotent: it resizes only when the engine's desired size differs from the targ
 current one, so running it twice in a row (or from two timer ticks) changes nothing
 more. What it must remember between passes (the engine's `ScalingHistory`, the
 scrape source with its previous read) lives in `PolicyMemory`, kept in kopf's per-
-object memo and dropped with the policy.
+object memo and dropped with the policy; each part is kept only while what it was
+built for stays: the history for one target and pool (a new target starts without the
+old one's scale events), the source for one metrics spec.
+
+A target a person scaled to 0 is left there, as an HPA leaves it: the policy reports
+ScalingActive=False, ScalingDisabled, until the target has replicas again.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from operators.kube_api import KubeApi
 from operators.metrics_source import MetricsSource, MetricsUnavailable
 from operators.metrics_window import MetricsWindow
 from operators.policy_engine import decide
-from operators.policy_spec import CapacityPolicySpec, MetricsSpec, PrometheusSpec
+from operators.policy_spec import CapacityPolicySpec, MetricsSpec, PrometheusSpec, ScaleTargetRef
 from operators.policy_status import PolicyStatus, last_metrics
 from operators.prometheus_source import PrometheusSource
 from operators.scale_target import TargetUnavailable, resolve
@@ -30,8 +35,13 @@ from operators.scrape_source import ScrapeSource
 @dataclass
 class PolicyMemory:
     history: ScalingHistory = field(default_factory=ScalingHistory)
+    history_key: tuple[ScaleTargetRef, str] | None = None  # the (target, pool) it is of
     source: MetricsSource | None = None
     source_key: tuple[MetricsSpec | None, str | None] | None = None  # what `source` was built from
+    reported: str | None = None  # the API failure last posted as an Event, until a pass succeeds
+
+
+_OFF = "scaling is disabled since the replica count of the target is zero"  # HPA's words
 
 
 @dataclass(frozen=True)
@@ -47,21 +57,27 @@ class Reconciler:
         api: KubeApi,
         session: aiohttp.ClientSession,
         clock: Callable[[], float],
-        default_prometheus_url: str | None = None,
+        default_prometheus: PrometheusSpec | None = None,
     ) -> None:
         self._api, self._session, self._clock = api, session, clock
-        self._default_prometheus = default_prometheus_url
+        self._default_prometheus = default_prometheus
 
     async def reconcile(
         self, spec: CapacityPolicySpec, namespace: str, generation: int | None, memory: PolicyMemory
     ) -> Outcome:
         """Raises `KubeApiError` for transient API trouble; everything else becomes status."""
+        if memory.history_key != (spec.scale_target_ref, spec.pool):
+            memory.history = ScalingHistory()
+            memory.history_key = (spec.scale_target_ref, spec.pool)
         try:
             target = await resolve(self._api, spec.scale_target_ref, namespace)
             current = await target.replicas()
         except TargetUnavailable as e:
             able = Condition(ConditionType.ABLE_TO_SCALE, False, e.reason, e.message)
             return Outcome(PolicyStatus(generation, (able,)))
+        if current == 0:
+            disabled = Condition(ConditionType.SCALING_ACTIVE, False, "ScalingDisabled", _OFF)
+            return Outcome(PolicyStatus(generation, (disabled,), 0, 0))
 
         policy = spec.pool_policy()
         metrics_problem: Condition | None = None
@@ -134,13 +150,11 @@ class Reconciler:
                 spec.model,
                 metrics.scrape.timeout_seconds,
             )
-        prom = metrics.prometheus if metrics is not None else None
+        prom = metrics.prometheus if metrics is not None else self._default_prometheus
         if prom is None:
-            if self._default_prometheus is None:
-                raise MetricsUnavailable(
-                    "spec.metrics is not set and the operator has no --metrics-source"
-                )
-            prom = PrometheusSpec(url=self._default_prometheus)
+            raise MetricsUnavailable(
+                "spec.metrics is not set and the operator has no --metrics-source"
+            )
         return PrometheusSource(
             prom.url,
             self._session,

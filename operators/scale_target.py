@@ -89,12 +89,12 @@ class RayServeDeployment:
             self._read = await self._api.get(self._path)
         except KubeApiError as e:
             raise _unavailable(e, self._what, "FailedGetScale") from e
-        _, deployment = self._config(self._read)
-        return int(deployment.get("num_replicas", 1))
+        _, _, replicas = self._config(self._read)
+        return replicas
 
     async def resize(self, replicas: int) -> None:
         assert self._read is not None, "read replicas() before resize()"
-        config, deployment = self._config(self._read)
+        config, deployment, _ = self._config(self._read)
         deployment["num_replicas"] = replicas
         patch = {
             "metadata": {"resourceVersion": self._read["metadata"].get("resourceVersion")},
@@ -105,19 +105,20 @@ class RayServeDeployment:
         except KubeApiError as e:
             raise _unavailable(e, self._what, "FailedUpdateScale") from e
 
-    def _config(self, rayservice: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The parsed serveConfigV2 and, inside it, our deployment's dict (same object)."""
+    def _config(self, rayservice: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """The parsed serveConfigV2, our deployment's dict inside it (the same object) and
+        its `num_replicas`; a config of the wrong shape is InvalidServeConfig, not a crash."""
         text = rayservice.get("spec", {}).get("serveConfigV2")
         try:
             config = yaml.safe_load(text) if isinstance(text, str) else None
         except yaml.YAMLError as e:
-            raise TargetUnavailable("InvalidServeConfig", f"{self._what}: {e}") from e
+            raise self._invalid(str(e)) from e
         if not isinstance(config, dict):
-            raise TargetUnavailable("InvalidServeConfig", f"{self._what}: no serveConfigV2 map")
+            raise self._invalid("no serveConfigV2 map")
         found = [
-            d
-            for app in config.get("applications") or []
-            for d in app.get("deployments") or []
+            (f"applications[{i}].deployments[{j}]", d)
+            for i, app in enumerate(self._maps(config, "applications", "applications"))
+            for j, d in enumerate(self._maps(app, "deployments", f"applications[{i}].deployments"))
             if d.get("name") == self._deployment
         ]
         if len(found) != 1:
@@ -125,10 +126,27 @@ class RayServeDeployment:
                 "DeploymentNotFound",
                 f"{self._what}: {len(found)} Serve deployments of that name in serveConfigV2",
             )
-        if "autoscaling_config" in found[0] or found[0].get("num_replicas") == "auto":
+        where, deployment = found[0]
+        replicas = deployment.get("num_replicas", 1)
+        if "autoscaling_config" in deployment or replicas == "auto":
             raise TargetUnavailable(
                 "ServeAutoscalingEnabled",
                 f"{self._what}: Ray Serve autoscales it already; "
                 "remove its autoscaling_config or this policy",
             )
-        return config, found[0]
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise self._invalid(
+                f"{where}.num_replicas is {replicas!r}, "
+                "not a replica count (an integer of at least 0)"
+            )
+        return config, deployment, replicas
+
+    def _maps(self, parent: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+        """`parent[key]`, a list of maps (absent: none); `where` names it in the message."""
+        items = parent.get(key) or []
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise self._invalid(f"{where} must be a list of maps")
+        return items
+
+    def _invalid(self, problem: str) -> TargetUnavailable:
+        return TargetUnavailable("InvalidServeConfig", f"{self._what}: {problem}")

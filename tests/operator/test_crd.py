@@ -4,6 +4,8 @@ the operator's pydantic boundary agrees with the CRD on both."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from typing import Any
 
@@ -152,3 +154,24 @@ def test_status_written_by_the_operator_fits_the_schema() -> None:
     assert SCHEMA.errors({**BASE, "status": status}) == []
     assert status["lastScaleTime"] == "2026-01-01T00:00:00Z"
     assert status["lastMetrics"] == {"itlP90Ms": 80.0, "requestsWaiting": 3.0}
+
+
+def test_status_never_carries_non_finite_numbers() -> None:
+    # JSON has no NaN or Infinity: the API server refuses a patch with them (400)
+    previous = {"lastMetrics": {"requestsWaiting": 3.0, "itlP90Ms": 80.0}}
+    status = PolicyStatus(
+        3,
+        (Condition(ConditionType.SCALING_ACTIVE, True, "ValidMetricFound", "itlP90Ms"),),
+        2,
+        4,
+        {"itlP90Ms": math.inf, "requestsRunning": math.nan, "requestRate": 1.5},
+        (Signal("itlP90Ms", math.inf, 40.0, 4), Signal("queueDepthPerReplica", 3.0, 2.0, 2)),
+    ).render(previous, 1_767_225_600.0)
+    json.dumps(status, allow_nan=False)  # raises on NaN or Infinity
+    # a merge patch: null removes what the previous pass saw and this one did not
+    assert status["lastMetrics"] == {"requestsWaiting": None, "itlP90Ms": None, "requestRate": 1.5}
+    stored = {**status, "lastMetrics": {"requestRate": 1.5}}
+    assert SCHEMA.errors({**BASE, "status": stored}) == []
+    assert status["recommendations"] == [
+        {"signal": "queueDepthPerReplica", "observed": 3.0, "target": 2.0, "replicas": 2}
+    ]

@@ -108,3 +108,14 @@ def test_history_is_not_needed_for_a_first_decision() -> None:
         0.0,
     )
     assert decided[Pool.PREFILL].desired_replicas == 3
+
+
+def test_a_demand_past_the_float_range_asks_for_the_most_replicas() -> None:
+    # 1e300 waiting over 1e-10 per replica is +Inf replicas in floats; Kubernetes counts
+    # replicas in int32, and min/max clamp it from there
+    window = MetricsWindow(prefill=PoolMetrics(requests_waiting=1e300))
+    (signal,) = signals(prefill(queue_depth_per_replica=1e-10), window, 3)
+    assert signal.replicas == 2**31 - 1
+    decided = plan({Pool.PREFILL: prefill(queue_depth_per_replica=1e-10)}, window,
+                   {Pool.PREFILL: 3}, {}, 0.0)  # fmt: skip
+    assert decided[Pool.PREFILL].desired_replicas == 7  # 3 + 4 pods in the first period

@@ -31,6 +31,16 @@ def test_a_scope_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--interval must be positive" in capsys.readouterr().err
 
 
+def test_metrics_source_must_be_an_http_url(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["-A", "--metrics-source", "prometheus:9090"])
+    assert e.value.code == 2
+    assert (
+        "--metrics-source must be an http(s) URL such as http://prometheus.monitoring:9090, "
+        "got 'prometheus:9090'"
+    ) in capsys.readouterr().err
+
+
 def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["--help"])

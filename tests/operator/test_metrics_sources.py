@@ -62,6 +62,19 @@ def test_exposition_keeps_the_engine_series_of_one_model() -> None:
         Exposition.parse("baton_num_requests_waiting{pool=prefill} nope")
 
 
+def test_samples_that_are_not_numbers_are_no_data() -> None:
+    page = TelemetryPage()
+    page.waiting.labels("decode", "a").set(math.inf)  # the pool's only waiting series
+    page.kv_usage.labels("decode", "a").set(math.nan)
+    page.kv_usage.labels("decode", "b").set(0.5)  # another replica's is fine
+    page.running.labels("decode", "a").set(-math.inf)
+    page.generation_tokens.labels("decode", "a").inc(300)
+    page.generation_tokens.labels("decode", "b").inc(math.nan)
+    decode = Exposition.parse(generate_latest(page.registry).decode()).of(Pool.DECODE)
+    assert decode.gauges == {"kv_cache_usage_ratio": (0.5,)}
+    assert decode.counters == {"generation_tokens_total": 300.0}
+
+
 class TickingClock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -176,9 +189,11 @@ async def test_prometheus_source_asks_promql_per_pool(
     answers[queries["ttft_p90_s"]] = "0.42"
     answers[queries["prompt_tokens_per_s"]] = "1500"
     answers[queries["requests_waiting"]] = "NaN"  # Prometheus' answer for 0/0
+    answers[queries["requests_running"]] = "+Inf"
     decode = source.queries(Pool.DECODE)
     answers[decode["kv_cache_usage"]] = "0.75"
     answers[decode["kv_transfer_p90_s"]] = "0.08"
+    answers[decode["requests_waiting"]] = "-Inf"
 
     window = await source.window()
     assert window == MetricsWindow(

@@ -38,9 +38,14 @@ async def create(cluster: Cluster, api: str, obj: dict[str, Any]) -> None:
         assert r.status < 400, await r.text()
 
 
-async def create_policy(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
+async def create_policy(
+    cluster: Cluster, name: str, spec: dict[str, Any], created: str | None = None
+) -> None:
     body = {"apiVersion": "baton.dev/v1alpha1", "kind": "CapacityPolicy"}
-    obj = {**body, "metadata": {"name": name, "namespace": NS}, "spec": spec}
+    meta = {"name": name, "namespace": NS}
+    if created is not None:
+        meta["creationTimestamp"] = created
+    obj = {**body, "metadata": meta, "spec": spec}
     async with cluster.post(
         f"/apis/baton.dev/v1alpha1/namespaces/{NS}/capacitypolicies", json=obj
     ) as r:
@@ -51,6 +56,12 @@ async def create_deployment(cluster: Cluster, name: str, replicas: int) -> None:
     meta = {"name": name, "namespace": NS}
     deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta}
     await create(cluster, "/apis/apps/v1", {**deployment, "spec": {"replicas": replicas}})
+
+
+async def merge_patch(cluster: Cluster, path: str, body: dict[str, Any]) -> None:
+    headers = {"Content-Type": "application/merge-patch+json"}
+    async with cluster.patch(path, json=body, headers=headers) as r:
+        assert r.status < 400, await r.text()
 
 
 def policy_status(cluster: Cluster, name: str) -> dict[str, Any]:
@@ -213,10 +224,10 @@ async def test_invalid_spec_is_reported(cluster: Cluster, telemetry: TelemetryPa
     spec = decode_spec(telemetry, DEPLOYMENT_REF, minReplicas=5, maxReplicas=2)
     await create_policy(cluster, "dec", spec)
     await eventually(lambda: condition(cluster, "dec", "AbleToScale") == ("False", "InvalidSpec"))
-    message = next(
-        c["message"] for c in policy_status(cluster, "dec")["conditions"] if c["type"] == "Ready"
-    )
-    assert "minReplicas must be less than or equal to maxReplicas" in message
+    messages = {c["type"]: c["message"] for c in policy_status(cluster, "dec")["conditions"]}
+    assert messages["Ready"] == "spec: minReplicas must be less than or equal to maxReplicas"
+    (warning,) = await eventually(lambda: events(cluster, "dec", "InvalidSpec"))
+    assert warning["message"] == messages["Ready"]
 
 
 async def test_deleting_the_policy_stops_scaling(

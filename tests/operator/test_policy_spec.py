@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from operators.policy_spec import CapacityPolicySpec, load_policy_file
+from operators.policy_spec import CapacityPolicySpec, describe, load_policy_file
 from operators.pool_policy import (
     DEFAULT_SCALE_UP,
     Behavior,
@@ -71,6 +71,28 @@ def test_errors_name_the_field_and_the_limit() -> None:
     with pytest.raises(ValidationError) as e:
         CapacityPolicySpec.model_validate({**raw, "maxReplicas": 0})
     assert "maxReplicas" in str(e.value) and "greater than or equal to 1" in str(e.value)
+
+
+def test_errors_read_as_field_path_and_message() -> None:
+    raw = yaml.safe_load((EXAMPLES / "capacitypolicy-decode.yaml").read_text())["spec"]
+    bad_step = {"type": "Pods", "value": 0, "periodSeconds": 15}
+    with pytest.raises(ValidationError) as e:
+        CapacityPolicySpec.model_validate(
+            {
+                **raw,
+                "minReplicas": "many",
+                "behavior": {"scaleUp": {"policies": [bad_step]}},
+                "scaleTargetRef": {"apiVersion": "ray.io/v1", "kind": "RayService", "name": "x"},
+            }
+        )
+    assert describe(e.value) == (
+        "spec.scaleTargetRef: scaleTargetRef.deployment is required when kind is RayService; "
+        "spec.minReplicas: Input should be a valid integer, unable to parse string as an integer; "
+        "spec.behavior.scaleUp.policies[0].value: Input should be greater than or equal to 1"
+    )
+    with pytest.raises(ValidationError) as e:
+        CapacityPolicySpec.model_validate({**raw, "minReplicas": 20, "maxReplicas": 4})
+    assert describe(e.value) == "spec: minReplicas must be less than or equal to maxReplicas"
 
 
 def test_policy_file_holds_one_policy_per_pool(tmp_path: Path) -> None:

@@ -95,6 +95,14 @@ async def test_rayservice_without_num_replicas_counts_one(cluster: Cluster, api:
         ),
         ("applications: [", "InvalidServeConfig"),
         ("just text", "InvalidServeConfig"),
+        ("applications:\n- baton\n", "InvalidServeConfig"),  # names, not maps
+        ("applications: {baton: {}}\n", "InvalidServeConfig"),
+        ({"applications": [{"name": "a", "deployments": ["decode"]}]}, "InvalidServeConfig"),
+        (serve_config([{"name": "decode", "num_replicas": None}]), "InvalidServeConfig"),
+        (serve_config([{"name": "decode", "num_replicas": "two"}]), "InvalidServeConfig"),
+        (serve_config([{"name": "decode", "num_replicas": [1]}]), "InvalidServeConfig"),
+        (serve_config([{"name": "decode", "num_replicas": True}]), "InvalidServeConfig"),
+        (serve_config([{"name": "decode", "num_replicas": -1}]), "InvalidServeConfig"),
     ],
 )
 async def test_rayservice_problems_are_reasons(
@@ -105,7 +113,18 @@ async def test_rayservice_problems_are_reasons(
     with pytest.raises(TargetUnavailable) as e:
         await target.replicas()
     assert e.value.reason == reason
-    assert "RayService llm/llm deployment decode" in e.value.message
+    assert e.value.message.startswith("RayService llm/llm deployment decode: ")
+
+
+async def test_bad_num_replicas_is_named_in_the_message(cluster: Cluster, api: KubeApi) -> None:
+    config = serve_config([{"name": "prefill"}], [{"name": "decode", "num_replicas": "two"}])
+    cluster.objects[RAYSERVICES, NS, "llm"] = rayservice(config)
+    with pytest.raises(TargetUnavailable) as e:
+        await (await resolve(api, RAY_REF, NS)).replicas()
+    assert e.value.message == (
+        "RayService llm/llm deployment decode: applications[1].deployments[0].num_replicas "
+        "is 'two', not a replica count (an integer of at least 0)"
+    )
 
 
 async def test_missing_targets(cluster: Cluster, api: KubeApi) -> None:
