@@ -21,6 +21,7 @@ from opentelemetry import trace
 from engine.async_engine import AsyncEngine
 from engine.hashing import KVFingerprint
 from services.kvstore.client import ClientConfig, KVStoreClient, Lease
+from services.kvstore.gather import gather_or_cancel
 from services.kvstore.security import ClientSecurity
 from services.telemetry import KV_TRANSFER_SECONDS, Telemetry
 from services.tracing import tracer
@@ -108,13 +109,13 @@ class KVBridge:
         return have + ids[:n]
 
     async def export(
-        self, fingerprint: KVFingerprint, request_id: str, stored_prefix: int
+        self, fingerprint: KVFingerprint, request_id: str, stored_prefix: int, lease_id: str
     ) -> Lease:
         """Put a finished prefill's held prompt blocks the store lacks (all after the first
-        `stored_prefix`), pinning every block of the prompt under a new lease."""
+        `stored_prefix`), pinning every block of the prompt under the lease `lease_id`."""
         port = self.engine.engine.port
         held = self.engine.call(lambda _: port.held(request_id))
-        lease = Lease.new(self.lease_ttl_s)
+        lease = Lease.new(self.lease_ttl_s, lease_id)
         with tracer.start_as_current_span("kv put", kind=trace.SpanKind.CLIENT) as span:
             span.set_attributes({"baton.kv.blocks": len(held), "baton.kv.leased": stored_prefix})
             try:
@@ -140,7 +141,7 @@ class KVBridge:
         hashes = [h for h, _ in held]
         client = self.client(fingerprint)
         t = time.perf_counter()
-        leased, _ = await asyncio.gather(
+        leased, _ = await gather_or_cancel(
             client.lease(hashes[:stored_prefix], lease, timeout=self.timeout_s),
             client.put(
                 hashes[stored_prefix:],

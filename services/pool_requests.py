@@ -11,6 +11,7 @@ may be on another host) measures how long it waited for a replica to take it up.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from engine.handoff import Handoff
@@ -29,6 +30,9 @@ class PrefillRequest:
     cache_salt: bytes = b""
     block_hashes: list[bytes] = field(default_factory=list)  # as the router computed them
     stored_prefix: int = 0  # leading blocks the router found in the KV store
+    # The id the handoff's store lease takes, chosen by the router so that it can release
+    # the lease of a prefill it gave up on, whose answer (the only other copy) it drops.
+    lease_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     trace_context: dict[str, str] = field(default_factory=inject)
     sent_at: float = field(default_factory=time.time)
 

@@ -80,10 +80,10 @@ class DecodeServer(PoolWorker):
         if self.bridge is None:
             return []
         try:
-            return await asyncio.wait_for(
-                self.bridge.fetch(request.stored_fingerprint, request.stored_hashes),
-                request.transfer_timeout_s,
-            )
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when
+            # the caller is cancelled just as it arrives, losing the client's cancel.
+            async with asyncio.timeout(request.transfer_timeout_s):
+                return await self.bridge.fetch(request.stored_fingerprint, request.stored_hashes)
         except TimeoutError:
             self.fallbacks["kv_timeout"] += 1
         except Exception as e:
@@ -103,10 +103,8 @@ class DecodeServer(PoolWorker):
         reason = None
         pinned: list[int] = []
         try:
-            pinned = await asyncio.wait_for(
-                self.bridge.fetch(handoff.fingerprint, handoff.block_hashes),
-                request.transfer_timeout_s,
-            )
+            async with asyncio.timeout(request.transfer_timeout_s):  # see _import_stored
+                pinned = await self.bridge.fetch(handoff.fingerprint, handoff.block_hashes)
         except TimeoutError:
             reason = "kv_timeout"
         except Exception as e:  # corrupted, unreachable: recompute rather than fail

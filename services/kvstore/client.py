@@ -89,10 +89,11 @@ class Lease:
     ttl_s: float
 
     @classmethod
-    def new(cls, ttl_s: float) -> Lease:
+    def new(cls, ttl_s: float, lease_id: str = "") -> Lease:
+        """A lease of `ttl_s` under `lease_id`, or under a fresh random id."""
         if ttl_s <= 0:
             raise ValueError(f"lease ttl_s must be > 0, got {ttl_s}")
-        return cls(uuid.uuid4().hex, ttl_s)
+        return cls(lease_id or uuid.uuid4().hex, ttl_s)
 
 
 @dataclass(frozen=True)

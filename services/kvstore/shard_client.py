@@ -31,6 +31,7 @@ from services.kvstore.errors import (
     KVStoreError,
     MalformedMessageError,
 )
+from services.kvstore.gather import gather_or_cancel
 from services.kvstore.security import ClientSecurity
 from services.kvstore.segment import SharedSegment, copy_hashed
 
@@ -210,7 +211,7 @@ class ShardClient:
         total = sum(len(view) for _, view in blocks)
         parts = max(1, min(self._streams, total // self._stream_min_bytes, len(blocks)))
         groups = _split(blocks, parts)
-        results = await asyncio.gather(
+        results = await gather_or_cancel(
             *(self._put_bytes(start, [blocks[i] for i in g], new_meta, timeout) for g in groups)
         )
         return pb.PutResponse(
@@ -247,7 +248,7 @@ class ShardClient:
         total = sum(len(out[h]) for h in hashes)
         parts = max(1, min(self._streams, total // self._stream_min_bytes, len(hashes)))
         size = -(-len(hashes) // parts)
-        filled = await asyncio.gather(
+        filled = await gather_or_cancel(
             *(
                 self._get_bytes(hashes[i : i + size], out, check, timeout)
                 for i in range(0, len(hashes), size)

@@ -62,7 +62,7 @@ class PrefillServer(PoolWorker):
             if self.bridge is None:
                 block_hashes = []
             elif block_hashes:
-                lease_id = await self._export(rid, request.stored_prefix)
+                lease_id = await self._export(rid, request.stored_prefix, request.lease_id)
                 if not lease_id:
                     block_hashes = []
         except RequestRefused:
@@ -89,12 +89,12 @@ class PrefillServer(PoolWorker):
             lease_id=lease_id,
         )
 
-    async def _export(self, request_id: str, stored_prefix: int) -> str:
+    async def _export(self, request_id: str, stored_prefix: int, lease_id: str) -> str:
         """The lease pinning the prompt's blocks in the store, or "" if the store failed."""
         assert self.bridge is not None
         try:
             lease = await self.bridge.export(
-                self.engine.engine.fingerprint, request_id, stored_prefix
+                self.engine.engine.fingerprint, request_id, stored_prefix, lease_id
             )
             return lease.lease_id
         except Exception as e:  # the KV store is an optimization: never fail a request on it

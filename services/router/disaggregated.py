@@ -20,9 +20,10 @@ a stream that cannot finish before it ends with DeadlineExceededError.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from engine.handoff import Handoff
@@ -53,6 +54,8 @@ class DecodePool(Protocol):
 
 class PrefixIndex(Protocol):
     async def stored_prefix(self, hashes: list[bytes]) -> int: ...
+
+    async def release(self, lease_id: str) -> None: ...
 
 
 class DisaggregatedPipeline(Pipeline):
@@ -99,6 +102,7 @@ class DisaggregatedPipeline(Pipeline):
         self.max_migrations = max_migrations
         self.migrations = 0  # requests moved off a failed decode replica
         self.draining = False
+        self._background: set[asyncio.Future[None]] = set()
 
     def ready(self) -> bool:
         return not self.draining
@@ -156,6 +160,33 @@ class DisaggregatedPipeline(Pipeline):
                 handoff = await self._remote_prefill(request, hashes, stored, timeout)
             finally:
                 self.remote_prefills -= 1
+        finished = False
+        try:
+            # Closed here, not when collected: its cleanup aborts the decode request.
+            async with contextlib.aclosing(
+                self._decode(request, handoff, hashes, stored, deadline)
+            ) as outputs:
+                async for out in outputs:
+                    finished = out.finished
+                    yield out
+        finally:
+            if not finished and handoff is not None and handoff.lease_id:
+                # Abandoned (cancelled, past its deadline, failed) maybe before any decode
+                # replica pulled the handoff: only a pull releases its lease, so the prompt's
+                # blocks would stay pinned in the store for the lease's whole TTL.
+                self._release(handoff.lease_id)
+
+    async def _decode(
+        self,
+        request: GenerationRequest,
+        handoff: Handoff | None,
+        hashes: list[bytes],
+        stored: int,
+        deadline: float,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The decode pool's outputs, moved to another replica if one fails mid-stream."""
+        loop = asyncio.get_running_loop()
+        prompt = request.prompt_token_ids
         sent: list[int] = []  # tokens the client has
         cached_tokens: int | None = None
         attempt = 0
@@ -209,6 +240,21 @@ class DisaggregatedPipeline(Pipeline):
                     await close()
             await asyncio.sleep(min(MIGRATION_BACKOFF_S, max(0.0, deadline - loop.time())))
 
+    def _release(self, lease_id: str) -> None:
+        """Release a handoff's lease in the background (a second release is a no-op)."""
+        if self.index is None:
+            return
+        task = asyncio.ensure_future(self._release_quietly(lease_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release_quietly(self, lease_id: str) -> None:
+        assert self.index is not None
+        try:
+            await self.index.release(lease_id)
+        except Exception as e:  # the lease's TTL is the backstop
+            log.warning("lease %s: release failed, it expires with its TTL: %s", lease_id, e)
+
     async def _within_deadlines(
         self, stream: AsyncIterator[RequestOutput], deadline: float
     ) -> AsyncIterator[RequestOutput]:
@@ -220,7 +266,10 @@ class DisaggregatedPipeline(Pipeline):
             if left <= 0:
                 raise DeadlineExceededError("the request did not finish before its deadline")
             try:
-                out = await asyncio.wait_for(anext(stream), min(left, self.stall_timeout_s))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the output
+                # when the caller is cancelled just as it arrives, losing the client's cancel.
+                async with asyncio.timeout(min(left, self.stall_timeout_s)):
+                    out = await anext(stream)
             except StopAsyncIteration:
                 return
             except TimeoutError:
@@ -254,8 +303,12 @@ class DisaggregatedPipeline(Pipeline):
             hashes,
             stored,
         )
+        handed_over = False
         try:
-            return await asyncio.wait_for(self.prefill.prefill(prefill_request), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see _within_deadlines
+                handoff = await self.prefill.prefill(prefill_request)
+            handed_over = True
+            return handoff
         except ValueError:
             raise  # the prompt itself is bad: no pool can serve it
         except TimeoutError:
@@ -263,4 +316,10 @@ class DisaggregatedPipeline(Pipeline):
         except Exception as e:
             log.warning("request %s: prefill failed, decode prefills: %s", request.request_id, e)
             self.local_prefills["prefill_error"] += 1
+        finally:
+            if not handed_over:
+                # Given up on (timed out, failed, cancelled), the prefill may have exported
+                # all the same, and its answer, the only other copy of the lease id, is
+                # dropped: release the lease now rather than at its TTL.
+                self._release(prefill_request.lease_id)
         return None

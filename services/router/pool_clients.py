@@ -137,3 +137,6 @@ class StorePrefixIndex:
 
     async def stored_prefix(self, hashes: list[bytes]) -> int:
         return len(await self.client.lookup(hashes))
+
+    async def release(self, lease_id: str) -> None:
+        await self.client.release(lease_id)

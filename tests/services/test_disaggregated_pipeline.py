@@ -4,16 +4,21 @@ misses its deadline, a full router."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx2 as httpx
 import pytest
 
 from engine.async_engine import AsyncEngine
+from engine.handoff import Handoff
 from engine.loaders import LoadedCheckpoint
+from engine.outputs import RequestOutput
+from services.pool_requests import DecodeRequest, PoolStats, PrefillRequest
 from services.router.http_api import build_http_app
+from services.router.pool_clients import LocalDecodePool, LocalPrefillPool
 from tests.services.router.conftest import serve_http
 from tests.services.stack import MODEL, Stack
 
@@ -156,6 +161,86 @@ def test_a_full_prefill_queue_sends_prompts_to_local_prefill(
     assert computed(stack.decode_engine) - decoded == usage["prompt_tokens"] + 8 - 1
     wait_idle(stack)
     assert stack.store_leases() == 0
+
+
+class QueuedDecodePool:
+    """The stack's decode pool behind a queue: the replica starts `delay_s` after the router
+    sends it the request (Ray routing a request to a busy replica)."""
+
+    def __init__(self, inner: LocalDecodePool, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
+        await asyncio.sleep(self.delay_s)
+        async for out in self.inner.generate(request):
+            yield out
+
+    async def stats(self) -> list[PoolStats]:
+        return await self.inner.stats()
+
+
+def test_a_handoff_abandoned_before_decode_pulls_it_releases_its_lease(
+    stack: Stack, http: httpx.Client
+) -> None:
+    """Only decode's pull released the handoff's lease, so a request that ran out of time
+    while its decode replica had not started left the prompt's blocks pinned in the store
+    for the lease's whole TTL (30 s here); the router now releases it."""
+    pipeline = stack.pipeline
+    decode, timeout = pipeline.decode, pipeline.request_timeout_s
+    assert isinstance(decode, LocalDecodePool)
+    pipeline.decode, pipeline.request_timeout_s = QueuedDecodePool(decode, 60.0), 3.0
+    try:
+        r = complete(http, "On Mondays: " + LONG)  # nothing cached: a remote prefill
+    finally:
+        pipeline.decode, pipeline.request_timeout_s = decode, timeout
+    assert r.status_code == 504, r.text
+    deadline = time.monotonic() + 5  # well inside the lease's TTL
+    while stack.store_leases() != 0:
+        assert time.monotonic() < deadline, "the abandoned handoff's lease is still held"
+        time.sleep(0.1)
+    wait_idle(stack)
+
+
+class SlowAnswerPrefillPool:
+    """The stack's prefill pool whose answer comes back late (a slow return path): the
+    replica has exported the handoff before the router stops waiting."""
+
+    def __init__(self, inner: LocalPrefillPool, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.exported: list[str] = []
+
+    async def prefill(self, request: PrefillRequest) -> Handoff:
+        handoff = await self.inner.prefill(request)
+        self.exported.append(handoff.lease_id)
+        await asyncio.sleep(self.delay_s)
+        return handoff
+
+    async def stats(self) -> list[PoolStats]:
+        return await self.inner.stats()
+
+
+def test_a_prefill_answer_given_up_on_releases_its_lease(stack: Stack, http: httpx.Client) -> None:
+    """The router chooses the handoff's lease id, so when it stops waiting for a prefill
+    that has already exported, it can release what the lease pins (before, only the
+    dropped answer knew the id, and the blocks stayed pinned for the TTL, 30 s here)."""
+    pipeline = stack.pipeline
+    prefill, timeout = pipeline.prefill, pipeline.prefill_timeout_s
+    assert isinstance(prefill, LocalPrefillPool)
+    slow = SlowAnswerPrefillPool(prefill, 60.0)
+    pipeline.prefill, pipeline.prefill_timeout_s = slow, 5.0
+    try:
+        r = complete(http, "On Tuesdays: " + LONG, ignore_eos=True)  # a remote prefill
+    finally:
+        pipeline.prefill, pipeline.prefill_timeout_s = prefill, timeout
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    assert len(slow.exported) == 1 and slow.exported[0]  # the replica did export
+    deadline = time.monotonic() + 5  # well inside the lease's TTL
+    while stack.store_leases() != 0:
+        assert time.monotonic() < deadline, "the late prefill's lease is still held"
+        time.sleep(0.1)
+    wait_idle(stack)
 
 
 def test_a_dead_shard_costs_cache_hits_not_requests(stack: Stack, http: httpx.Client) -> None:
