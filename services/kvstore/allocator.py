@@ -12,7 +12,8 @@ ALIGNMENT = 64
 """Slot alignment: a cache line, and every KV dtype's element size divides it."""
 
 
-def _aligned(nbytes: int) -> int:
+def aligned(nbytes: int) -> int:
+    """The bytes a slot of `nbytes` occupies."""
     return (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
@@ -30,7 +31,7 @@ class ArenaAllocator:
 
     def allocate(self, nbytes: int) -> int | None:
         """Offset of a fresh range of `nbytes`, or None if no free range is large enough."""
-        need = _aligned(nbytes)
+        need = aligned(nbytes)
         for i, start in enumerate(self._starts):
             length = self._lengths[start]
             if length >= need:
@@ -45,7 +46,7 @@ class ArenaAllocator:
         return None
 
     def free(self, offset: int, nbytes: int) -> None:
-        length = _aligned(nbytes)
+        length = aligned(nbytes)
         i = bisect.bisect_left(self._starts, offset)
         assert i == len(self._starts) or self._starts[i] >= offset + length, "double free"
         assert i == 0 or self._starts[i - 1] + self._lengths[self._starts[i - 1]] <= offset

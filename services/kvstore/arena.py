@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from services.kvstore.allocator import ArenaAllocator
+from services.kvstore.allocator import ArenaAllocator, aligned
 from services.kvstore.block_meta import BlockMeta
 from services.kvstore.segment import HEADER_BYTES, SharedSegment
 
@@ -75,6 +75,8 @@ class BlockArena:
         if nbytes > self.capacity:
             return None
         offset = self._allocator.allocate(nbytes)
+        if offset is None and not self._could_fit(nbytes):
+            return None  # evicting would free no range large enough: lose nothing for it
         while offset is None:
             victim = next((b for b in self._blocks.values() if b.pins == 0), None)
             if victim is None:
@@ -83,6 +85,22 @@ class BlockArena:
             self._evicted.append(victim.meta.hash)
             offset = self._allocator.allocate(nbytes)
         return offset
+
+    def _could_fit(self, nbytes: int) -> bool:
+        """Whether evicting every unpinned block would leave a free range of `nbytes`:
+        pinned blocks and reserved slots split the arena, and a slot must be contiguous."""
+        spans = self._allocator.free_ranges() + [
+            (b.offset, aligned(b.meta.size)) for b in self._blocks.values() if b.pins == 0
+        ]
+        spans.sort()
+        need, run_start, run_end = aligned(nbytes), -1, -1
+        for start, length in spans:
+            if start != run_end:
+                run_start = start
+            run_end = start + length
+            if run_end - run_start >= need:
+                return True
+        return False
 
     def cancel(self, offset: int, nbytes: int) -> None:
         """Frees a reserved slot that was never committed."""

@@ -131,17 +131,19 @@ async def serve(config: ServerConfig, metrics_port: int | None = None) -> None:
     server = KVStoreServer(config)
     await server.start()
     endpoint = None
-    if metrics_port is not None:
-        endpoint = MetricsEndpoint(server.store, config.host, metrics_port)
-        await endpoint.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    if endpoint is not None:
-        await endpoint.stop()
-    await server.stop()
+    try:  # a start-up failure after the segment exists (a metrics port in use) removes it
+        if metrics_port is not None:
+            endpoint = MetricsEndpoint(server.store, config.host, metrics_port)
+            await endpoint.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        if endpoint is not None:
+            await endpoint.stop()
+        await server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

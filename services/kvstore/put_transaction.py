@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from engine.hashing import KVFingerprint
 from services.kvstore.arena import BlockArena, StoredBlock
 from services.kvstore.block_meta import BlockMeta
-from services.kvstore.errors import CapacityError
+from services.kvstore.errors import BlockFormatError, CapacityError
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class PutTransaction:
         self._check_format = check_format
         self._reserve = reserve
         self._staged: dict[bytes, tuple[BlockMeta, int]] = {}
+        self.block_format: tuple[str, tuple[int, ...]] | None = None  # (dtype, shape)
         self._present: dict[bytes, StoredBlock] = {}  # pinned until commit or abort
         self._open = True
 
@@ -43,6 +44,14 @@ class PutTransaction:
         assert self._open, "stage after commit or abort"
         meta.check_fingerprint(self.fingerprint)
         self._check_format(meta)
+        block_format = (meta.dtype, tuple(meta.shape))
+        if self.block_format is None:
+            self.block_format = block_format
+        elif block_format != self.block_format:
+            raise BlockFormatError(
+                f"block {meta.hash.hex()}: {meta.dtype} {list(meta.shape)} differs from the "
+                f"{self.block_format[0]} {list(self.block_format[1])} blocks before it in this put"
+            )
         if meta.hash in self._staged or meta.hash in self._present:
             return None
         existing = self._arena.get(meta.hash)

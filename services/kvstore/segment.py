@@ -9,12 +9,18 @@ segment header; block slots follow it:
 
 A client proves it shares the shard's host by mapping the path the shard names and
 reading the token the shard sent it over gRPC.
+
+The creating shard holds an exclusive `flock` on its file for as long as it lives; the
+kernel drops it when the process dies, however it dies. A shard creating a segment first
+removes every segment file in the directory that nobody holds (a crashed shard's: in a pod
+whose /dev/shm outlives container restarts each crash would otherwise leak an arena).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import mmap
 import os
@@ -88,7 +94,15 @@ def _populate_writable(buffer: mmap.mmap) -> None:
 class SharedSegment:
     """A mapped region: a shared-memory file, or anonymous memory when sharing is off."""
 
-    def __init__(self, buffer: mmap.mmap, path: Path | None, token: bytes, owner: bool) -> None:
+    def __init__(
+        self,
+        buffer: mmap.mmap,
+        path: Path | None,
+        token: bytes,
+        owner: bool,
+        lock_fd: int | None = None,
+    ) -> None:
+        self._lock_fd = lock_fd  # the creator's flock on its file, held until close
         self._mmap = buffer
         self.path = path
         self.token = token
@@ -110,19 +124,24 @@ class SharedSegment:
             buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
             path = None
         else:
-            path = directory / f"baton-kv-{os.getpid()}-{token.hex()[:12]}"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            remove_abandoned(directory)
+            name = f"baton-kv-{os.getpid()}-{token.hex()[:12]}"
+            # Locked under a name no sweep matches, then renamed: never visible unlocked.
+            staging = directory / f".{name}.new"
+            path = directory / name
+            fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.ftruncate(fd, size)
                 buffer = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | populate)
+                os.rename(staging, path)
             except BaseException:
-                path.unlink()
-                raise
-            finally:
+                staging.unlink(missing_ok=True)
                 os.close(fd)
+                raise
         _populate_writable(buffer)
         buffer[: len(MAGIC) + TOKEN_BYTES] = MAGIC + token
-        return cls(buffer, path, token, owner=True)
+        return cls(buffer, path, token, owner=True, lock_fd=None if path is None else fd)
 
     @classmethod
     def attach(cls, path: str, size: int, token: bytes) -> SharedSegment | None:
@@ -151,3 +170,26 @@ class SharedSegment:
             self._mmap.close()
         if self._owner and self.path is not None:
             self.path.unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # drops the flock
+            self._lock_fd = None
+
+
+def remove_abandoned(directory: Path) -> list[Path]:
+    """Removes the segment files in `directory` that no live shard holds; returns them."""
+    removed = []
+    for path in directory.glob("baton-kv-*"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue  # gone already, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live shard holds it
+        else:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed

@@ -42,10 +42,16 @@ class BlockStore:
         if start.lease_id:
             check_lease(start.lease_id, start.lease_ttl_ms)
         self.expire_leases()
-        return PutTransaction(self.arena, fingerprint, self._check_format, self._reserve)
+        return PutTransaction(self.arena, fingerprint, self._check_block, self._reserve)
 
     def commit_put(self, txn: PutTransaction, start: pb.PutStart) -> PutOutcome:
+        block_format = txn.block_format
+        if block_format is not None:  # a concurrent put may have committed another format
+            self._check_format(txn.fingerprint.digest, *block_format, "this put's blocks")
         outcome = txn.commit()
+        if block_format is not None:
+            # Recorded once blocks of it exist: a failed put leaves no format behind.
+            self._formats.setdefault(txn.fingerprint.digest, block_format)
         if start.lease_id:
             self.leases.grant(
                 start.lease_id,
@@ -111,11 +117,15 @@ class BlockStore:
             offset = self.arena.reserve(nbytes)  # an expired lease may have freed room
         return offset
 
-    def _check_format(self, meta: BlockMeta) -> None:
-        seen = self._formats.setdefault(meta.fingerprint, (meta.dtype, meta.shape))
-        if seen != (meta.dtype, meta.shape):
+    def _check_block(self, meta: BlockMeta) -> None:
+        self._check_format(meta.fingerprint, meta.dtype, meta.shape, f"block {meta.hash.hex()}")
+
+    def _check_format(
+        self, fingerprint: bytes, dtype: str, shape: tuple[int, ...], what: str
+    ) -> None:
+        seen = self._formats.get(fingerprint)
+        if seen is not None and seen != (dtype, shape):
             raise BlockFormatError(
-                f"block {meta.hash.hex()}: {meta.dtype} {list(meta.shape)} differs from the "
-                f"{seen[0]} {list(seen[1])} blocks stored under fingerprint "
-                f"{meta.fingerprint.hex()}"
+                f"{what}: {dtype} {list(shape)} differs from the {seen[0]} {list(seen[1])} "
+                f"blocks stored under fingerprint {fingerprint.hex()}"
             )

@@ -2,14 +2,20 @@
 
 import os
 import resource
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import xxhash
 
 from services.kvstore import segment as segment_module
+from services.kvstore.main import serve
 from services.kvstore.malloc_tuning import tune_malloc
 from services.kvstore.segment import COPY_PIECE_BYTES, FUSED_MIN_BYTES, SharedSegment, copy_hashed
+from services.kvstore.server import ServerConfig
+from tests.ports import free_port
 
 PAGE = 4096
 
@@ -87,3 +93,42 @@ def test_a_segment_is_mapped_writable_before_the_first_transfer(
     assert _faults_writing(unpopulated.view[PAGE:]) > pages // 2
     for s in {unpopulated, segment, shard}:
         s.close()
+
+
+def test_a_new_segment_removes_the_files_of_shards_that_died(tmp_path: Path) -> None:
+    """A shard killed (SIGKILL, a failed start) leaves its segment file; in a pod whose
+    /dev/shm outlives container restarts each crash leaked a whole arena. The creator holds
+    a flock for its lifetime, so a new shard removes exactly the files nobody holds."""
+    live = SharedSegment.create(4096, tmp_path)
+    script = (
+        "import os, sys; from pathlib import Path; "
+        "from services.kvstore.segment import SharedSegment; "
+        f"s = SharedSegment.create(4096, Path({str(tmp_path)!r})); "
+        "print(s.path, flush=True); os._exit(0)"  # dies without closing: its file stays
+    )
+    root = Path(__file__).parents[3]
+    run = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, cwd=root
+    )
+    dead = Path(run.stdout.strip())
+    assert dead.exists() and live.path is not None and live.path.exists()
+    fresh = SharedSegment.create(4096, tmp_path)
+    assert not dead.exists()  # abandoned: removed
+    assert live.path.exists() and fresh.path is not None and fresh.path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.path.name, fresh.path.name])
+    live.close()
+    fresh.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_shard_that_fails_to_start_removes_its_segment(tmp_path: Path) -> None:
+    """The metrics port in use: the shard failed after creating its segment and left it."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = ServerConfig(
+            "s", 1 << 20, host="127.0.0.1", port=free_port(), shared_memory_dir=tmp_path
+        )
+        with pytest.raises(OSError):
+            await serve(config, metrics_port=busy.getsockname()[1])
+    assert list(tmp_path.iterdir()) == []

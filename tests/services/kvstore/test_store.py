@@ -133,3 +133,42 @@ def test_bad_lease_parameters_are_rejected(field: str, value: object, message: s
     setattr(start, field, value)
     with pytest.raises(BlockFormatError, match=message):
         store_of(1).begin_put(start)
+
+
+def test_a_failed_put_records_no_block_format() -> None:
+    """A put refused mid-way (its blocks never stored) must not fix its fingerprint's
+    format: the next, correct put under that fingerprint was refused as "differs"."""
+    store = store_of(4)
+    a, b = make_hashes(2)
+    odd = BlockMeta(a, FINGERPRINT.digest, FORMAT.dtype, (1, 2, 16, 1, 8), 512, 0)
+    txn = store.begin_put(START)
+    txn.stage(odd)
+    txn.abort()
+    put(store, [b])  # the model's real format
+    assert held(store) == [b]
+    txn = store.begin_put(START)
+    with pytest.raises(BlockFormatError, match="differs from the"):
+        txn.stage(odd)  # now the format exists, and this block differs from it
+    txn.abort()
+
+
+def test_a_slot_no_eviction_could_make_evicts_nothing() -> None:
+    """Pinned blocks split the arena: a slot larger than every unpinned run used to evict
+    block after block and then fail anyway, losing them all."""
+    store = store_of(4)
+    a, b, c, d, e = make_hashes(5)
+    put(store, [a, b, c, d])
+    store.lease("L", [b], ttl_ms=60_000)  # the runs eviction could free: [a] and [c, d]
+    other = KVFingerprint("test/other", "digest-2", "bf16", 1, "fp8", 16)
+    big = BlockMeta(e, other.digest, FORMAT.dtype, (3, *FORMAT.shape[1:]), 3 * BLOCK, 0)
+    txn = store.begin_put(pb.PutStart(fingerprint=fingerprint_to_proto(other)))
+    with pytest.raises(CapacityError):
+        txn.stage(big)
+    txn.abort()
+    assert held(store) == [a, b, c, d] and store.metrics.evictions == 0
+    store.release("L")  # one run of four slots now: the big block fits, evicting three
+    start = pb.PutStart(fingerprint=fingerprint_to_proto(other))
+    txn = store.begin_put(start)
+    txn.stage(big)
+    store.commit_put(txn, start)
+    assert e in held(store)
