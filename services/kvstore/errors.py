@@ -34,6 +34,13 @@ class ChecksumError(KVStoreError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class StreamIdleError(KVStoreError):
+    """A client stream that sent nothing for the shard's idle limit while holding slots or
+    pins: abandoned, so that a live but stalled client cannot hold the arena."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class CapacityError(KVStoreError):
     """The arena cannot hold the blocks even after evicting every unleased block."""
 

@@ -21,7 +21,7 @@ from services.kvstore.index import PrefixIndex, ShardInfo, open_index, redact_ur
 from services.kvstore.index_sync import IndexSync
 from services.kvstore.security import ShardSecurity
 from services.kvstore.segment import SharedSegment
-from services.kvstore.servicer import SERVICE_NAME, KVStoreServicer
+from services.kvstore.servicer import SERVICE_NAME, STREAM_IDLE_S, KVStoreServicer
 from services.kvstore.store import BlockStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class ServerConfig:
     index_timeout_s: float = 1.0
     message_bytes: int = MESSAGE_BYTES
     """Size of the bulk messages gets are packed into (at most MAX_MESSAGE_BYTES)."""
+    stream_idle_s: float = STREAM_IDLE_S
+    """A put or shared-memory get silent this long is abandoned, freeing what it holds."""
     security: ShardSecurity = field(default_factory=ShardSecurity)
     """The token clients must send and the port's TLS; the default admits anyone."""
     index_username: str | None = None
@@ -116,7 +118,11 @@ class KVStoreServer:
             timeout_s=config.index_timeout_s,
         )
         self._server.add_generic_rpc_handlers(
-            (KVStoreServicer(self.store, self.sync, config.message_bytes).rpc_handler(),)
+            (
+                KVStoreServicer(
+                    self.store, self.sync, config.message_bytes, config.stream_idle_s
+                ).rpc_handler(),
+            )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

@@ -7,9 +7,10 @@ Errors a client can cause end the call with the status of its `KVStoreError`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import xxhash
@@ -27,13 +28,21 @@ from services.kvstore.codec import (
     encode_get_response,
     pack_pieces,
 )
-from services.kvstore.errors import ChecksumError, KVStoreError, MalformedMessageError
+from services.kvstore.errors import (
+    ChecksumError,
+    KVStoreError,
+    MalformedMessageError,
+    StreamIdleError,
+)
 from services.kvstore.index import ShardInfo
 from services.kvstore.index_sync import IndexSync
 from services.kvstore.put_transaction import PutOutcome, PutTransaction
 from services.kvstore.store import BlockStore
 
 SERVICE_NAME = "baton.v1.KVStore"
+STREAM_IDLE_S = 30.0
+"""A client stream silent this long while it holds slots or pins is abandoned."""
+_T = TypeVar("_T")
 MAX_HASHES_PER_REQUEST = 65_536
 
 Handler = Callable[..., Any]
@@ -66,11 +75,16 @@ def _check_hashes(hashes: Sequence[bytes], field: str = "block_hashes") -> None:
 
 class KVStoreServicer:
     def __init__(
-        self, store: BlockStore, sync: IndexSync, message_bytes: int = MESSAGE_BYTES
+        self,
+        store: BlockStore,
+        sync: IndexSync,
+        message_bytes: int = MESSAGE_BYTES,
+        stream_idle_s: float = STREAM_IDLE_S,
     ) -> None:
         self._store = store
         self._sync = sync
         self._message_bytes = message_bytes
+        self._stream_idle_s = stream_idle_s
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         # Requests arrive as bytes and are parsed here: gRPC's own deserializer would
@@ -86,7 +100,7 @@ class KVStoreServicer:
                 raws: AsyncIterator[bytes], context: Context
             ) -> AsyncIterator[Message]:
                 async def parsed() -> AsyncIterator[Message]:
-                    async for raw in raws:
+                    async for raw in self._until_idle(raws):
                         yield await _parsed(request, raw, context)
 
                 async for out in fn(parsed(), context):
@@ -94,13 +108,16 @@ class KVStoreServicer:
 
             return grpc.stream_stream_rpc_method_handler(handle, None, response.SerializeToString)
 
+        async def put(raws: AsyncIterator[bytes], context: Context) -> pb.PutResponse:
+            return await self.put(self._until_idle(raws), context)
+
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
                 "Lookup": unary(self.lookup, pb.LookupRequest, pb.LookupResponse),
                 # raw bytes in, decoded by `codec` inside the handler
                 "Put": grpc.stream_unary_rpc_method_handler(
-                    self.put, None, pb.PutResponse.SerializeToString
+                    put, None, pb.PutResponse.SerializeToString
                 ),
                 # raw bytes out, encoded by `codec`
                 "Get": grpc.unary_stream_rpc_method_handler(self._get_raw),
@@ -137,6 +154,23 @@ class KVStoreServicer:
             sizes=[loc.size for loc in locations],
             checksums=[loc.checksum for loc in locations],
         )
+
+    async def _until_idle(self, requests: AsyncIterator[_T]) -> AsyncIterator[_T]:
+        """The client's messages; StreamIdleError once none came for the idle limit (the
+        handler then frees what the stream holds: reserved slots, pins)."""
+        it = aiter(requests)
+        while True:
+            try:
+                async with asyncio.timeout(self._stream_idle_s):
+                    item = await anext(it)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise StreamIdleError(
+                    f"no message from the client for {self._stream_idle_s:g} s: the stream "
+                    "is abandoned and what it held is freed"
+                ) from None
+            yield item
 
     async def put(self, requests: AsyncIterator[bytes], context: Context) -> pb.PutResponse:
         began = time.perf_counter()

@@ -219,6 +219,27 @@ async def test_cancel_mid_put_leaves_nothing_stranded(shard: ShardFactory) -> No
         assert nothing_stored(server)
 
 
+async def test_a_stalled_put_is_abandoned_after_the_idle_limit(shard: ShardFactory) -> None:
+    """A client that stays connected but sends nothing held its reserved slots for as long
+    as it liked (one small header can reserve a whole arena); after `stream_idle_s` of
+    silence the shard frees them and ends the call."""
+    payload = as_bytes(make_blocks(1))
+    (block_hash,) = make_hashes(1)
+
+    async def half_a_put() -> AsyncIterator[pb.PutRequest]:
+        first = pb.BlockChunk(header=header(block_hash, payload), data=payload[:1000])
+        yield pb.PutRequest(start=START, chunks=[first])
+        await asyncio.Event().wait()  # never sends the rest, never closes
+
+    async with shard(stream_idle_s=0.5) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await pb_grpc.KVStoreStub(channel).Put(half_a_put(), timeout=30)
+        assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no message from the client for 0.5 s" in (failure.value.details() or "")
+        assert server.store.arena.used_bytes == 0 and nothing_stored(server)
+
+
 async def test_shared_memory_put_abandoned_before_commit_stores_nothing(
     shard: ShardFactory,
 ) -> None:
