@@ -47,6 +47,7 @@ class IndexSync:
         self._reconcile_interval_s = reconcile_interval_s
         self._timeout_s = timeout_s
         self._dirty = True
+        self._warned = False  # a failure was logged and no tick has succeeded since
         self._last_reconcile = 0.0
         self._forgotten: list[bytes] = []
         self._lock = asyncio.Lock()  # a reconcile's snapshot must not interleave with updates
@@ -96,6 +97,9 @@ class IndexSync:
                     await self.index.reconcile(self.shard.shard_id, inventory)
                     self._dirty = False
                     self._last_reconcile = time.monotonic()
+                if self._warned:
+                    log.info("prefix index reachable again (shard %s)", self.shard.shard_id)
+                    self._warned = False
             except (KVStoreError, TimeoutError) as exc:
                 if raise_refused and isinstance(exc, IndexRefusedError):
                     raise
@@ -105,6 +109,7 @@ class IndexSync:
 
     def _failed(self, what: str, exc: Exception) -> None:
         self._metrics.index_errors += 1
-        if not self._dirty:
+        if not self._warned:  # once per outage, the first one from start-up included
             log.warning("prefix index %s failed (%s); will reconcile when it is back", what, exc)
+            self._warned = True
         self._dirty = True

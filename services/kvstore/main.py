@@ -128,17 +128,22 @@ def security_from(args: argparse.Namespace) -> ShardSecurity:
 
 
 async def serve(config: ServerConfig, metrics_port: int | None = None) -> None:
+    # Handlers first: SIGINT/SIGTERM while the arena is populated (seconds for GiBs) then
+    # stop the shard through the `finally` below instead of killing it with its segment.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     server = KVStoreServer(config)
-    await server.start()
     endpoint = None
-    try:  # a start-up failure after the segment exists (a metrics port in use) removes it
+    try:  # every start-up failure (a metrics port in use) removes the segment too
+        await server.start()
         if metrics_port is not None:
             endpoint = MetricsEndpoint(server.store, config.host, metrics_port)
-            await endpoint.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            try:
+                await endpoint.start()
+            except OSError as exc:
+                raise OSError(f"--metrics-port {metrics_port}: {exc.strerror or exc}") from exc
         await stop.wait()
     finally:
         if endpoint is not None:
@@ -175,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except KVStoreError as exc:  # the index refused this shard's credentials
         print(f"baton kvstore: {exc}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as exc:  # a port in use, no room for the arena, a bad URL
+        print(f"baton kvstore: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

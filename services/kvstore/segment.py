@@ -25,6 +25,7 @@ import functools
 import mmap
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,6 +126,7 @@ class SharedSegment:
             path = None
         else:
             remove_abandoned(directory)
+            _check_room(directory, size)
             name = f"baton-kv-{os.getpid()}-{token.hex()[:12]}"
             # Locked under a name no sweep matches, then renamed: never visible unlocked.
             staging = directory / f".{name}.new"
@@ -173,6 +175,19 @@ class SharedSegment:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # drops the flock
             self._lock_fd = None
+
+
+def _check_room(directory: Path, size: int) -> None:
+    """ValueError unless `directory` has room for `size` bytes. The file is sparse until
+    written: one larger than its filesystem (a pod's /dev/shm is 64 MiB by default) maps
+    fine and then kills the shard with SIGBUS at the first write past the room."""
+    free = shutil.disk_usage(directory).free
+    if size > free:
+        raise ValueError(
+            f"the arena needs {size / 2**20:.0f} MiB of {directory}, which has "
+            f"{free / 2**20:.0f} MiB free: lower --capacity, give {directory} more room, "
+            "or serve without shared memory (--no-shared-memory)"
+        )
 
 
 def remove_abandoned(directory: Path) -> list[Path]:

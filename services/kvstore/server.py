@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 50052
 
 GRPC_OPTIONS = [
+    # gRPC sets SO_REUSEPORT by default: a second shard on this port would start and the
+    # kernel would split connections between two unrelated stores
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # a dead peer's open PutShared/GetShared streams (and their reservations and pins)
@@ -95,6 +98,7 @@ class KVStoreServer:
         )
         self._health = health.aio.HealthServicer()
         self._upkeep: asyncio.Task[None] | None = None
+        self._stopped = False
         address = f"{config.host}:{config.port}"
         try:
             if credentials is None:
@@ -140,9 +144,7 @@ class KVStoreServer:
         try:
             await self.sync.announce()
         except KVStoreError:
-            await self._server.stop(None)
-            await self._index.close()
-            self._segment.close()
+            await self.stop(None)
             raise
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -158,6 +160,10 @@ class KVStoreServer:
         )
 
     async def stop(self, grace_s: float | None = 5.0) -> None:
+        """Stops serving and removes the segment; a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self._health.enter_graceful_shutdown()
         if self._upkeep is not None:
             self._upkeep.cancel()

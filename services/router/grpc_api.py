@@ -141,7 +141,9 @@ def build_grpc_server(
     """An unstarted server on host:port with Inference, health and reflection; `await
     server.start()` in the event loop that will serve it. With `api_keys`, Inference calls
     need one; messages over `max_request_bytes` are RESOURCE_EXHAUSTED."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes)])
+    # so_reuseport 0: a second router on this port fails instead of splitting its clients
+    options = [("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
     handlers = InferenceServicer(get_pipeline, api_keys or ApiKeys()).handlers()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -2,9 +2,12 @@
 
 import os
 import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,4 +134,33 @@ async def test_a_shard_that_fails_to_start_removes_its_segment(tmp_path: Path) -
         )
         with pytest.raises(OSError):
             await serve(config, metrics_port=busy.getsockname()[1])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_arena_larger_than_its_directory_is_refused(tmp_path: Path) -> None:
+    """The segment file is sparse: one larger than its tmpfs (a pod's /dev/shm is 64 MiB by
+    default) mapped fine and then killed the shard with SIGBUS at the first write past it."""
+    # 1 PiB: more than the directory has, and more than any file or mapping here can be,
+    # so that without the check the create fails at once instead of filling the disk
+    too_big = 2**50
+    assert too_big > shutil.disk_usage(tmp_path).free
+    with pytest.raises(ValueError, match="lower --capacity"):
+        SharedSegment.create(too_big, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shard_stopped_while_it_starts_removes_its_segment(tmp_path: Path) -> None:
+    """SIGTERM while the arena was being populated killed the shard with its segment."""
+    port = free_port()
+    shard = subprocess.Popen(
+        [sys.executable, "-m", "baton.cli", "kvstore", "--host", "127.0.0.1", "--port",
+         str(port), "--capacity", "1GiB", "--shm-dir", str(tmp_path)],
+        cwd=Path(__file__).parents[3], stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not any(tmp_path.iterdir()):  # the segment exists: the shard is populating it
+        assert time.monotonic() < deadline and shard.poll() is None, shard.stderr
+        time.sleep(0.005)
+    shard.send_signal(signal.SIGTERM)
+    assert shard.wait(timeout=60) == 0
     assert list(tmp_path.iterdir()) == []

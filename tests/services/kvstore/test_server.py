@@ -1,6 +1,7 @@
 """One shard over real gRPC on 127.0.0.1: transfers, rejections, leases, cancellation."""
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -580,3 +581,25 @@ async def test_health_and_reflection(shard: ShardFactory) -> None:
         async for answer in reflection.ServerReflectionInfo(iter([request])):
             names = {s.name for s in answer.list_services_response.service}
             assert {"baton.v1.KVStore", "grpc.health.v1.Health"} <= names
+
+
+async def test_a_second_shard_on_a_taken_port_fails_instead_of_sharing_it(
+    shard: ShardFactory,
+) -> None:
+    """gRPC sets SO_REUSEPORT by default: a second shard on the port started, and the
+    kernel split connections between two unrelated stores."""
+    async with shard() as first:
+        with pytest.raises(OSError, match="cannot listen"):
+            KVStoreServer(ServerConfig("s1", 4 * BLOCK, host="127.0.0.1", port=first.port))
+
+
+async def test_an_index_unreachable_from_the_start_is_reported(
+    shard: ShardFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning was logged only after a first success, so a shard whose Redis was never
+    reachable (wrong host, port, database or password) said nothing at all."""
+    with caplog.at_level(logging.WARNING, logger="services.kvstore.index_sync"):
+        async with shard(index_url="redis://127.0.0.1:1/0", index_timeout_s=0.2):
+            pass
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "prefix index heartbeat failed" in warnings[0]
