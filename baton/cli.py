@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 import torch
+from pydantic import ValidationError
 
 from engine.engine_args import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from operators.policy_spec import describe
+
+
+def _thread_count(text: str) -> int:
+    # torch takes any count, then fails (< 1) or crashes (tens of thousands) later.
+    limit = 4 * (os.cpu_count() or 1)
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if not 1 <= threads <= limit:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in [1, {limit}] (4 x this machine's CPUs), got {text!r}"
+        )
+    return threads
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
@@ -28,7 +45,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--linear", default="dense", help="weight format of the projections")
     p.add_argument("--max-model-len", type=int, default=None, help="context window to serve")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=_thread_count, default=None, help="torch CPU threads (default: torch's)"
+    )
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -41,7 +60,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def _build_engine(args: argparse.Namespace) -> LLMEngine:
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     return EngineArgs(
         model=args.model, dtype=args.dtype, linear=args.linear, max_model_len=args.max_model_len
@@ -158,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except ValidationError as e:  # a config file's or the command line's settings
+        print(f"baton: error: {describe(e, root='')}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"baton: error: {e}", file=sys.stderr)
         return 2

@@ -23,12 +23,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
-from operators.policy_spec import load_policy_file
+import yaml
+from pydantic import ValidationError
+
+from engine.loaders import checkpoint_source
+from operators.policy_spec import describe, load_policy_file
 from operators.pool_policy import Pool, PoolPolicy
 from services.kvstore.security import TOKEN_ENV
 from services.serving_config import ServingConfig
@@ -36,6 +40,8 @@ from services.serving_config import ServingConfig
 READY_TIMEOUT_S = 300.0
 APP = "baton"
 PR_SET_PDEATHSIG = 1
+
+T = TypeVar("T")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,8 +64,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def read_user_file(path: Path, read: Callable[[Path], T]) -> T:
+    """`read(path)`, with a file that cannot be read, is not YAML or holds settings out of
+    bounds as one ValueError line naming it."""
+    try:
+        return read(path)
+    except ValidationError as e:
+        raise ValueError(f"{path}: {describe(e, root='')}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not YAML: it is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = "" if mark is None else f" (line {mark.line + 1}, column {mark.column + 1})"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}") from None
+
+
 def load_config(args: argparse.Namespace) -> ServingConfig:
-    config = ServingConfig.from_yaml(args.config) if args.config else ServingConfig()
+    """The config file with the command line's overrides; refuses a model path that is not
+    there before anything starts (replicas would find out only once Ray has started)."""
+    config = (
+        read_user_file(args.config, ServingConfig.from_yaml) if args.config else ServingConfig()
+    )
     data = config.model_dump()
     if args.mode:
         data["mode"] = args.mode
@@ -70,7 +98,9 @@ def load_config(args: argparse.Namespace) -> ServingConfig:
     if args.grpc_port is not None:
         data["router"]["grpc_port"] = args.grpc_port
     share_cpus(data)
-    return ServingConfig.model_validate(data)
+    config = ServingConfig.model_validate(data)
+    checkpoint_source(config.model.path)
+    return config
 
 
 def share_cpus(data: dict[str, Any], cpus: int | None = None) -> None:
@@ -115,7 +145,7 @@ def start_kvstore(config: ServingConfig) -> subprocess.Popen[bytes]:
         "-m",
         "services.kvstore.main",
         "--host",
-        host or "127.0.0.1",
+        host,
         "--port",
         port,
         "--capacity",
@@ -154,7 +184,7 @@ def wait_http_ready(url: str, deadline: float, children: list[subprocess.Popen[b
 
 def load_policies(path: Path, config: ServingConfig) -> dict[Pool, PoolPolicy]:
     """The policy file's pools, each of which this config must serve."""
-    policies = load_policy_file(path)
+    policies = read_user_file(path, load_policy_file)
     if Pool.PREFILL in policies and config.mode == "colocated":
         raise ValueError(f"{path}: a policy sizes the prefill pool, but colocated mode has none")
     return policies
@@ -184,6 +214,7 @@ def run(
         stop.set()
 
     r = config.router
+    deployed = False  # only an application that came up has requests to drain
     try:
         if config.mode == "disaggregated":
             config = with_kvstore_token(config)
@@ -199,15 +230,20 @@ def run(
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         serve.start(http_options={"host": r.host, "port": r.http_port})
-        serve.run(
-            build_app(config),
-            name=APP,
-            route_prefix="/",
-            blocking=False,
-            # Baton sizes its pools from outside Serve (CapacityPolicies, the local
-            # autoscaler, an operator by hand); Serve's own autoscaling is never used.
-            external_scaler_enabled=True,
-        )
+        try:
+            serve.run(
+                build_app(config),
+                name=APP,
+                route_prefix="/",
+                blocking=False,
+                # Baton sizes its pools from outside Serve (CapacityPolicies, the local
+                # autoscaler, an operator by hand); Serve's own autoscaling is never used.
+                external_scaler_enabled=True,
+            )
+        except RuntimeError as e:  # Serve gave up on replicas that failed to start
+            print(f"baton: error: {deploy_failure(e)}", file=sys.stderr, flush=True)
+            return 1
+        deployed = True
         base = f"http://{r.host}:{r.http_port}"
         wait_http_ready(f"{base}/health", time.monotonic() + READY_TIMEOUT_S, children)
         if policies:
@@ -243,7 +279,8 @@ def run(
         print("baton: shutting down", file=sys.stderr, flush=True)
         try:
             if ray.is_initialized():
-                drain(r.drain_timeout_s)
+                if deployed:
+                    drain(r.drain_timeout_s)
                 serve.shutdown()
                 ray.shutdown()
         finally:
@@ -254,6 +291,23 @@ def run(
                     child.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     child.kill()
+
+
+def deploy_failure(error: RuntimeError) -> str:
+    """Why the application did not deploy: the last line of each failed deployment's
+    status message (its replicas' exception), else what Serve raised."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[APP].deployments
+    except Exception:  # Serve itself is gone: what it raised is all there is
+        return str(error)
+    causes = [
+        f"{name}: {d.message.strip().splitlines()[-1]}"
+        for name, d in sorted(deployments.items())
+        if d.status == "DEPLOY_FAILED" and d.message.strip()
+    ]
+    return "; ".join(causes) or str(error)
 
 
 def drain(timeout_s: float) -> None:

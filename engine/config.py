@@ -90,6 +90,14 @@ class ModelConfig:
                 f"num_kv_heads ({self.num_kv_heads})"
             )
 
+    def check_max_model_len(self, max_model_len: int) -> None:
+        """Refuses serving a context window longer than the model was trained for."""
+        if max_model_len > self.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({max_model_len}) exceeds the model's context "
+                f"window ({self.max_position_embeddings})"
+            )
+
     @cached_property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
@@ -167,11 +175,7 @@ class EngineConfig:
             raise ValueError(f"prefill_threads must be >= 1, got {self.prefill_threads}")
         if self.cuda_graph_max_batch < 0:
             raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
-        if self.scheduler.max_model_len > self.model.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len ({self.scheduler.max_model_len}) exceeds the model's context "
-                f"window ({self.model.max_position_embeddings})"
-            )
+        self.model.check_max_model_len(self.scheduler.max_model_len)
 
     @cached_property
     def torch_dtype(self) -> torch.dtype:

@@ -35,7 +35,11 @@ class EngineArgs:
 
     def engine_config(self, checkpoint: LoadedCheckpoint) -> EngineConfig:
         model = checkpoint.config
-        max_len = self.max_model_len or model.max_position_embeddings
+        # None, not 0, means the model's own window: SchedulerConfig refuses 0 and below.
+        max_len = (
+            model.max_position_embeddings if self.max_model_len is None else self.max_model_len
+        )
+        model.check_max_model_len(max_len)  # before sizing the KV cache to it
         block = KVBlockFormat(
             model.num_layers,
             model.num_kv_heads,

@@ -196,13 +196,14 @@ class CapacityPolicySpec(_Spec):
 def describe(error: ValidationError, root: str = "spec") -> str:
     """`error` as `<field path>: <message>` per problem, `; `-separated, e.g.
     `spec.behavior.scaleUp.policies[0].value: Input should be greater than or equal to 1`
-    (no input dumps or documentation links: it goes into conditions and Events)."""
+    (no input dumps or documentation links: it goes into conditions and Events). An empty
+    `root` starts paths at the model's fields (`router.http_port: ...`)."""
     problems = []
     for e in error.errors(include_url=False):
         path = root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
         cause = e.get("ctx", {}).get("error")
         message = str(cause) if e["type"] == "value_error" and cause is not None else e["msg"]
-        problems.append(f"{path}: {message}")
+        problems.append(f"{path.removeprefix('.')}: {message}" if path else message)
     return "; ".join(problems)
 
 
@@ -212,9 +213,14 @@ def load_policy_file(path: Path) -> dict[Pool, PoolPolicy]:
     for doc in yaml.safe_load_all(path.read_text()):
         if not doc:
             continue
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: expected a {KIND} mapping, got a {type(doc).__name__}")
         if doc.get("kind") != KIND:
             raise ValueError(f"{path}: expected kind {KIND}, got {doc.get('kind')!r}")
-        policy = CapacityPolicySpec.model_validate(doc.get("spec") or {}).pool_policy()
+        try:
+            policy = CapacityPolicySpec.model_validate(doc.get("spec") or {}).pool_policy()
+        except ValidationError as e:
+            raise ValueError(f"{path}: {describe(e)}") from None
         if policy.pool in policies:
             raise ValueError(f"{path}: two policies for the {policy.pool} pool")
         policies[policy.pool] = policy

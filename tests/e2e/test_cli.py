@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from baton.cli import main
 
 BATON = shutil.which("baton", path=str(Path(sys.executable).parent))
 
@@ -45,3 +50,96 @@ def test_bad_arguments_give_a_clear_error() -> None:
     r = run("generate", "hi", "--model", "/nonexistent/model.gguf")
     assert r.returncode == 2
     assert "/nonexistent/model.gguf" in r.stderr
+
+
+def test_thread_counts_outside_the_machine_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    limit = 4 * (os.cpu_count() or 1)
+    # -1 first: before the check, torch raised on it, and 100000 crashed the process.
+    for threads in ("-1", "0", "100000", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "hi", "--max-tokens", "1", "--threads", threads])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --threads: must be an integer in [1, {limit}]" in err, err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-model-len", "0"], r"max_model_len must be >= 1, got 0"),
+        (
+            ["--max-model-len", "999999"],
+            r"max_model_len \(999999\) exceeds the model's context window \(8192\)",
+        ),
+        (["--model", "{cut}"], r"{cut} is truncated or corrupt \(.+\)"),
+    ],
+)
+def test_engine_settings_a_model_refuses_exit_2_with_one_line(
+    tmp_path: Path,
+    default_gguf: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    message: str,
+) -> None:
+    cut = tmp_path / "cut.gguf"
+    with default_gguf.open("rb") as f:
+        cut.write_bytes(f.read(2000))
+    argv = ["generate", "hi", "--max-tokens", "1", *(f.format(cut=cut) for f in flags)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"baton: error: {message.format(cut=re.escape(str(cut)))}\n", err), err
+
+
+@pytest.mark.parametrize(
+    ("flags", "content", "problem"),
+    [
+        (["--config", "{path}"], None, r"cannot read {path}: No such file or directory"),
+        (["--config", "{path}"], "folder", r"cannot read {path}: Is a directory"),
+        (
+            ["--config", "{path}"],
+            "model: {max_model_len: 2048\n",
+            r"{path} is not valid YAML \(line 2, column 1\): expected ',' or '}}', but got "
+            r"'<stream end>'",
+        ),
+        (
+            ["--config", "{path}"],
+            "router: {http_port: 70000}\n",
+            r"{path}: router\.http_port: Input should be less than or equal to 65535",
+        ),
+        (
+            ["--http-port", "70000"],
+            None,
+            r"router\.http_port: Input should be less than or equal to 65535",
+        ),
+        (["--policy", "{path}"], None, r"cannot read {path}: No such file or directory"),
+        (
+            ["--policy", "{path}"],
+            "- a\n- b\n",
+            r"{path}: expected a CapacityPolicy mapping, got a list",
+        ),
+    ],
+)
+def test_serve_settings_a_user_gets_wrong_exit_2_before_ray_starts(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    content: str | None,
+    problem: str,
+) -> None:
+    path = tmp_path / "given.yaml"
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    assert main(["serve", *(f.format(path=path) for f in flags)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"baton: error: {problem.format(path=re.escape(str(path)))}\n", err), err
+
+
+def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path: Path) -> None:
+    from baton.cli import _parser
+    from baton.serve import load_config
+
+    args = _parser().parse_args(["serve", "--model", str(tmp_path / "absent.gguf")])
+    with pytest.raises(ValueError, match=r"absent\.gguf' does not exist"):
+        load_config(args)

@@ -445,3 +445,37 @@ def test_sigterm_drains_then_stops_every_process(server: Server, client: openai.
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     assert re.search(r"shutting down", server.log.read_text())
+
+
+def test_replicas_that_cannot_load_the_model_end_serve_with_their_error(
+    tmp_path: Path, default_gguf: Path
+) -> None:
+    """The file exists, so `baton serve` starts Ray; the replicas find it cut off. It exits
+    with their error, without draining an application that never came up."""
+    model = tmp_path / "cut.gguf"
+    with default_gguf.open("rb") as f:
+        model.write_bytes(f.read(50_000_000))  # the header whole, the last tensors cut off
+    small = {"kv_cache_bytes": 64 * 2**20, "torch_threads": 1}
+    config = {
+        "prefill": small,
+        "decode": small,
+        "kvstore": {"targets": [f"127.0.0.1:{free_port()}"], "capacity": "64MiB"},
+        "router": {"http_port": free_port(), "grpc_port": free_port()},
+    }
+    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
+    baton = str(Path(sys.executable).parent / "baton")
+    done = subprocess.run(
+        [baton, "serve", "--config", str(tmp_path / "serving.yaml"), "--model", str(model)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-3000:]
+    assert re.search(
+        rf"baton: error: (decode|prefill): ValueError: {re.escape(str(model))} is truncated "
+        r"or corrupt \(tensor '.+' runs past its end\)",
+        out,
+    ), out[-3000:]
+    assert "Traceback" not in out and "no drain" not in out, out[-3000:]

@@ -1,7 +1,12 @@
 """ServingConfig's derived engine settings."""
 
 from pathlib import Path
+from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
+from operators.policy_spec import describe
 from services.serving_config import ServingConfig
 
 
@@ -25,3 +30,56 @@ def test_a_pool_section_that_leaves_linear_out_keeps_its_pools_format(tmp_path: 
     assert (config.decode.linear, config.decode.torch_threads) == ("int4", 2)
     chosen = ServingConfig.model_validate({"prefill": {"linear": "dense"}})
     assert (chosen.prefill.linear, chosen.decode.linear) == ("dense", "int4")
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (
+            {"kvstore": {"capacity": "10XB"}},
+            "kvstore.capacity: invalid size '10XB'; use a number with an optional unit "
+            "(KiB, MiB, GiB, TiB, KB, MB, GB)",
+        ),
+        ({"kvstore": {"capacity": "0GiB"}}, "kvstore.capacity: must be > 0 bytes, got '0GiB'"),
+        (
+            {"decode": {"linear": "int3"}},
+            "decode.linear: unknown linear format 'int3'; choose one of dense, fp8, int4, int8",
+        ),
+        (
+            {"prefill": {"lm_head_linear": "fp4"}},
+            "prefill.lm_head_linear: unknown linear format 'fp4'; choose one of dense, fp8, "
+            "int4, int8",
+        ),
+        (
+            {"kvstore": {"targets": ["kv-0.kv:50052", "kv-1.kv:70000"]}},
+            "kvstore.targets: 'kv-1.kv:70000' is not host:port with a port in [1, 65535]",
+        ),
+        (
+            {"kvstore": {"targets": ["kv-0.kv"]}},
+            "kvstore.targets: 'kv-0.kv' is not host:port with a port in [1, 65535]",
+        ),
+        (
+            {"kvstore": {"redis_url": "http://user:secret@redis:6379"}},
+            "kvstore.redis_url: 'http://user:***@redis:6379' is not a Redis URL; use one with "
+            "one of the schemes redis://, rediss://, unix://",
+        ),
+    ],
+)
+def test_settings_a_replica_would_refuse_are_refused_by_the_config(
+    data: dict[str, Any], problem: str
+) -> None:
+    """Caught where the YAML is read, not in a Ray replica after `baton serve` started Ray."""
+    with pytest.raises(ValidationError) as e:
+        ServingConfig.model_validate(data)
+    assert describe(e.value, root="") == problem
+
+
+def test_valid_kvstore_settings_are_kept() -> None:
+    kv = {
+        "capacity": "512MiB",
+        "targets": ["[::1]:50052", "kv-0.kv.baton.svc:50052"],
+        "redis_url": "rediss://redis:6380/0",
+    }
+    assert ServingConfig.model_validate({"kvstore": kv}).kvstore.targets == kv["targets"]
+    unix = {"redis_url": "unix:///run/redis.sock"}
+    assert ServingConfig.model_validate({"kvstore": unix}).kvstore.redis_url == unix["redis_url"]

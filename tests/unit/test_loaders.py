@@ -272,6 +272,15 @@ def test_file_named_gguf_without_magic(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "fake.gguf")
 
 
+@pytest.mark.parametrize("size", [0, 10, 2000, 50_000_000])
+def test_truncated_gguf_names_the_file(tmp_path: Path, default_gguf: Path, size: int) -> None:
+    """A cut-off download: in the header's fixed part, in the metadata, in the tensor data."""
+    with default_gguf.open("rb") as f:
+        (tmp_path / "cut.gguf").write_bytes(f.read(size))
+    with pytest.raises(ValueError, match=r"cut\.gguf is truncated or corrupt \(.+\)$"):
+        load_checkpoint(tmp_path / "cut.gguf")
+
+
 def test_weights_digest_memoized_and_invalidated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
