@@ -75,8 +75,14 @@ class BlockArena:
         if nbytes > self.capacity:
             return None
         offset = self._allocator.allocate(nbytes)
-        if offset is None and not self._could_fit(nbytes):
-            return None  # evicting would free no range large enough: lose nothing for it
+        if offset is None:
+            first = next((b for b in self._blocks.values() if b.pins == 0), None)
+            # With one model's blocks the first victim's slot already fits: the full scan
+            # below is for mixed sizes, off the hot path of a full cache.
+            if first is None or (
+                aligned(first.meta.size) < aligned(nbytes) and not self._could_fit(nbytes)
+            ):
+                return None  # evicting would free no range large enough: lose nothing for it
         while offset is None:
             victim = next((b for b in self._blocks.values() if b.pins == 0), None)
             if victim is None:

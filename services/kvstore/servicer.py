@@ -156,21 +156,50 @@ class KVStoreServicer:
         )
 
     async def _until_idle(self, requests: AsyncIterator[_T]) -> AsyncIterator[_T]:
-        """The client's messages; StreamIdleError once none came for the idle limit (the
-        handler then frees what the stream holds: reserved slots, pins)."""
+        """The client's messages; StreamIdleError once the handler has waited the idle
+        limit for one (it then frees what the stream holds: reserved slots, pins).
+
+        One timer a stream checks the wait and re-arms itself: an `asyncio.timeout` around
+        every message cost ~7 us a message on this path (0.5 ms of a 64 MiB put)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        idle = self._stream_idle_s
+        waiting_since: float | None = None
+        expired = False
+        handle: asyncio.TimerHandle | None = None
+
+        def watch() -> None:
+            nonlocal handle, expired
+            now = loop.time()
+            if waiting_since is not None and now - waiting_since >= idle:
+                expired = True
+                task.cancel()
+            else:
+                handle = loop.call_at((waiting_since or now) + idle, watch)
+
+        handle = loop.call_at(loop.time() + idle, watch)
         it = aiter(requests)
-        while True:
-            try:
-                async with asyncio.timeout(self._stream_idle_s):
+        try:
+            while True:
+                waiting_since = loop.time()
+                try:
                     item = await anext(it)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise StreamIdleError(
-                    f"no message from the client for {self._stream_idle_s:g} s: the stream "
-                    "is abandoned and what it held is freed"
-                ) from None
-            yield item
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if not expired:
+                        raise
+                    task.uncancel()
+                    raise StreamIdleError(
+                        f"no message from the client for {idle:g} s: the stream is "
+                        "abandoned and what it held is freed"
+                    ) from None
+                finally:
+                    waiting_since = None
+                yield item
+        finally:
+            handle.cancel()
 
     async def put(self, requests: AsyncIterator[bytes], context: Context) -> pb.PutResponse:
         began = time.perf_counter()

@@ -303,13 +303,14 @@ class DisaggregatedPipeline(Pipeline):
             hashes,
             stored,
         )
-        handed_over = False
+        handed_over = False  # or refused: either way no lease is left for the router
         try:
             async with asyncio.timeout(timeout_s):  # not wait_for: see _within_deadlines
                 handoff = await self.prefill.prefill(prefill_request)
             handed_over = True
             return handoff
         except ValueError:
+            handed_over = True  # refused before running: it exported nothing to release
             raise  # the prompt itself is bad: no pool can serve it
         except TimeoutError:
             self.local_prefills["prefill_timeout"] += 1
