@@ -3,8 +3,9 @@
 Metric names are DESIGN.md "Telemetry"'s, less the `baton_` prefix; series carry the
 labels `pool` (only `prefill` and `decode` matter here) and `model`. Series of one
 pool are merged: histograms bucket by bucket, counters summed, gauges kept per series
-(waiting/running are summed later, KV cache use averaged). Samples that are not finite
-numbers are left out, as `metrics_window.finite` has every source do.
+(waiting/running are summed later, KV cache use averaged). Samples that are no
+measurement (not finite, or negative) are left out, as `metrics_window.measurement` has
+every source do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from operators.histogram import Histogram
-from operators.metrics_window import finite
+from operators.metrics_window import measurement
 from operators.pool_policy import Pool
 
 TTFT = "time_to_first_token_seconds"
@@ -59,7 +60,7 @@ class Exposition:
                     continue
                 if model is not None and sample.labels.get("model") != model:
                     continue
-                value = finite(sample.value)
+                value = measurement(sample.value)
                 if not sample.name.startswith(prefix) or value is None:
                     continue
                 name, pool = sample.name[len(prefix) :], Pool(pool_label)

@@ -12,6 +12,10 @@ CRD's status fields and printer columns are top-level), and kopf applies `patch`
 the handler, where a refused write ends the timer for good (kopf 1.45). Here a refused
 status write, like any Kubernetes API error of a pass, is logged by kopf as a
 temporary error and posted once as a Warning Event, and the next pass runs as usual.
+A condition that stops the policy from scaling is posted when it begins, not on every
+pass (AmbiguousTarget again when another policy becomes the owner): a Warning, but a
+Normal Event for ScalingDisabled, which a person chose by scaling the target to zero (an
+HPA reports that as a condition, not as a failure).
 
 `build_registry` takes an `OperatorConfig` so that tests can hand in the emulator's
 connection and a clock they advance by hand.
@@ -39,10 +43,18 @@ from operators.policy_spec import (
     describe,
 )
 from operators.policy_status import PolicyStatus
-from operators.reconciler import Outcome, PolicyMemory, Reconciler
-from operators.target_claim import TargetClaim, TargetKey, ambiguity, claims_of
+from operators.reconciler import SCALING_DISABLED, Outcome, PolicyMemory, Reconciler
+from operators.target_claim import (
+    AMBIGUOUS_TARGET,
+    TargetClaim,
+    TargetKey,
+    ambiguity,
+    claims_of,
+)
 
 FINALIZER = "baton.dev/capacitypolicy"
+_CHOSEN = frozenset({SCALING_DISABLED})  # a person's choice, not a fault: a Normal Event
+_NAMES_OWNER = frozenset({AMBIGUOUS_TARGET})  # a message naming another owner is news again
 
 
 @dataclass(frozen=True)
@@ -139,7 +151,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
                 body, memory, "FailedUpdateStatus", f"cannot write the status: {e}"
             ) from e
         memory.reported = None
-        _warn_on_new_failure(body, previous, rendered["conditions"])
+        _post_new_conditions(body, previous, rendered["conditions"])
 
     def _failed(
         body: kopf.Body, memory: PolicyMemory, reason: str, message: str
@@ -154,14 +166,18 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     return registry
 
 
-def _warn_on_new_failure(
+def _post_new_conditions(
     body: kopf.Body, previous: kopf.Status, conditions: list[dict[str, Any]]
 ) -> None:
-    """A Warning Event when a condition turns False or changes reason, not on every pass."""
+    """An Event when AbleToScale or ScalingActive turns False or changes reason, or when
+    AmbiguousTarget names another policy (the one it named is gone): not on every pass."""
     before = {c.get("type"): c for c in previous.get("conditions") or []}
     for c in conditions:
         if c["type"] not in ("AbleToScale", "ScalingActive") or c["status"] != "False":
             continue
         old = before.get(c["type"], {})
-        if old.get("status") != "False" or old.get("reason") != c["reason"]:
-            kopf.warn(body, reason=c["reason"], message=c["message"])
+        known = old.get("status") == "False" and old.get("reason") == c["reason"]
+        if known and (c["reason"] not in _NAMES_OWNER or old.get("message") == c["message"]):
+            continue
+        post = kopf.info if c["reason"] in _CHOSEN else kopf.warn
+        post(body, reason=c["reason"], message=c["message"])

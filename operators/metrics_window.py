@@ -4,7 +4,8 @@ A source (Prometheus query, direct scrape, the local autoscaler's own scrape, th
 simulator) reduces DESIGN.md's telemetry to these numbers. `None` means "no data in
 the window" (no request finished, or no previous scrape to take a rate from); the
 engine skips a signal without data rather than reading it as zero. A sample that is
-not a finite number is no data either (`finite`), in every source.
+no measurement (`measurement`: not finite, or negative) is no data either, in every
+source.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ def finite(value: float) -> float | None:
     """`value`, or None for NaN and ±Inf: a gauge set from 0/0, Prometheus' answer for an
     empty ratio, a broken exporter. A pool with only such samples has missing metrics."""
     return value if math.isfinite(value) else None
+
+
+def measurement(value: float) -> float | None:
+    """`value`, or None where it cannot be a measurement: not `finite`, or below zero.
+
+    Every number a source reads is a latency, a count, a ratio or a rate, so a negative
+    one is a broken exporter (a gauge decremented once too often, a counter set from a
+    difference). Read as is, it would ask for negative replicas: the pool would shrink
+    to minReplicas on telemetry that says nothing, and the status would show it.
+    """
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from operators.exposition import (
     WAITING,
 )
 from operators.metrics_source import MetricsUnavailable
-from operators.metrics_window import MetricsWindow, PoolMetrics, finite
+from operators.metrics_window import MetricsWindow, PoolMetrics, measurement
 from operators.pool_policy import Pool
 
 # PoolMetrics field -> PromQL template; {m} is the metric, {s} the series selector, {w} range
@@ -98,4 +98,4 @@ class PrometheusSource:
         result = body["data"]["result"]
         if not result:
             return None
-        return finite(float(result[0]["value"][1]))
+        return measurement(float(result[0]["value"][1]))

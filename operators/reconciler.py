@@ -41,6 +41,7 @@ class PolicyMemory:
     reported: str | None = None  # the API failure last posted as an Event, until a pass succeeds
 
 
+SCALING_DISABLED = "ScalingDisabled"
 _OFF = "scaling is disabled since the replica count of the target is zero"  # HPA's words
 
 
@@ -76,7 +77,7 @@ class Reconciler:
             able = Condition(ConditionType.ABLE_TO_SCALE, False, e.reason, e.message)
             return Outcome(PolicyStatus(generation, (able,)))
         if current == 0:
-            disabled = Condition(ConditionType.SCALING_ACTIVE, False, "ScalingDisabled", _OFF)
+            disabled = Condition(ConditionType.SCALING_ACTIVE, False, SCALING_DISABLED, _OFF)
             return Outcome(PolicyStatus(generation, (disabled,), 0, 0))
 
         policy = spec.pool_policy()

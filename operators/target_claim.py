@@ -21,6 +21,8 @@ from pydantic import ValidationError
 from operators.condition import Condition, ConditionType
 from operators.policy_spec import CapacityPolicySpec, ScaleTargetRef
 
+AMBIGUOUS_TARGET = "AmbiguousTarget"
+
 # namespace, API group, kind, name, Serve deployment: two API versions are one object
 TargetKey = tuple[str, str, str, str, str | None]
 
@@ -68,7 +70,7 @@ def ambiguity(
     return Condition(
         ConditionType.ABLE_TO_SCALE,
         False,
-        "AmbiguousTarget",
+        AMBIGUOUS_TARGET,
         f"{what} is also the target of CapacityPolicy {oldest.policy}, which is older; "
         f"this policy leaves it alone while {oldest.policy} exists",
     )

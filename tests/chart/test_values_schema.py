@@ -128,11 +128,100 @@ TEMPLATE_ERRORS = [
     ),
     (
         {"router": {"httpPort": 50051}},
-        "router.httpPort and router.grpcPort are both 50051: the router Service needs two ports",
+        "router.httpPort (50051) and router.grpcPort (50051) clash in the Ray worker pods: "
+        "each needs a port of its own",
     ),
     (
         {"kvstore": {"metricsPort": 50052}},
-        "kvstore.port and kvstore.metricsPort are both 50052: the KV store Service needs two ports",
+        "kvstore.port (50052) and kvstore.metricsPort (50052) clash in the KV store pods: "
+        "each needs a port of its own",
+    ),
+    # Serve's proxy binds router.httpPort in every Ray pod, the head's included
+    (
+        {"router": {"httpPort": 8265}},
+        "router.httpPort (8265) and Ray's dashboard, ray.head.rayStartParams.dashboard-port "
+        "(8265) clash in the Ray head pod",
+    ),
+    (
+        {"router": {"httpPort": 6379}},
+        "router.httpPort (6379) and Ray's GCS server, ray.head.rayStartParams.port (6379) "
+        "clash in the Ray head pod",
+    ),
+    (
+        {"router": {"httpPort": 10001}},
+        "router.httpPort (10001) and Ray's client server, "
+        "ray.head.rayStartParams.ray-client-server-port (10001) clash in the Ray head pod",
+    ),
+    (
+        {"router": {"httpPort": 9000}, "ray": {"head": {"rayStartParams": {"port": "9000"}}}},
+        "router.httpPort (9000) and Ray's GCS server, ray.head.rayStartParams.port (9000) "
+        "clash in the Ray head pod",
+    ),
+    (
+        {"ray": {"head": {"rayStartParams": {"node-manager-port": "8000"}}}},
+        "router.httpPort (8000) and Ray's node manager, "
+        "ray.head.rayStartParams.node-manager-port (8000) clash in the Ray head pod",
+    ),
+    (
+        {"ray": {"head": {"rayStartParams": {"min-worker-port": "7000"}}}},
+        "router.httpPort (8000) and Ray's worker ports, ray.head.rayStartParams.min-worker-port "
+        "to ray.head.rayStartParams.max-worker-port (7000-19999) clash in the Ray head pod",
+    ),
+    # router.grpcPort is bound in the router's worker pods, where KubeRay and Ray add theirs
+    (
+        {"router": {"grpcPort": 52365}},
+        "router.grpcPort (52365) and Ray's dashboard agent, "
+        "ray start --dashboard-agent-listen-port (52365) clash in the Ray worker pods",
+    ),
+    (
+        {"router": {"grpcPort": 8080}},
+        "router.grpcPort (8080) and Ray's metrics export port, "
+        "ray start --metrics-export-port (8080) clash in the Ray worker pods",
+    ),
+    (
+        {"router": {"grpcPort": 19999}},
+        "router.grpcPort (19999) and Ray's worker ports, ray start --min-worker-port to "
+        "ray start --max-worker-port (10002-19999) clash in the Ray worker pods",
+    ),
+    (
+        {"pools": {"prefill": {"resources": {"limits": {"memory": "1.5Gi"}}}}},
+        "pools.prefill.resources.requests.memory (4Gi) must not exceed "
+        "pools.prefill.resources.limits.memory (1.5Gi): Kubernetes refuses a pod that requests "
+        "more than its limit",
+    ),
+    (
+        {
+            "pools": {
+                "decode": {
+                    "resources": {"requests": {"memory": "1600Mi"}, "limits": {"memory": "1.5Gi"}}
+                }
+            }
+        },
+        "pools.decode.resources.requests.memory (1600Mi) must not exceed "
+        "pools.decode.resources.limits.memory (1.5Gi)",
+    ),
+    (
+        {"router": {"resources": {"requests": {"cpu": "1500m"}, "limits": {"cpu": 1}}}},
+        "router.resources.requests.cpu (1500m) must not exceed router.resources.limits.cpu (1)",
+    ),
+    (
+        {"ray": {"head": {"resources": {"limits": {"cpu": "0.5"}}}}},
+        "ray.head.resources.requests.cpu (1) must not exceed ray.head.resources.limits.cpu (0.5)",
+    ),
+    (
+        {"kvstore": {"resources": {"requests": {"memory": "5e9"}}}},
+        "kvstore.resources.requests.memory (5e9) must not exceed "
+        "kvstore.resources.limits.memory (4Gi)",
+    ),
+    (
+        {"redis": {"resources": {"requests": {"memory": "1G"}}}},
+        "redis.resources.requests.memory (1G) must not exceed "
+        "redis.resources.limits.memory (512Mi)",
+    ),
+    (
+        {"operator": {"resources": {"limits": {"cpu": "50m"}}}},
+        "operator.resources.requests.cpu (100m) must not exceed "
+        "operator.resources.limits.cpu (50m)",
     ),
     (
         {"model": {"mountPath": "/tmp", "volume": {"emptyDir": {}}}},
@@ -188,11 +277,36 @@ def test_kubernetes_quantities_are_accepted() -> None:
         "hugepages-2Mi": "64Mi",
         "nvidia.com/gpu": 1,
     }
-    values = {"requests": {**quantities, "cpu": 0.25, "memory": 2**30}, "limits": quantities}
+    requests = {**quantities, "cpu": 0.25, "memory": 2**29}  # at most the limits, as numbers
+    values = {"requests": requests, "limits": quantities}
     release = render_values({"pools": {"decode": {"resources": values}}})
     (decode,) = release.worker_group("decode")["template"]["spec"]["containers"]
     assert decode["resources"]["limits"] == quantities
     assert admission_errors(release.rayservice) == []
+
+
+def test_requests_up_to_their_limits_are_accepted() -> None:
+    """Quantities compare by amount, not by how they are written."""
+    resources = {
+        "requests": {"cpu": "1500m", "memory": "1Gi", "ephemeral-storage": "1G"},
+        "limits": {"cpu": 1.5, "memory": "1500Mi", "ephemeral-storage": "1e9"},
+    }
+    release = render_values({"pools": {"decode": {"resources": resources}}})
+    (decode,) = release.worker_group("decode")["template"]["spec"]["containers"]
+    assert decode["resources"] == resources
+
+
+def test_ports_apart_from_rays_are_accepted() -> None:
+    """Ray's ports are where it binds them: the head's flags move the head's, and the head's
+    GCS port is free in the worker pods, where only the router's gRPC server binds."""
+    values = {
+        "router": {"httpPort": 8265, "grpcPort": 6379},
+        "ray": {"head": {"rayStartParams": {"dashboard-port": "8267"}}},
+    }
+    release = render_values(values)
+    assert release.serve_config["http_options"]["port"] == 8265
+    head = release.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-port"] == "8267"
 
 
 def test_fixed_size_pools_need_no_autoscaler() -> None:

@@ -75,6 +75,22 @@ def test_samples_that_are_not_numbers_are_no_data() -> None:
     assert decode.counters == {"generation_tokens_total": 300.0}
 
 
+def test_negative_samples_are_no_data() -> None:
+    """Latencies, counts, ratios and rates are never below zero: such a sample is a broken
+    exporter, refused like NaN, not summed into the pool's figures."""
+    text = """\
+baton_num_requests_waiting{pool="decode",model="a"} -3
+baton_num_requests_waiting{pool="decode",model="b"} 4
+baton_kv_cache_usage_ratio{pool="decode",model="a"} -0.5
+baton_num_requests_running{pool="decode",model="a"} 0
+baton_generation_tokens_total{pool="decode",model="a"} -300
+baton_generation_tokens_total{pool="decode",model="b"} 200
+"""
+    decode = Exposition.parse(text).of(Pool.DECODE)
+    assert decode.gauges == {"num_requests_waiting": (4.0,), "num_requests_running": (0.0,)}
+    assert decode.counters == {"generation_tokens_total": 200.0}
+
+
 class TickingClock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -194,6 +210,7 @@ async def test_prometheus_source_asks_promql_per_pool(
     answers[decode["kv_cache_usage"]] = "0.75"
     answers[decode["kv_transfer_p90_s"]] = "0.08"
     answers[decode["requests_waiting"]] = "-Inf"
+    answers[decode["requests_running"]] = "-2"  # a sum over a gauge that went below zero
 
     window = await source.window()
     assert window == MetricsWindow(

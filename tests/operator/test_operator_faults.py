@@ -1,6 +1,6 @@
 """The operator when its inputs or the API server misbehave: telemetry that is not a
-number, a status write the API server refuses. Each is reported, and the policy keeps
-running: its timer must outlive any one bad pass."""
+number or is negative, a status write the API server refuses. Each is reported, and the
+policy keeps running: its timer must outlive any one bad pass."""
 
 from __future__ import annotations
 
@@ -59,8 +59,13 @@ def replicas(cluster: Cluster) -> int:
     return int(cluster.stored(DEPLOYMENTS, NS, "decode")["spec"]["replicas"])
 
 
-async def test_telemetry_that_is_not_a_number_is_missing_metrics(
-    cluster: Cluster, telemetry: TelemetryPage
+@pytest.mark.parametrize(
+    ("bad_waiting", "bad_usage"),
+    [(math.inf, math.nan), (-8.0, -0.5)],  # garbage; or gauges decremented past zero
+    ids=["not-a-number", "negative"],
+)
+async def test_telemetry_that_is_no_measurement_is_missing_metrics(
+    cluster: Cluster, telemetry: TelemetryPage, bad_waiting: float, bad_usage: float
 ) -> None:
     waiting = telemetry.waiting.labels("decode", "smollm2")
     kv_usage = telemetry.kv_usage.labels("decode", "smollm2")
@@ -72,8 +77,8 @@ async def test_telemetry_that_is_not_a_number_is_missing_metrics(
     await create_policy(cluster, "dec", spec)
     await eventually(lambda: condition(cluster, "dec", "Ready") == ("True", "Reconciled"))
 
-    waiting.set(math.inf)  # a replica exporting garbage: +Inf, NaN
-    kv_usage.set(math.nan)
+    waiting.set(bad_waiting)
+    kv_usage.set(bad_usage)
     await eventually(
         lambda: condition(cluster, "dec", "ScalingActive") == ("False", "MissingMetrics")
     )

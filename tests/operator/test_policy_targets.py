@@ -64,13 +64,42 @@ async def test_only_the_oldest_of_two_policies_scales_their_target(
     assert replicas(cluster) == 6
     assert events(cluster, "alpha", "SuccessfulRescale") == []
     assert len(events(cluster, "zeta", "SuccessfulRescale")) == 1
-    assert len(events(cluster, "alpha", "AmbiguousTarget")) == 1  # warned once
+    (warning,) = events(cluster, "alpha", "AmbiguousTarget")  # warned once
+    assert warning["type"] == "Warning"
+    assert warning["message"] == message(cluster, "alpha", "AbleToScale")  # names zeta
     assert condition(cluster, "zeta", "Ready") == ("True", "Reconciled")
 
     async with cluster.delete(f"{POLICIES}/zeta") as r:
         assert r.status == 200
     await eventually(lambda: replicas(cluster) == 8)  # the other one takes over
     await eventually(lambda: condition(cluster, "alpha", "Ready") == ("True", "Reconciled"))
+
+
+async def test_a_policy_left_out_is_told_of_each_new_owner(
+    cluster: Cluster, telemetry: TelemetryPage
+) -> None:
+    telemetry.waiting.labels("decode", "smollm2").set(12)
+    await create_deployment(cluster, "decode", 1)
+    spec = decode_spec(telemetry, DEPLOYMENT_REF, behavior=UNLIMITED)
+    await create_policy(cluster, "first", spec, created="2025-11-01T00:00:00Z")
+    await eventually(lambda: replicas(cluster) == 6)
+    await create_policy(cluster, "second", spec, created="2025-12-01T00:00:00Z")
+    await eventually(lambda: events(cluster, "second", "AmbiguousTarget"))
+    await create_policy(cluster, "third", spec, created="2026-01-01T00:00:00Z")
+    await eventually(lambda: events(cluster, "third", "AmbiguousTarget"))
+
+    async with cluster.delete(f"{POLICIES}/first") as r:
+        assert r.status == 200
+    await eventually(lambda: condition(cluster, "second", "Ready") == ("True", "Reconciled"))
+    await eventually(lambda: len(events(cluster, "third", "AmbiguousTarget")) == 2)
+    await asyncio.sleep(10 * INTERVAL_S)  # ten passes: no Event but on a change of owner
+    assert [e["message"] for e in events(cluster, "third", "AmbiguousTarget")] == [
+        f"Deployment decode is also the target of CapacityPolicy {owner}, which is older; "
+        f"this policy leaves it alone while {owner} exists"
+        for owner in ("first", "second")
+    ]
+    assert {e["type"] for e in events(cluster, "third", "AmbiguousTarget")} == {"Warning"}
+    assert len(events(cluster, "second", "AmbiguousTarget")) == 1
 
 
 async def test_a_new_target_is_not_rate_limited_by_the_old_one(
@@ -106,14 +135,16 @@ async def test_a_target_scaled_to_zero_is_left_at_zero(
     await eventually(
         lambda: condition(cluster, "dec", "ScalingActive") == ("False", "ScalingDisabled")
     )
-    assert message(cluster, "dec", "Ready") == (
-        "scaling is disabled since the replica count of the target is zero"
-    )
+    off = "scaling is disabled since the replica count of the target is zero"
+    assert message(cluster, "dec", "Ready") == off
     status = policy_status(cluster, "dec")
     assert (status["currentReplicas"], status["desiredReplicas"]) == (0, 0)
+    (event,) = await eventually(lambda: events(cluster, "dec", "ScalingDisabled"))
+    assert (event["type"], event["message"]) == ("Normal", off)  # a choice, not a fault
     await asyncio.sleep(10 * INTERVAL_S)
     assert replicas(cluster) == 0
     assert len(events(cluster, "dec", "SuccessfulRescale")) == 1
+    assert len(events(cluster, "dec", "ScalingDisabled")) == 1  # when it began, not every pass
 
     await merge_patch(cluster, deployment, {"spec": {"replicas": 1}})  # and on again
     await eventually(lambda: replicas(cluster) == 6)

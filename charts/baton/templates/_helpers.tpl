@@ -102,17 +102,29 @@ imagePullSecrets:
 {{- end }}
 
 {{/*
+A Kubernetes quantity ("500m", "2", "1.5Gi", "1500Mi", "1e9", or a number) as a float, in
+the resource's unit (cores, bytes, ...), with the API server's suffixes: n u m k M G T P E,
+Ki Mi Gi Ti Pi Ei, or a decimal exponent.
+*/}}
+{{- define "baton.quantity" -}}
+{{- $quantity := toString . }}
+{{- $suffixes := dict "n" 1e-9 "u" 1e-6 "m" 1e-3 "" 1 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "Ei" 1152921504606846976 }}
+{{- $number := regexFind "^([0-9]+(\\.[0-9]*)?|\\.[0-9]+)" $quantity }}
+{{- $suffix := trimPrefix $number $quantity }}
+{{- if and $number (hasKey $suffixes $suffix) }}
+{{- mulf $number (get $suffixes $suffix) }}
+{{- else if and $number (regexMatch "^[eE][+-]?[0-9]+$" $suffix) }}
+{{- float64 $quantity }}
+{{- else }}
+{{- fail (printf "cannot read %q as a Kubernetes quantity: use a number with an optional suffix, such as 500m, 2, 1.5Gi or 512Mi" $quantity) }}
+{{- end }}
+{{- end }}
+
+{{/*
 Bytes in a Kubernetes memory quantity ("4Gi", "512Mi", "1.5G", "1048576"), as an integer.
 */}}
 {{- define "baton.bytes" -}}
-{{- $quantity := toString . }}
-{{- $units := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
-{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $quantity }}
-{{- $unit := trimPrefix $number $quantity }}
-{{- if or (not $number) (not (hasKey $units $unit)) }}
-{{- fail (printf "cannot read %q as a memory quantity: use a number with an optional Ki, Mi, Gi, Ti, k, M, G or T" $quantity) }}
-{{- end }}
-{{- mulf $number (get $units $unit) | floor | int64 }}
+{{- include "baton.quantity" . | float64 | floor | int64 }}
 {{- end }}
 
 {{/* The operator's ServiceAccount. */}}

@@ -99,3 +99,42 @@ resources: {{ toJson (toJson (dict (include "baton.rayResource" (index . 0)) 1))
 {{- end }}
 {{- toYaml $resources }}
 {{- end }}
+
+{{/*
+The ports Ray binds in the head pod or in a worker pod, as a JSON list of {name, low,
+high}: KubeRay's and Ray's defaults, unless the head's rayStartParams set them (a
+worker's flags are the chart's: "baton.workerStartParams"). Ports Ray picks at random
+are left out. `include "baton.rayPorts" (list $ "head")`
+*/}}
+{{- define "baton.rayPorts" -}}
+{{- $head := eq (index . 1) "head" }}
+{{- $params := ternary (index . 0).Values.ray.head.rayStartParams dict $head }}
+{{- $where := ternary "ray.head.rayStartParams." "ray start --" $head }}
+{{- $flags := list
+  (list "dashboard-agent-listen-port" "dashboard agent" 52365)
+  (list "metrics-export-port" "metrics export port" 8080)
+  (list "node-manager-port" "node manager" 0)
+  (list "object-manager-port" "object manager" 0)
+  (list "dashboard-agent-grpc-port" "dashboard agent's gRPC port" 0)
+  (list "runtime-env-agent-port" "runtime env agent" 0) }}
+{{- if $head }}
+{{- $flags = concat (list
+  (list "port" "GCS server" 6379)
+  (list "dashboard-port" "dashboard" 8265)
+  (list "ray-client-server-port" "client server" 10001)) $flags }}
+{{- end }}
+{{- $ports := list }}
+{{- range $flag := $flags }}
+{{- $port := int (get $params (index $flag 0) | default (index $flag 2)) }}
+{{- if gt $port 0 }}
+{{- $name := printf "Ray's %s, %s%s" (index $flag 1) $where (index $flag 0) }}
+{{- $ports = append $ports (dict "name" $name "low" $port "high" $port) }}
+{{- end }}
+{{- end }}
+{{- $low := int (get $params "min-worker-port" | default 10002) }}
+{{- if gt $low 0 }}
+{{- $name := printf "Ray's worker ports, %smin-worker-port to %smax-worker-port" $where $where }}
+{{- $ports = append $ports (dict "name" $name "low" $low "high" (int (get $params "max-worker-port" | default 19999))) }}
+{{- end }}
+{{- toJson $ports }}
+{{- end }}

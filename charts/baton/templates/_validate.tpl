@@ -6,6 +6,7 @@ but cannot work. rayservice.yaml includes it, so every install runs it.
 {{- define "baton.validate" -}}
 {{- range $pool := splitList " " (include "baton.poolNames" .) }}
 {{- $v := index $.Values.pools $pool }}
+{{- include "baton.validateResources" (list (printf "pools.%s" $pool) (include "baton.poolResources" $v | fromYaml)) }}
 {{- if gt (int $v.minReplicas) (int $v.maxReplicas) }}
 {{- fail (printf "pools.%s.minReplicas (%d) must be less than or equal to maxReplicas (%d)" $pool (int $v.minReplicas) (int $v.maxReplicas)) }}
 {{- end }}
@@ -26,14 +27,33 @@ but cannot work. rayservice.yaml includes it, so every install runs it.
 {{- end }}
 {{- end }}
 {{- $router := .Values.router }}
+{{- $components := dict "ray.head" .Values.ray.head.resources "router" $router.resources }}
+{{- if include "baton.kvstoreEnabled" . }}
+{{- $_ := set $components "kvstore" .Values.kvstore.resources }}
+{{- if .Values.redis.enabled }}
+{{- $_ := set $components "redis" .Values.redis.resources }}
+{{- end }}
+{{- end }}
+{{- if .Values.operator.enabled }}
+{{- $_ := set $components "operator" .Values.operator.resources }}
+{{- end }}
+{{- range $where, $resources := $components }}
+{{- include "baton.validateResources" (list $where $resources) }}
+{{- end }}
 {{- if and $router.podDisruptionBudget.enabled (not (kindIs "invalid" $router.podDisruptionBudget.minAvailable)) (ge (int $router.podDisruptionBudget.minAvailable) (int $router.replicas)) }}
 {{- fail (printf "router.podDisruptionBudget.minAvailable (%d) must be less than router.replicas (%d): otherwise no router pod can ever be evicted and node drains hang" (int $router.podDisruptionBudget.minAvailable) (int $router.replicas)) }}
 {{- end }}
-{{- if eq (int $router.httpPort) (int $router.grpcPort) }}
-{{- fail (printf "router.httpPort and router.grpcPort are both %d: the router Service needs two ports" (int $router.httpPort)) }}
-{{- end }}
-{{- if and (include "baton.kvstoreEnabled" .) (eq (int .Values.kvstore.port) (int .Values.kvstore.metricsPort)) }}
-{{- fail (printf "kvstore.port and kvstore.metricsPort are both %d: the KV store Service needs two ports" (int .Values.kvstore.port)) }}
+{{- /* Serve's proxy binds router.httpPort in every Ray pod (proxy_location EveryNode), the
+router replica router.grpcPort in its pod: beside the ports Ray binds there. */}}
+{{- $http := dict "name" "router.httpPort" "low" (int $router.httpPort) }}
+{{- $grpc := dict "name" "router.grpcPort" "low" (int $router.grpcPort) }}
+{{- $headPorts := prepend (include "baton.rayPorts" (list . "head") | fromJsonArray) $http }}
+{{- include "baton.validatePorts" (list "Ray head pod" $headPorts) }}
+{{- $workerPorts := concat (list $http $grpc) (include "baton.rayPorts" (list . "worker") | fromJsonArray) }}
+{{- include "baton.validatePorts" (list "Ray worker pods" $workerPorts) }}
+{{- if include "baton.kvstoreEnabled" . }}
+{{- $kvPorts := list (dict "name" "kvstore.port" "low" (int .Values.kvstore.port)) (dict "name" "kvstore.metricsPort" "low" (int .Values.kvstore.metricsPort)) }}
+{{- include "baton.validatePorts" (list "KV store pods" $kvPorts) }}
 {{- end }}
 {{- $mounts := list "/dev/shm" "/tmp" (include "baton.kvstoreTokenDir" .) }}
 {{- if and .Values.model.volume (has (clean .Values.model.mountPath) $mounts) }}
@@ -44,6 +64,48 @@ but cannot work. rayservice.yaml includes it, so every install runs it.
 {{- end }}
 {{- if and .Values.inferencePool.enabled (not .Values.inferencePool.endpointPicker.name) }}
 {{- fail "inferencePool.enabled needs inferencePool.endpointPicker.name: the Service of the endpoint picker you deploy" }}
+{{- end }}
+{{- end }}
+
+{{/*
+A container's resources: no request above its limit, which the API server would refuse
+at admission, once the install is under way.
+`include "baton.validateResources" (list "router" $.Values.router.resources)`
+*/}}
+{{- define "baton.validateResources" -}}
+{{- $where := index . 0 }}
+{{- $resources := index . 1 | default dict }}
+{{- $limits := $resources.limits | default dict }}
+{{- range $name, $request := $resources.requests | default dict }}
+{{- $limit := get $limits $name }}
+{{- if and (hasKey $limits $name) (gt (include "baton.quantity" $request | float64) (include "baton.quantity" $limit | float64)) }}
+{{- fail (printf "%s.resources.requests.%s (%v) must not exceed %s.resources.limits.%s (%v): Kubernetes refuses a pod that requests more than its limit" $where $name $request $where $name $limit) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Ports that the processes of one pod bind: fails naming the first two that overlap. Each
+is a dict of "name" and "low", plus "high" for a range.
+`include "baton.validatePorts" (list "KV store pods" $ports)`
+*/}}
+{{- define "baton.validatePorts" -}}
+{{- $pod := index . 0 }}
+{{- $ports := index . 1 }}
+{{- range $i, $a := $ports }}
+{{- range $b := slice $ports (add1 $i) }}
+{{- if and (le (int $a.low) (int ($b.high | default $b.low))) (le (int $b.low) (int ($a.high | default $a.low))) }}
+{{- fail (printf "%s and %s clash in the %s: each needs a port of its own" (include "baton.portName" $a) (include "baton.portName" $b) $pod) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "baton.portName" -}}
+{{- if and .high (ne (int .high) (int .low)) }}
+{{- printf "%s (%d-%d)" .name (int .low) (int .high) }}
+{{- else }}
+{{- printf "%s (%d)" .name (int .low) }}
 {{- end }}
 {{- end }}
 
