@@ -475,6 +475,30 @@ def test_router_service_selects_the_router_pods(value_set: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("http_port", [8000, 8100])
+def test_ray_pods_declare_the_ports_kuberay_reads(http_port: int) -> None:
+    """KubeRay checks Serve's proxy at the Ray container's port named `serve`, 8000 when
+    there is none: the readiness probe of worker pods and the head's serve label. It builds
+    the head Service from the head's ports alone, and deploys the Serve config through its
+    `dashboard` port, so the head declares every port of KubeRay's defaults."""
+    release = render_values({"router": {"httpPort": http_port}})
+    declared = {}
+    for group, template in ray_templates(release.rayservice):
+        (container,) = template["spec"]["containers"]
+        declared[group] = {p["name"]: p["containerPort"] for p in container["ports"]}
+    worker = {"metrics": 8080, "serve": http_port}
+    assert declared == {
+        "head": {"gcs-server": 6379, "dashboard": 8265, "client": 10001, **worker},
+        "router": {**worker, "grpc": 50051},
+        "prefill": worker,
+        "decode": worker,
+    }
+    # The router Service reaches the ports the router pods declare.
+    service = release.get("Service", f"{FULLNAME}-router")
+    targets = {p["name"]: declared["router"][p["targetPort"]] for p in service["spec"]["ports"]}
+    assert targets == {"http": http_port, "grpc": 50051}
+
+
 def test_api_keys_reach_the_router_and_the_tests() -> None:
     release = render("cluster-wide")
     secret = release.get("Secret", f"{FULLNAME}-api-keys")

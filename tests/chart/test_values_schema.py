@@ -96,6 +96,11 @@ SCHEMA_ERRORS = [
         {"commonLabels": {"team": "x" * 64}},
         "at '/commonLabels/team': maxLength: got 64, want 63",
     ),
+    # KubeRay deploys the Serve applications through the head's dashboard
+    (
+        {"ray": {"head": {"rayStartParams": {"include-dashboard": "false"}}}},
+        "at '/ray/head/rayStartParams/include-dashboard': 'false' does not match pattern",
+    ),
     (
         {"podLabels": {"bad key": "x"}},
         # Helm's validator reports a bad key at the root, not at its map.
@@ -223,6 +228,46 @@ TEMPLATE_ERRORS = [
         "operator.resources.requests.cpu (100m) must not exceed "
         "operator.resources.limits.cpu (50m)",
     ),
+    # Kubernetes cannot overcommit extended resources (nor hugepages): request == limit
+    (
+        {"pools": {"decode": {"gpus": 1, "resources": {"requests": {"nvidia.com/gpu": 2}}}}},
+        "pools.decode.resources.requests.nvidia.com/gpu (2) must equal pools.decode.gpus (1): "
+        "Kubernetes cannot overcommit nvidia.com/gpu, so it refuses a pod whose request differs "
+        "from its limit; leave the request out and it defaults to the limit",
+    ),
+    (
+        {
+            "router": {
+                "resources": {
+                    "requests": {"example.com/fpga": 1},
+                    "limits": {"example.com/fpga": "2"},
+                }
+            }
+        },
+        "router.resources.requests.example.com/fpga (1) must equal "
+        "router.resources.limits.example.com/fpga (2)",
+    ),
+    (
+        {
+            "ray": {
+                "head": {
+                    "resources": {
+                        "requests": {"hugepages-2Mi": "64Mi"},
+                        "limits": {"hugepages-2Mi": "128Mi"},
+                    }
+                }
+            }
+        },
+        "ray.head.resources.requests.hugepages-2Mi (64Mi) must equal "
+        "ray.head.resources.limits.hugepages-2Mi (128Mi)",
+    ),
+    (
+        {"pools": {"prefill": {"resources": {"requests": {"nvidia.com/gpu": 1}}}}},
+        "pools.prefill.resources.requests.nvidia.com/gpu (1) needs a limit, "
+        "pools.prefill.resources.limits.nvidia.com/gpu: Kubernetes cannot overcommit "
+        "nvidia.com/gpu, so it refuses a request without a limit; set the limit alone and the "
+        "request defaults to it",
+    ),
     (
         {"model": {"mountPath": "/tmp", "volume": {"emptyDir": {}}}},
         "model.mountPath (/tmp) is already mounted in the Ray pods: use a path other than "
@@ -296,6 +341,17 @@ def test_requests_up_to_their_limits_are_accepted() -> None:
     assert decode["resources"] == resources
 
 
+def test_extended_resources_requested_as_limited_are_accepted() -> None:
+    """An extended resource's request may be given when it equals the limit, here the one
+    pools.decode.gpus sets, however the two are written."""
+    resources = {"requests": {"nvidia.com/gpu": "2"}}
+    release = render_values({"pools": {"decode": {"gpus": 2, "resources": resources}}})
+    (decode,) = release.worker_group("decode")["template"]["spec"]["containers"]
+    assert decode["resources"]["requests"]["nvidia.com/gpu"] == "2"
+    assert decode["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert admission_errors(release.rayservice) == []
+
+
 def test_ports_apart_from_rays_are_accepted() -> None:
     """Ray's ports are where it binds them: the head's flags move the head's, and the head's
     GCS port is free in the worker pods, where only the router's gRPC server binds."""
@@ -307,6 +363,23 @@ def test_ports_apart_from_rays_are_accepted() -> None:
     assert release.serve_config["http_options"]["port"] == 8265
     head = release.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-port"] == "8267"
+    # The head declares its ports where Ray binds them: KubeRay finds the dashboard there.
+    (container,) = head["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "gcs-server": 6379,
+        "dashboard": 8267,
+        "client": 10001,
+        "metrics": 8080,
+        "serve": 8265,
+    }
+
+
+def test_the_dashboard_may_be_switched_on_in_rays_spellings() -> None:
+    """`include-dashboard` takes what `ray start` reads as true; only off is refused."""
+    for on in ("true", "True", "1", "yes"):
+        release = render_values({"ray": {"head": {"rayStartParams": {"include-dashboard": on}}}})
+        head = release.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+        assert head["rayStartParams"]["include-dashboard"] == on
 
 
 def test_fixed_size_pools_need_no_autoscaler() -> None:

@@ -102,33 +102,34 @@ resources: {{ toJson (toJson (dict (include "baton.rayResource" (index . 0)) 1))
 
 {{/*
 The ports Ray binds in the head pod or in a worker pod, as a JSON list of {name, low,
-high}: KubeRay's and Ray's defaults, unless the head's rayStartParams set them (a
-worker's flags are the chart's: "baton.workerStartParams"). Ports Ray picks at random
-are left out. `include "baton.rayPorts" (list $ "head")`
+high}, plus "portName", the container port name KubeRay looks them up by, where it has
+one: KubeRay's and Ray's defaults, unless the head's rayStartParams set them (a worker's
+flags are the chart's: "baton.workerStartParams"). Ports Ray picks at random are left
+out. `include "baton.rayPorts" (list $ "head")`
 */}}
 {{- define "baton.rayPorts" -}}
 {{- $head := eq (index . 1) "head" }}
 {{- $params := ternary (index . 0).Values.ray.head.rayStartParams dict $head }}
 {{- $where := ternary "ray.head.rayStartParams." "ray start --" $head }}
 {{- $flags := list
-  (list "dashboard-agent-listen-port" "dashboard agent" 52365)
-  (list "metrics-export-port" "metrics export port" 8080)
-  (list "node-manager-port" "node manager" 0)
-  (list "object-manager-port" "object manager" 0)
-  (list "dashboard-agent-grpc-port" "dashboard agent's gRPC port" 0)
-  (list "runtime-env-agent-port" "runtime env agent" 0) }}
+  (list "dashboard-agent-listen-port" "dashboard agent" 52365 "")
+  (list "metrics-export-port" "metrics export port" 8080 "metrics")
+  (list "node-manager-port" "node manager" 0 "")
+  (list "object-manager-port" "object manager" 0 "")
+  (list "dashboard-agent-grpc-port" "dashboard agent's gRPC port" 0 "")
+  (list "runtime-env-agent-port" "runtime env agent" 0 "") }}
 {{- if $head }}
 {{- $flags = concat (list
-  (list "port" "GCS server" 6379)
-  (list "dashboard-port" "dashboard" 8265)
-  (list "ray-client-server-port" "client server" 10001)) $flags }}
+  (list "port" "GCS server" 6379 "gcs-server")
+  (list "dashboard-port" "dashboard" 8265 "dashboard")
+  (list "ray-client-server-port" "client server" 10001 "client")) $flags }}
 {{- end }}
 {{- $ports := list }}
 {{- range $flag := $flags }}
 {{- $port := int (get $params (index $flag 0) | default (index $flag 2)) }}
 {{- if gt $port 0 }}
 {{- $name := printf "Ray's %s, %s%s" (index $flag 1) $where (index $flag 0) }}
-{{- $ports = append $ports (dict "name" $name "low" $port "high" $port) }}
+{{- $ports = append $ports (dict "name" $name "low" $port "high" $port "portName" (index $flag 3)) }}
 {{- end }}
 {{- end }}
 {{- $low := int (get $params "min-worker-port" | default 10002) }}
@@ -137,4 +138,24 @@ are left out. `include "baton.rayPorts" (list $ "head")`
 {{- $ports = append $ports (dict "name" $name "low" $low "high" (int (get $params "max-worker-port" | default 19999))) }}
 {{- end }}
 {{- toJson $ports }}
+{{- end }}
+
+{{/*
+The named container ports of the Ray container in the head pod or in a worker pod, as a
+JSON list. KubeRay finds Serve's proxy by the port named "serve", 8000 when none is: the
+readiness probe it gives worker pods and the health check that lets the head pod serve
+both call it there. On the head, the ports declared replace KubeRay's defaults in the head
+Service, through whose "dashboard" port KubeRay deploys the Serve applications; so the
+head declares every port of those defaults, with the numbers rayStartParams give them.
+`include "baton.rayContainerPorts" (list $ "head")`
+*/}}
+{{- define "baton.rayContainerPorts" -}}
+{{- $ports := list }}
+{{- range $port := include "baton.rayPorts" . | fromJsonArray }}
+{{- with $port.portName }}
+{{- $ports = append $ports (dict "name" . "containerPort" (int $port.low) "protocol" "TCP") }}
+{{- end }}
+{{- end }}
+{{- $serve := dict "name" "serve" "containerPort" (int (index . 0).Values.router.httpPort) "protocol" "TCP" }}
+{{- toJson (append $ports $serve) }}
 {{- end }}

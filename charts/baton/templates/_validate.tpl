@@ -6,7 +6,8 @@ but cannot work. rayservice.yaml includes it, so every install runs it.
 {{- define "baton.validate" -}}
 {{- range $pool := splitList " " (include "baton.poolNames" .) }}
 {{- $v := index $.Values.pools $pool }}
-{{- include "baton.validateResources" (list (printf "pools.%s" $pool) (include "baton.poolResources" $v | fromYaml)) }}
+{{- $gpuLimit := ternary (dict $v.gpuResourceName (printf "pools.%s.gpus" $pool)) dict (gt (int $v.gpus) 0) }}
+{{- include "baton.validateResources" (list (printf "pools.%s" $pool) (include "baton.poolResources" $v | fromYaml) $gpuLimit) }}
 {{- if gt (int $v.minReplicas) (int $v.maxReplicas) }}
 {{- fail (printf "pools.%s.minReplicas (%d) must be less than or equal to maxReplicas (%d)" $pool (int $v.minReplicas) (int $v.maxReplicas)) }}
 {{- end }}
@@ -68,18 +69,36 @@ router replica router.grpcPort in its pod: beside the ports Ray binds there. */}
 {{- end }}
 
 {{/*
-A container's resources: no request above its limit, which the API server would refuse
-at admission, once the install is under way.
+A container's resources: no request above its limit, and an extended resource requested
+exactly as limited, or the API server would refuse the pod at admission, once the install
+is under way. `limitFields` optionally names, per resource, the value that sets its limit
+when that is not `<where>.resources.limits.<resource>`.
 `include "baton.validateResources" (list "router" $.Values.router.resources)`
+`include "baton.validateResources" (list "pools.decode" $resources (dict "nvidia.com/gpu" "pools.decode.gpus"))`
 */}}
 {{- define "baton.validateResources" -}}
 {{- $where := index . 0 }}
 {{- $resources := index . 1 | default dict }}
+{{- $limitFields := dict }}
+{{- if gt (len .) 2 }}{{ $limitFields = index . 2 }}{{ end }}
 {{- $limits := $resources.limits | default dict }}
 {{- range $name, $request := $resources.requests | default dict }}
+{{- $requestField := printf "%s.resources.requests.%s" $where $name }}
+{{- $limitField := get $limitFields $name | default (printf "%s.resources.limits.%s" $where $name) }}
+{{- /* Kubernetes overcommits only its own resources (no domain, or kubernetes.io/), hugepages
+aside: the rest, extended resources such as nvidia.com/gpu, cannot be requested below their limit. */}}
+{{- $overcommit := and (or (not (contains "/" $name)) (contains "kubernetes.io/" $name)) (not (hasPrefix "hugepages-" $name)) }}
+{{- if hasKey $limits $name }}
 {{- $limit := get $limits $name }}
-{{- if and (hasKey $limits $name) (gt (include "baton.quantity" $request | float64) (include "baton.quantity" $limit | float64)) }}
-{{- fail (printf "%s.resources.requests.%s (%v) must not exceed %s.resources.limits.%s (%v): Kubernetes refuses a pod that requests more than its limit" $where $name $request $where $name $limit) }}
+{{- $requested := include "baton.quantity" $request | float64 }}
+{{- $limited := include "baton.quantity" $limit | float64 }}
+{{- if and (not $overcommit) (ne $requested $limited) }}
+{{- fail (printf "%s (%v) must equal %s (%v): Kubernetes cannot overcommit %s, so it refuses a pod whose request differs from its limit; leave the request out and it defaults to the limit" $requestField $request $limitField $limit $name) }}
+{{- else if gt $requested $limited }}
+{{- fail (printf "%s (%v) must not exceed %s (%v): Kubernetes refuses a pod that requests more than its limit" $requestField $request $limitField $limit) }}
+{{- end }}
+{{- else if not $overcommit }}
+{{- fail (printf "%s (%v) needs a limit, %s: Kubernetes cannot overcommit %s, so it refuses a request without a limit; set the limit alone and the request defaults to it" $requestField $request $limitField $name) }}
 {{- end }}
 {{- end }}
 {{- end }}
