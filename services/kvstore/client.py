@@ -13,16 +13,17 @@ A block is any buffer of exactly one block payload (`KVBlockFormat.nbytes`): a c
 CPU tensor such as one block of the block-major paged cache, a memoryview, bytes. Puts go
 to the shard that rendezvous hashing picks among the live shards; gets go where the
 prefix index says each block is. Every received block is checked against the requested
-hash, this client's fingerprint and format, and its checksum before `get_into` returns.
-A shard that is down makes its blocks misses; a corrupted block raises.
+hash, this client's fingerprint and format, and its checksum before `get_into` uses it:
+a block that fails, like a shard that is down, is a miss, and the prefix ends before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -36,12 +37,19 @@ from engine.kv_format import KVBlockFormat
 from proto.baton.v1 import kvstore_pb2 as pb
 from services.kvstore.block_meta import BlockMeta, fingerprint_to_proto
 from services.kvstore.codec import MAX_MESSAGE_BYTES, MESSAGE_BYTES
-from services.kvstore.errors import BlockFormatError, KVStoreError, MalformedMessageError
+from services.kvstore.errors import (
+    BlockFormatError,
+    KVStoreError,
+    MalformedMessageError,
+    RejectedBlockError,
+)
 from services.kvstore.index import Location, ShardInfo
 from services.kvstore.malloc_tuning import tune_malloc
 from services.kvstore.placement import rendezvous_owner
 from services.kvstore.security import ClientSecurity
 from services.kvstore.shard_client import ShardClient
+
+log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -49,6 +57,16 @@ BlockBuffer = torch.Tensor | memoryview | bytes | bytearray
 
 # a shard that cannot answer makes its blocks misses; any other failure is an error
 _MISS_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A get takes more failures for misses of the blocks it has not verified yet: a block that
+# failed verification on receipt (RejectedBlockError, DATA_LOSS) and a shard that failed
+# mid-stream (DATA_LOSS, INTERNAL, UNKNOWN); the caller recomputes those blocks. What the
+# caller must fix (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, ...) still raises.
+_GET_MISS_CODES = (
+    *_MISS_CODES,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+)
 
 
 @dataclass(frozen=True)
@@ -159,6 +177,10 @@ class KVStoreClient:
         self._shard_clients: dict[str, ShardClient] = {}
         self._topology: list[ShardInfo] = []
         self._topology_at = -float("inf")
+        self.get_failures: Counter[str] = Counter()
+        """Shard transfers of `get_into` cut short by a block that failed verification
+        ("rejected") or by the shard's fault ("data_loss", "internal", "unknown"): their
+        blocks not yet verified became misses."""
 
     async def __aenter__(self) -> KVStoreClient:
         return self
@@ -267,7 +289,13 @@ class KVStoreClient:
         """Fetches the longest available prefix of `hashes` into `out`; returns its length.
 
         `out[i]` receives block `hashes[i]`; buffers past the returned length may hold
-        partial data and must not be used.
+        partial data and must not be used. Every block of the prefix was verified on
+        receipt. A block that fails verification (checksum, fingerprint, format) is a miss
+        like a block no shard holds: the prefix ends before it and the caller recomputes
+        the rest. So are the blocks a shard did not deliver because it is down, too slow
+        for `timeout`, or failed mid-stream. A rejected block or a failed shard is logged
+        (one warning a call) and counted in `get_failures`. Bad arguments (ValueError) and
+        errors the caller must fix (INVALID_ARGUMENT, UNAUTHENTICATED, ...) raise.
         """
         if len(hashes) != len(out):
             raise ValueError(f"{len(hashes)} hashes for {len(out)} output buffers")
@@ -281,23 +309,35 @@ class KVStoreClient:
         by_address: dict[str, list[bytes]] = defaultdict(list)
         for block_hash, address in zip(hashes, await self._locate(hashes, deadline), strict=False):
             by_address[address].append(block_hash)
+        filled: set[bytes] = set()  # verified blocks, whatever failed after them
         results = await asyncio.gather(
             *(
-                self._client(addr).get(wanted, views, self._verify, deadline)
+                self._client(addr).get(wanted, views, self._verify, deadline, filled)
                 for addr, wanted in by_address.items()
             ),
             return_exceptions=True,
         )
-        filled: set[bytes] = set()
+        failures: list[KVStoreError] = []
         for result in results:
-            if isinstance(result, KVStoreError) and result.code in _MISS_CODES:
-                continue
-            if isinstance(result, BaseException):
+            if isinstance(result, KVStoreError) and result.code in _GET_MISS_CODES:
+                if result.code not in _MISS_CODES:
+                    failures.append(result)
+            elif isinstance(result, BaseException):
                 raise result
-            filled |= result
         count = 0
         while count < len(hashes) and hashes[count] in filled:
             count += 1
+        if failures:
+            self.get_failures.update(
+                "rejected" if isinstance(f, RejectedBlockError) else f.code.name.lower()
+                for f in failures
+            )
+            log.warning(
+                "KV get: %d of %d blocks fetched, the rest are misses: %s",
+                count,
+                len(hashes),
+                "; ".join(map(str, failures)),
+            )
         return count
 
     async def lease(

@@ -34,9 +34,18 @@ class ChecksumError(KVStoreError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class RejectedBlockError(KVStoreError):
+    """A block a get received that failed the receiver's checks (checksum, fingerprint,
+    format, or a stream that breaks the protocol): it is never used. The blocks verified
+    before it still are."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class StreamIdleError(KVStoreError):
-    """A client stream that sent nothing for the shard's idle limit while holding slots or
-    pins: abandoned, so that a live but stalled client cannot hold the arena."""
+    """A client stream that sent (or, on a get, read) nothing for the shard's idle limit
+    while holding slots or pins: abandoned, so that a live but stalled client cannot hold
+    the arena."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -62,7 +62,8 @@ class ServerConfig:
     message_bytes: int = MESSAGE_BYTES
     """Size of the bulk messages gets are packed into (at most MAX_MESSAGE_BYTES)."""
     stream_idle_s: float = STREAM_IDLE_S
-    """A put or shared-memory get silent this long is abandoned, freeing what it holds."""
+    """A put or shared-memory get silent this long, or a get whose client reads nothing this
+    long, is abandoned, freeing what it holds."""
     security: ShardSecurity = field(default_factory=ShardSecurity)
     """The token clients must send and the port's TLS; the default admits anyone."""
     index_username: str | None = None

@@ -7,7 +7,6 @@ Errors a client can cause end the call with the status of its `KVStoreError`.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -34,6 +33,7 @@ from services.kvstore.errors import (
     MalformedMessageError,
     StreamIdleError,
 )
+from services.kvstore.idle_watch import IdleWatch
 from services.kvstore.index import ShardInfo
 from services.kvstore.index_sync import IndexSync
 from services.kvstore.put_transaction import PutOutcome, PutTransaction
@@ -41,7 +41,8 @@ from services.kvstore.store import BlockStore
 
 SERVICE_NAME = "baton.v1.KVStore"
 STREAM_IDLE_S = 30.0
-"""A client stream silent this long while it holds slots or pins is abandoned."""
+"""A stream whose client sends nothing (put) or reads nothing (get) this long while it
+holds slots or pins is abandoned."""
 _T = TypeVar("_T")
 MAX_HASHES_PER_REQUEST = 65_536
 
@@ -50,6 +51,18 @@ Handler = Callable[..., Any]
 
 async def _abort(context: Context, exc: KVStoreError) -> NoReturn:
     await context.abort(exc.code, str(exc))
+    raise AssertionError("context.abort returned")
+
+
+async def _abort_stalled(context: Context, exc: KVStoreError) -> None:
+    """Ends, with `exc`'s status, a call whose last write stalled or failed. The status
+    reaches the client behind the messages gRPC already holds, once it reads them; if the
+    call is over already (the client cancelled, its deadline passed), this returns, and
+    gRPC closes the call quietly: an error raised from the handler it logs as a fault."""
+    try:
+        await context.abort(exc.code, str(exc))
+    except grpc.aio.InternalError:
+        return  # the status could not be sent: the call has ended
     raise AssertionError("context.abort returned")
 
 
@@ -134,8 +147,12 @@ class KVStoreServicer:
         )
 
     async def _get_raw(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
-        async for out in self.get(await _parsed(pb.GetRequest, raw, context), context):
-            yield out
+        # An async generator only in form: gRPC and the tracing interceptor
+        # (services.grpc_tracing) take Get's handler for one, but `get` writes its messages
+        # itself, so nothing is yielded here.
+        await self.get(await _parsed(pb.GetRequest, raw, context), context)
+        return
+        yield
 
     async def lookup(self, request: pb.LookupRequest, context: Context) -> pb.LookupResponse:
         try:
@@ -157,49 +174,15 @@ class KVStoreServicer:
 
     async def _until_idle(self, requests: AsyncIterator[_T]) -> AsyncIterator[_T]:
         """The client's messages; StreamIdleError once the handler has waited the idle
-        limit for one (it then frees what the stream holds: reserved slots, pins).
-
-        One timer a stream checks the wait and re-arms itself: an `asyncio.timeout` around
-        every message cost ~7 us a message on this path (0.5 ms of a 64 MiB put)."""
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        idle = self._stream_idle_s
-        waiting_since: float | None = None
-        expired = False
-        handle: asyncio.TimerHandle | None = None
-
-        def watch() -> None:
-            nonlocal handle, expired
-            now = loop.time()
-            if waiting_since is not None and now - waiting_since >= idle:
-                expired = True
-                task.cancel()
-            else:
-                handle = loop.call_at((waiting_since or now) + idle, watch)
-
-        handle = loop.call_at(loop.time() + idle, watch)
+        limit for one (it then frees what the stream holds: reserved slots, pins)."""
         it = aiter(requests)
-        try:
+        with IdleWatch(self._stream_idle_s, "no message from the client") as watch:
             while True:
-                waiting_since = loop.time()
                 try:
-                    item = await anext(it)
+                    item = await watch.wait(anext(it))
                 except StopAsyncIteration:
                     return
-                except asyncio.CancelledError:
-                    if not expired:
-                        raise
-                    task.uncancel()
-                    raise StreamIdleError(
-                        f"no message from the client for {idle:g} s: the stream is "
-                        "abandoned and what it held is freed"
-                    ) from None
-                finally:
-                    waiting_since = None
                 yield item
-        finally:
-            handle.cancel()
 
     async def put(self, requests: AsyncIterator[bytes], context: Context) -> pb.PutResponse:
         began = time.perf_counter()
@@ -234,7 +217,11 @@ class KVStoreServicer:
         self._store.metrics.record_transfer("put", "grpc", nbytes, time.perf_counter() - began)
         return pb.PutResponse(stored=len(outcome.stored), deduplicated=len(outcome.deduplicated))
 
-    async def get(self, request: pb.GetRequest, context: Context) -> AsyncIterator[bytes]:
+    async def get(self, request: pb.GetRequest, context: Context) -> None:
+        """Sends the requested blocks this shard holds, in request order, pinned while
+        they are sent. The handler writes each message itself, so that it sees the write
+        that stalls (a client that reads nothing for the idle limit is cut off) or fails
+        (a client that cancelled), and unpins at once in both cases."""
         began = time.perf_counter()
         try:
             _check_hashes(request.block_hashes)
@@ -242,15 +229,26 @@ class KVStoreServicer:
             await _abort(context, exc)
         blocks = self._store.pin_for_read(request.block_hashes)
         arena = self._store.arena
+        payloads = (
+            (b.meta.to_proto().SerializeToString(), arena.view(b.offset, b.meta.size))
+            for b in blocks
+        )
+        failure: KVStoreError | None = None
         try:
-            payloads = (
-                (b.meta.to_proto().SerializeToString(), arena.view(b.offset, b.meta.size))
-                for b in blocks
+            with IdleWatch(self._stream_idle_s, "the client read nothing") as watch:
+                for pieces in pack_pieces(payloads, self._message_bytes):
+                    await watch.wait(context.write(encode_get_response(pieces)))
+        except StreamIdleError as exc:
+            failure = exc
+        except grpc.aio.InternalError:  # the write failed: the client cancelled or went away
+            failure = KVStoreError(
+                "the call ended while blocks were sent", grpc.StatusCode.CANCELLED
             )
-            for pieces in pack_pieces(payloads, self._message_bytes):
-                yield encode_get_response(pieces)
         finally:
-            self._store.unpin(blocks)
+            self._store.unpin(blocks)  # a message gRPC still holds is a copy
+        if failure is not None:
+            await _abort_stalled(context, failure)
+            return
         nbytes = sum(b.meta.size for b in blocks)
         self._store.metrics.record_transfer("get", "grpc", nbytes, time.perf_counter() - began)
 

@@ -30,6 +30,7 @@ from services.kvstore.errors import (
     ChecksumError,
     KVStoreError,
     MalformedMessageError,
+    RejectedBlockError,
 )
 from services.kvstore.gather import gather_or_cancel
 from services.kvstore.security import ClientSecurity
@@ -225,36 +226,48 @@ class ShardClient:
         out: dict[bytes, memoryview],
         verify: Verify,
         timeout: float,
-    ) -> set[bytes]:
-        """Copies the blocks this shard holds into `out`; returns the hashes it filled."""
-        wanted = set(hashes)
+        filled: set[bytes],
+    ) -> None:
+        """Copies the blocks this shard holds into `out`, adding each hash to `filled` once
+        its block is verified. A block that fails verification is not added, and raises
+        RejectedBlockError; a failed call raises KVStoreError with the shard's status.
+        Either way `filled` keeps the blocks verified before the failure."""
+        try:
+            segment = await self.shared_segment()
+            if segment is not None:
+                try:
+                    await self._get_shared(segment, hashes, out, verify, timeout, filled)
+                    return
+                except KVStoreError as exc:
+                    if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+                    await self._forget_segment()
+            total = sum(len(out[h]) for h in hashes)
+            parts = max(1, min(self._streams, total // self._stream_min_bytes, len(hashes)))
+            size = -(-len(hashes) // parts)
+            await gather_or_cancel(
+                *(
+                    self._get_bytes(hashes[i : i + size], out, verify, timeout, filled)
+                    for i in range(0, len(hashes), size)
+                )
+            )
+        except (ChecksumError, BlockFormatError, MalformedMessageError) as exc:
+            # raised here, on receipt: shard statuses arrive as plain KVStoreError
+            raise RejectedBlockError(f"shard at {self.address}: {exc}") from exc
+
+    def _receipt(self, asked: Sequence[bytes], verify: Verify, filled: set[bytes]) -> Verify:
+        """Checks a header received on a stream that asked for `asked`, before any of its
+        bytes are written: a verified block is never written again."""
+        wanted = set(asked)
 
         def check(header: pb.BlockHeader) -> None:
             if header.hash not in wanted:
-                raise BlockFormatError(
-                    f"shard at {self.address} sent block {header.hash.hex()}, "
-                    "which was not asked of it"
-                )
+                raise BlockFormatError(f"block {header.hash.hex()} was not asked of this shard")
+            if header.hash in filled:
+                raise BlockFormatError(f"block {header.hash.hex()} arrived twice")
             verify(header)
 
-        segment = await self.shared_segment()
-        if segment is not None:
-            try:
-                return await self._get_shared(segment, hashes, out, check, timeout)
-            except KVStoreError as exc:
-                if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
-                await self._forget_segment()
-        total = sum(len(out[h]) for h in hashes)
-        parts = max(1, min(self._streams, total // self._stream_min_bytes, len(hashes)))
-        size = -(-len(hashes) // parts)
-        filled = await gather_or_cancel(
-            *(
-                self._get_bytes(hashes[i : i + size], out, check, timeout)
-                for i in range(0, len(hashes), size)
-            )
-        )
-        return set().union(*filled)
+        return check
 
     async def _put_bytes(
         self,
@@ -290,26 +303,31 @@ class ShardClient:
         out: dict[bytes, memoryview],
         verify: Verify,
         timeout: float,
-    ) -> set[bytes]:
-        filled: set[bytes] = set()
+        filled: set[bytes],
+    ) -> None:
+        check = self._receipt(hashes, verify, filled)
 
         def begin(header: pb.BlockHeader) -> memoryview:
-            verify(header)
-            if header.hash in filled:
-                raise BlockFormatError(f"shard sent block {header.hash.hex()} twice")
+            check(header)
             return out[header.hash]
 
         assembler = BlockAssembler(begin)
         with self.errors():
-            async for raw in self._get(
+            call = self._get(
                 pb.GetRequest(block_hashes=hashes), timeout=timeout, metadata=self.metadata
-            ):
-                for chunk in decode_get_response(raw):
-                    done = assembler.feed(chunk)
-                    if done is not None:
-                        filled.add(done.hash)
+            )
+            try:
+                async for raw in call:
+                    for chunk in decode_get_response(raw):
+                        done = assembler.feed(chunk)
+                        if done is not None:
+                            filled.add(done.hash)
+            except BaseException:
+                # gRPC leaves the call running if this reader is cancelled between its
+                # request going out and its first read: the shard would stream on
+                call.cancel()
+                raise
         assembler.finish()
-        return filled
 
     async def _put_shared(
         self,
@@ -371,8 +389,9 @@ class ShardClient:
         out: dict[bytes, memoryview],
         verify: Verify,
         timeout: float,
-    ) -> set[bytes]:
-        filled: set[bytes] = set()
+        filled: set[bytes],
+    ) -> None:
+        check = self._receipt(hashes, verify, filled)
         with self.errors():
             call = self.stub.GetShared(timeout=timeout, metadata=self.metadata)
             start = pb.GetSharedStart(block_hashes=hashes, token=segment.token)
@@ -382,7 +401,7 @@ class ShardClient:
             try:
                 for block in response.blocks:
                     header = block.header
-                    verify(header)
+                    check(header)
                     source = segment.view[block.offset : block.offset + header.size]
                     checksum = copy_hashed(out[header.hash], source)
                     if checksum != header.checksum:
@@ -396,7 +415,6 @@ class ShardClient:
                 await call.done_writing()
             if await call.read() is not grpc.aio.EOF:
                 raise MalformedMessageError("GetShared answered more than once")
-        return filled
 
     async def _forget_segment(self) -> None:
         # not closed here: a concurrent transfer may still hold views; the mapping goes

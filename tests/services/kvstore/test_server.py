@@ -21,7 +21,7 @@ from services.kvstore import shard_client as shard_client_module
 from services.kvstore.block_meta import BlockMeta, fingerprint_to_proto
 from services.kvstore.client import ClientConfig, KVStoreClient, Lease, PutSummary
 from services.kvstore.codec import MAX_MESSAGE_BYTES
-from services.kvstore.errors import BlockFormatError, KVStoreError
+from services.kvstore.errors import KVStoreError
 from services.kvstore.server import KVStoreServer, ServerConfig
 
 from .conftest import (
@@ -513,7 +513,10 @@ async def test_shard_without_shared_memory_serves_bytes(shard: ShardFactory) -> 
     assert stats['baton_kv_transfer_bytes_total{direction="put",transport="grpc"}'] == 3 * BLOCK
 
 
-async def test_client_rejects_blocks_of_another_fingerprint(shard: ShardFactory) -> None:
+async def test_client_rejects_blocks_of_another_fingerprint(
+    shard: ShardFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A block under another fingerprint is never used: a miss, with a warning saying why."""
     blocks, hashes = make_blocks(2), make_hashes(2)
     other = KVFingerprint("test/other", "digest-2", "bf16", 1, "fp8", 16)
     async with shard() as server:
@@ -523,8 +526,12 @@ async def test_client_rejects_blocks_of_another_fingerprint(shard: ShardFactory)
         for shared_memory in (False, True):
             config = ClientConfig(shared_memory=shared_memory)
             async with KVStoreClient(target, other, FORMAT, config) as stranger:
-                with pytest.raises(BlockFormatError, match="this client expects bf16"):
-                    await stranger.get_into(hashes, list(torch.zeros_like(blocks)))
+                with caplog.at_level(logging.WARNING, logger="services.kvstore.client"):
+                    assert await stranger.get_into(hashes, list(torch.zeros_like(blocks))) == 0
+                assert stranger.get_failures == {"rejected": 1}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "services.kvstore.client"]
+    assert len(warnings) == 2
+    assert all("this client expects bf16" in w for w in warnings), warnings
 
 
 async def test_leases_pin_and_expire_over_grpc(shard: ShardFactory) -> None:

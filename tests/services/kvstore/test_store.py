@@ -172,3 +172,39 @@ def test_a_slot_no_eviction_could_make_evicts_nothing() -> None:
     txn.stage(big)
     store.commit_put(txn, start)
     assert e in held(store)
+
+
+def test_a_lease_that_pins_nothing_is_no_lease() -> None:
+    """A Lease call goes to every shard; one that pinned nothing on this shard was counted
+    as a live lease there, and as an expiry when its TTL ran out."""
+    store = store_of(2)
+    a, b = make_hashes(2)
+    put(store, [a])
+    assert store.lease("L", [b], ttl_ms=50) == []
+    assert len(store.leases) == 0
+    assert {s.name: s.value for s in store.samples()}["baton_kv_store_leases"] == 0
+    time.sleep(0.06)
+    assert store.expire_leases() == 0 and store.metrics.lease_expiries == 0
+    assert store.release("L") == 0
+    store.lease("L", [a], ttl_ms=60_000)  # the same id, once it pins a block, is a lease
+    assert len(store.leases) == 1 and store.leases.leased_blocks == 1
+
+
+def test_regranting_a_lease_keeps_the_deadline_heap_bounded() -> None:
+    """Every grant pushed a deadline and only expiry popped them: a lease re-granted for as
+    long as its handoff lived grew the heap by one entry each time, without bound."""
+    store = store_of(2)
+    a, b = make_hashes(2)
+    put(store, [a, b])
+    store.lease("other", [b], ttl_ms=60_000)
+    for _ in range(10_000):
+        store.lease("L", [a], ttl_ms=60_000)
+    for i in range(1_000):  # released leases leave entries behind too
+        store.lease(f"short-{i}", [a], ttl_ms=60_000)
+        store.release(f"short-{i}")
+    assert len(store.leases) == 2
+    assert len(store.leases._deadlines) <= 2 * 2 + 1
+    store.lease("L", [a], ttl_ms=20)  # the latest grant's deadline is the one that counts
+    time.sleep(0.03)
+    assert store.expire_leases() == 1
+    assert [x.pins for x in store.arena] == [0, 1]  # "other" still pins b
