@@ -37,6 +37,7 @@ from engine.kv_format import KVBlockFormat
 from proto.baton.v1 import kvstore_pb2 as pb
 from services.kvstore.block_meta import BlockMeta, fingerprint_to_proto
 from services.kvstore.codec import MAX_MESSAGE_BYTES, MESSAGE_BYTES
+from services.kvstore.deadline import Deadline
 from services.kvstore.errors import (
     BlockFormatError,
     KVStoreError,
@@ -194,9 +195,12 @@ class KVStoreClient:
 
     async def lookup(self, hashes: Sequence[bytes], timeout: float | None = None) -> list[Location]:
         """Where each block of the longest cached prefix of `hashes` lives."""
+        return await self._lookup(hashes, self._deadline(timeout))
+
+    async def _lookup(self, hashes: Sequence[bytes], deadline: Deadline) -> list[Location]:
         request = pb.LookupRequest(block_hashes=hashes)
         response = await self._any_shard(
-            lambda c: c.stub.Lookup(request, timeout=self._timeout(timeout), metadata=c.metadata)
+            lambda c: c.stub.Lookup(request, timeout=deadline.left(), metadata=c.metadata)
         )
         shards = [ShardInfo(s.shard_id, s.address) for s in response.shards]
         hit = len(response.shard_index)
@@ -244,10 +248,10 @@ class KVStoreClient:
         start = pb.PutStart(fingerprint=fingerprint_to_proto(self.fingerprint))
         if lease is not None:
             start.lease_id, start.lease_ttl_ms = lease.lease_id, max(1, round(lease.ttl_s * 1e3))
-        deadline = self._timeout(timeout)
+        deadline = self._deadline(timeout)
         pending = list(range(len(items)))
         for attempt in range(2):
-            shards = await self._shards(refresh=attempt > 0)
+            shards = await self._shards(refresh=attempt > 0, deadline=deadline)
             by_owner: dict[str, list[int]] = defaultdict(list)
             ids = [s.shard_id for s in shards]
             address = {s.shard_id: s.address for s in shards}
@@ -255,7 +259,9 @@ class KVStoreClient:
                 by_owner[address[rendezvous_owner(items[i][0], ids)]].append(i)
             results = await asyncio.gather(
                 *(
-                    self._client(addr).put(start, [items[i] for i in idx], self._meta, deadline)
+                    self._client(addr).put(
+                        start, [items[i] for i in idx], self._meta, deadline.left()
+                    )
                     for addr, idx in by_owner.items()
                 ),
                 return_exceptions=True,
@@ -305,14 +311,14 @@ class KVStoreClient:
         views = {h: block_view(b, nbytes, writable=True) for h, b in zip(hashes, out, strict=True)}
         if len(views) != len(hashes):
             raise ValueError("get_into got the same block hash twice")
-        deadline = self._timeout(timeout)
+        deadline = self._deadline(timeout)
         by_address: dict[str, list[bytes]] = defaultdict(list)
         for block_hash, address in zip(hashes, await self._locate(hashes, deadline), strict=False):
             by_address[address].append(block_hash)
         filled: set[bytes] = set()  # verified blocks, whatever failed after them
         results = await asyncio.gather(
             *(
-                self._client(addr).get(wanted, views, self._verify, deadline, filled)
+                self._client(addr).get(wanted, views, self._verify, deadline.left(), filled)
                 for addr, wanted in by_address.items()
             ),
             return_exceptions=True,
@@ -348,8 +354,9 @@ class KVStoreClient:
         request = pb.LeaseRequest(
             lease_id=lease.lease_id, block_hashes=hashes, ttl_ms=max(1, round(lease.ttl_s * 1e3))
         )
+        deadline = self._deadline(timeout)
         responses = await self._every_shard(
-            lambda c: c.stub.Lease(request, timeout=self._timeout(timeout), metadata=c.metadata)
+            lambda c: c.stub.Lease(request, timeout=deadline.left(), metadata=c.metadata), deadline
         )
         leased = {h for r in responses for h in r.leased}
         return [h for h in hashes if h in leased]
@@ -357,22 +364,25 @@ class KVStoreClient:
     async def release(self, lease_id: str, timeout: float | None = None) -> int:
         """Unpins a lease on every shard; returns how many blocks it held (0 if expired)."""
         request = pb.ReleaseRequest(lease_id=lease_id)
+        deadline = self._deadline(timeout)
         responses = await self._every_shard(
-            lambda c: c.stub.Release(request, timeout=self._timeout(timeout), metadata=c.metadata)
+            lambda c: c.stub.Release(request, timeout=deadline.left(), metadata=c.metadata),
+            deadline,
         )
         return sum(r.released for r in responses)
 
     async def stats(self, timeout: float | None = None) -> dict[str, dict[str, float]]:
         """Each live shard's metric samples, keyed by shard id then `name{label="value"}`."""
+        deadline = self._deadline(timeout)
         responses = await self._every_shard(
-            lambda c: c.stub.Stats(
-                pb.StatsRequest(), timeout=self._timeout(timeout), metadata=c.metadata
-            )
+            lambda c: c.stub.Stats(pb.StatsRequest(), timeout=deadline.left(), metadata=c.metadata),
+            deadline,
         )
         return {r.shard_id: {_series(s): s.value for s in r.samples} for r in responses}
 
-    def _timeout(self, timeout: float | None) -> float:
-        return self.config.timeout_s if timeout is None else timeout
+    def _deadline(self, timeout: float | None) -> Deadline:
+        """The call's deadline: `timeout` seconds from now, or the configured default."""
+        return Deadline(self.config.timeout_s if timeout is None else timeout)
 
     def _client(self, address: str) -> ShardClient:
         client = self._shard_clients.get(address)
@@ -403,9 +413,11 @@ class KVStoreClient:
         assert last is not None
         raise last
 
-    async def _every_shard(self, call: Callable[[ShardClient], Awaitable[_T]]) -> list[_T]:
+    async def _every_shard(
+        self, call: Callable[[ShardClient], Awaitable[_T]], deadline: Deadline
+    ) -> list[_T]:
         """The answers of every live shard to `call`; unreachable shards are skipped."""
-        shards = await self._shards()
+        shards = await self._shards(deadline=deadline)
         results = await asyncio.gather(
             *(self._guarded(self._client(s.address), call) for s in shards),
             return_exceptions=True,
@@ -424,13 +436,13 @@ class KVStoreClient:
         with client.errors():
             return await call(client)
 
-    async def _shards(self, refresh: bool = False) -> list[ShardInfo]:
+    async def _shards(self, deadline: Deadline, refresh: bool = False) -> list[ShardInfo]:
         """Live shards, asked of the index through any reachable shard when stale."""
         if refresh or time.monotonic() - self._topology_at > self.config.topology_ttl_s:
             try:
                 response = await self._any_shard(
                     lambda c: c.stub.ListShards(
-                        pb.ListShardsRequest(), timeout=self.config.timeout_s, metadata=c.metadata
+                        pb.ListShardsRequest(), timeout=deadline.left(), metadata=c.metadata
                     )
                 )
             except KVStoreError as exc:
@@ -443,16 +455,16 @@ class KVStoreClient:
             self._topology, self._topology_at = shards, time.monotonic()
         return self._topology
 
-    async def _locate(self, hashes: Sequence[bytes], timeout: float) -> list[str]:
+    async def _locate(self, hashes: Sequence[bytes], deadline: Deadline) -> list[str]:
         """Addresses of the longest indexed prefix of `hashes`. If the index cannot answer,
         every block is looked for where rendezvous placement would have put it."""
         try:
-            return [loc.shard.address for loc in await self.lookup(hashes, timeout)]
+            return [loc.shard.address for loc in await self._lookup(hashes, deadline)]
         except KVStoreError as exc:
             if exc.code not in _MISS_CODES:
                 raise
         try:
-            shards = await self._shards()
+            shards = await self._shards(deadline)
         except KVStoreError as exc:
             if exc.code not in _MISS_CODES:
                 raise

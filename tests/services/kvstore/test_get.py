@@ -17,6 +17,7 @@ from services.kvstore.codec import decode_get_response
 from services.kvstore.errors import KVStoreError
 from services.kvstore.server import KVStoreServer
 from services.kvstore.servicer import KVStoreServicer
+from services.kvstore.shard_client import ShardClient
 
 from .conftest import ShardFactory, client_for, eventually, make_blocks, make_hashes
 
@@ -212,3 +213,32 @@ async def test_a_shard_failing_mid_get_costs_only_what_it_did_not_send(
         assert await client.get_into(hashes, list(out)) == 2
         assert torch.equal(out[:2].view(torch.int16), blocks[:2].view(torch.int16))
         assert client.get_failures == {code.name.lower(): 1}
+
+
+async def test_a_get_spends_one_timeout_over_its_lookup_and_its_transfers(
+    shard: ShardFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow lookup leaves the transfers what is left of the call's timeout, not all of it
+    again: `get_into(timeout=...)` bounds the whole call."""
+    lookup = KVStoreServicer.lookup
+
+    async def slow_lookup(self: KVStoreServicer, request: Any, context: Any) -> Any:
+        await asyncio.sleep(0.4)
+        return await lookup(self, request, context)
+
+    given: list[float] = []
+    get = ShardClient.get
+
+    async def recording_get(self: ShardClient, *args: Any) -> None:
+        given.append(args[3])  # (hashes, out, verify, timeout, filled)
+        await get(self, *args)
+
+    monkeypatch.setattr(KVStoreServicer, "lookup", slow_lookup)  # before the shard binds it
+    monkeypatch.setattr(ShardClient, "get", recording_get)
+    hashes, blocks = make_hashes(4), make_blocks(4)
+    async with shard() as server, client_for(server) as client:
+        await client.put(hashes, list(blocks))
+        out = torch.zeros_like(blocks)
+        assert await client.get_into(hashes, list(out), timeout=1.0) == 4
+    assert torch.equal(out.view(torch.uint8), blocks.view(torch.uint8))
+    assert len(given) == 1 and given[0] <= 0.6  # at least 0.4 s of the 1.0 went to the lookup
