@@ -379,7 +379,8 @@ class ShardClient:
             await call.write(pb.PutSharedRequest(commit=pb.PutSharedCommit()))
             await call.done_writing()
             result = await call.read()
-            assert result is not grpc.aio.EOF, "PutShared ended without a result"
+            if result is grpc.aio.EOF:
+                raise _ended_silently("PutShared")
         return result.result
 
     async def _get_shared(
@@ -397,7 +398,8 @@ class ShardClient:
             start = pb.GetSharedStart(block_hashes=hashes, token=segment.token)
             await call.write(pb.GetSharedRequest(get=start))
             response = await call.read()
-            assert response is not grpc.aio.EOF, "GetShared ended without an answer"
+            if response is grpc.aio.EOF:
+                raise _ended_silently("GetShared")
             try:
                 for block in response.blocks:
                     header = block.header
@@ -421,3 +423,8 @@ class ShardClient:
         # with the last of them
         async with self._negotiation:
             self._segment = _NOT_NEGOTIATED
+
+
+def _ended_silently(rpc: str) -> KVStoreError:
+    """A shard ended `rpc` with OK but without the answer the protocol owes: its fault."""
+    return KVStoreError(f"the shard ended {rpc} without an answer", grpc.StatusCode.INTERNAL)

@@ -242,3 +242,27 @@ async def test_a_get_spends_one_timeout_over_its_lookup_and_its_transfers(
         assert await client.get_into(hashes, list(out), timeout=1.0) == 4
     assert torch.equal(out.view(torch.uint8), blocks.view(torch.uint8))
     assert len(given) == 1 and given[0] <= 0.6  # at least 0.4 s of the 1.0 went to the lookup
+
+
+async def test_a_shard_ending_get_shared_without_an_answer_is_a_shard_fault(
+    shard: ShardFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GetShared owes the client an answer: a shard that ends it with OK and none is at
+    fault (INTERNAL), and a get counts it as that shard's failure and misses its blocks."""
+
+    async def silent(self: KVStoreServicer, requests: Any, context: Any) -> Any:
+        await anext(aiter(requests))
+        return
+        yield
+
+    monkeypatch.setattr(KVStoreServicer, "get_shared", silent)  # before the shard binds it
+    blocks, hashes = make_blocks(4), make_hashes(4)
+    async with (
+        shard() as server,
+        client_for(server, shared_memory=False) as plain,
+        client_for(server) as client,
+    ):
+        await plain.put(hashes, list(blocks))  # stored through Put, which is not patched
+        out = torch.zeros_like(blocks)
+        assert await client.get_into(hashes, list(out)) == 0
+        assert client.get_failures == {"internal": 1}
