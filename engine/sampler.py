@@ -219,8 +219,12 @@ class Sampler:
         """logits [B, vocab] (any float dtype) -> one token per row.
 
         `suppressed[i]` lists token ids row i must not sample (EOS before `min_tokens`).
+        Logprobs are the model's own, from the logits before that suppression (as vLLM's
+        default raw logprobs): a blocked EOS still shows, and the rest are not renormalized.
         """
         logits = logits.float()
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        lp = torch.log_softmax(logits[wanted], dim=-1) if wanted else None  # a copy
         for i, ids in enumerate(suppressed or ()):
             if ids:
                 logits[i, list(ids)] = float("-inf")
@@ -237,9 +241,7 @@ class Sampler:
             tokens[idx] = sample_tokens(logits[idx], plan, host.to(logits.device))
         token_list = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(params)
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if wanted:
-            lp = torch.log_softmax(logits[wanted], dim=-1)
+        if lp is not None:
             for row, i in enumerate(wanted):
                 logprobs[i] = _row_logprobs(lp[row], token_list[i], params[i].logprobs or 0)
         return SampleResult(token_list, logprobs)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+
+from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from tests.unit.conftest import MakeEngine
 
@@ -84,3 +87,19 @@ def test_abort_mid_generation_frees_blocks(make_engine: MakeEngine) -> None:
     assert engine.abort(rid)
     assert not engine.abort(rid)
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_logprobs_are_the_models_own_while_eos_is_blocked() -> None:
+    """Before `min_tokens` EOS cannot be sampled, but the logprobs reported are the
+    model's, as vLLM's raw logprobs: EOS keeps its place in the top list and the sampled
+    token's logprob is not renormalized over the other tokens."""
+    logits = torch.tensor([[4.0, 2.0, 1.0, 0.0], [4.0, 2.0, 1.0, 0.0]])
+    model = torch.log_softmax(logits[0], dim=-1)
+    params = [SamplingParams(max_tokens=4, temperature=0, logprobs=2)] * 2
+    result = Sampler()(logits.clone(), params, [None, None], suppressed=[(0,), ()])
+    assert result.token_ids == [1, 0]  # row 0 may not end: its best other token
+    blocked = result.logprobs[0]
+    assert blocked is not None
+    assert math.isclose(blocked.token_logprob, float(model[1]), rel_tol=1e-6)
+    assert [t for t, _ in blocked.top] == [0, 1]  # EOS still the model's first choice
+    assert math.isclose(blocked.top[0][1], float(model[0]), rel_tol=1e-6)
