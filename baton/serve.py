@@ -5,8 +5,10 @@ HTTP and gRPC; prints the URLs; with `--policy`, sizes the pools to CapacityPoli
 (baton.local_autoscaler). The shard requires a token (the configured one, else
 BATON_KVSTORE_TOKEN, else a random one made for this run) that only the pools are given.
 On Ctrl-C or SIGTERM it drains (requests in flight finish
-within router.drain_timeout_s, new ones get 503), then stops everything it started; a
-second Ctrl-C stops at once.
+within router.drain_timeout_s, new ones get 503), then stops everything it started and
+exits 0; a second Ctrl-C stops at once. Either signal during start-up (Kubernetes stopping
+a pod that is still starting) stops start-up where it is, with the same clean-up and
+status.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ APP = "baton"
 PR_SET_PDEATHSIG = 1
 
 T = TypeVar("T")
+
+
+class StartupInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived while `baton serve` was starting. A BaseException, as
+    KeyboardInterrupt is: what it interrupts (Ray, Serve) must not catch it as an error."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -207,28 +214,40 @@ def run(
     os.environ.setdefault("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "5.0")
     children: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
+    starting = True
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():  # a second Ctrl-C: stop now, requests in flight or not
             raise KeyboardInterrupt
         stop.set()
+        if starting:  # nothing to drain yet: cut start-up short wherever it is
+            raise StartupInterrupted
 
     r = config.router
+    ray_init_called = False  # cut short or not, it may have started Ray's processes
     deployed = False  # only an application that came up has requests to drain
+    # Before anything starts: whatever a signal interrupts, the clean-up below stops.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         if config.mode == "disaggregated":
             config = with_kvstore_token(config)
             children.append(start_kvstore(config))
-        ray.init(
-            include_dashboard=False,
-            object_store_memory=128 * 2**20,
-            namespace="baton",
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
-        # After ray.init, which installs handlers of its own that end the process at once.
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        ray_init_called = True
+        try:
+            ray.init(
+                include_dashboard=False,
+                object_store_memory=128 * 2**20,
+                namespace="baton",
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+        except SystemExit as e:  # the SIGTERM handler ray.init installs exits at once
+            if e.code != signal.SIGTERM:
+                raise
+            stop.set()
+            raise StartupInterrupted from None
+        signal.signal(signal.SIGTERM, on_signal)  # in place of ray.init's
         serve.start(http_options={"host": r.host, "port": r.http_port})
         try:
             serve.run(
@@ -256,6 +275,7 @@ def run(
             pools = ", ".join(sorted(policies))
             print(f"  autoscaling  {pools} every {interval_s:g} s", flush=True)
         print("Ctrl-C stops everything.", flush=True)
+        starting = False
         started = [time.monotonic()] * len(children)
         quick_exits = 0  # a shard that cannot stay up (port taken, bad Redis URL) ends this
         while not stop.is_set():
@@ -275,13 +295,20 @@ def run(
                 children[i], started[i] = start_kvstore(config), time.monotonic()
             stop.wait(1.0)
         return 0
+    except StartupInterrupted:
+        print("baton: interrupted while starting", file=sys.stderr, flush=True)
+        return 0  # as when stopped after start-up: it stopped because it was told to
     finally:
+        starting = False  # only a second signal cuts the clean-up short
         print("baton: shutting down", file=sys.stderr, flush=True)
         try:
             if ray.is_initialized():
                 if deployed:
                     drain(r.drain_timeout_s)
                 serve.shutdown()
+            if ray_init_called:
+                # Also after a ray.init cut short: this stops the processes it recorded;
+                # any it started before that die with this process (Ray sets them to).
                 ray.shutdown()
         finally:
             for child in children:

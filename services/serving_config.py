@@ -249,6 +249,13 @@ class ServingConfig(_Strict):
             raise ValueError("decode.replicas must be >= 1: decode serves every request")
         if self.mode == "disaggregated" and self.prefill.replicas < 1:
             raise ValueError("prefill.replicas must be >= 1 in disaggregated mode")
+        if self.mode == "disaggregated" and not self.kvstore.targets:
+            # Refused here, not where it fails: `baton serve` starting the local shard, a
+            # cluster's router replica deploying. Prefill hands decode the KV through it.
+            raise ValueError(
+                "kvstore.targets must name at least one KV store shard (host:port) in "
+                "disaggregated mode; colocated mode needs none"
+            )
         return self
 
     @classmethod

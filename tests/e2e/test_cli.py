@@ -107,6 +107,12 @@ def test_engine_settings_a_model_refuses_exit_2_with_one_line(
             r"{path}: router\.http_port: Input should be less than or equal to 65535",
         ),
         (
+            ["--config", "{path}"],
+            "kvstore: {targets: []}\n",
+            r"{path}: kvstore\.targets must name at least one KV store shard \(host:port\) in "
+            r"disaggregated mode; colocated mode needs none",
+        ),
+        (
             ["--http-port", "70000"],
             None,
             r"router\.http_port: Input should be less than or equal to 65535",

@@ -8,6 +8,7 @@ batch-invariant pools so every request's tokens can be compared exactly.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import re
 import signal
@@ -479,3 +480,77 @@ def test_replicas_that_cannot_load_the_model_end_serve_with_their_error(
         out,
     ), out[-3000:]
     assert "Traceback" not in out and "no drain" not in out, out[-3000:]
+
+
+SESSION_ENV = "BATON_TEST_SESSION"
+"""Set, to a value of its own, in the environment of the `baton serve` a test starts:
+every process it starts inherits it (Ray hands its environment down to the raylet and
+the workers), and no one else's process has that value."""
+
+
+def _session_processes(session: str) -> dict[psutil.Process, str]:
+    """The processes of `session`, each with its command line."""
+    found = {}
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(SESSION_ENV) == session:
+                found[p] = " ".join(p.cmdline())
+        except psutil.Error:  # exited meanwhile, or not readable: not this session's
+            pass
+    return found
+
+
+@pytest.mark.parametrize(
+    ("signum", "stage"),
+    [
+        (signal.SIGINT, "raylet/raylet"),  # Ctrl-C while ray.init waits for its raylet
+        (signal.SIGTERM, "raylet/raylet"),  # ray.init's own SIGTERM handler is in place
+        (signal.SIGTERM, "ServeReplica:baton:"),  # Kubernetes stops a pod still loading
+    ],
+    ids=["sigint-in-ray-init", "sigterm-in-ray-init", "sigterm-while-replicas-load"],
+)
+def test_a_signal_during_start_up_stops_it_and_leaves_no_process(
+    tmp_path: Path, signum: signal.Signals, stage: str
+) -> None:
+    """Start-up ends where the signal finds it (it used to go on to serve, then stop, or
+    a Ctrl-C in ray.init ended with a traceback) and everything it started stops."""
+    small = {"kv_cache_bytes": 64 * 2**20, "torch_threads": 1}
+    config = {
+        "prefill": small,
+        "decode": small,
+        "kvstore": {"targets": [f"127.0.0.1:{free_port()}"], "capacity": "64MiB"},
+        "router": {"http_port": free_port(), "grpc_port": free_port()},
+    }
+    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
+    log = tmp_path / "serve.log"
+    session = f"{os.getpid()}-{time.time_ns()}"
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "baton"),
+            "serve",
+            "--config",
+            str(tmp_path / "serving.yaml"),
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", SESSION_ENV: session},
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not any(stage in command for command in _session_processes(session).values()):
+            assert proc.poll() is None, f"baton serve exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {stage} process:\n{log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        returncode = proc.wait(timeout=300)
+        out = log.read_text()
+        assert returncode == 0, out[-3000:]
+        assert "baton: interrupted while starting" in out, out[-3000:]
+        assert "Baton is serving" not in out and "Traceback" not in out, out[-3000:]
+        left = _session_processes(session)
+        _, alive = psutil.wait_procs(list(left), timeout=30)
+        assert not alive, [left[p] for p in alive]
+    finally:
+        for p in _session_processes(session):  # a failed run's leftovers, and only those
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()

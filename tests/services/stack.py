@@ -106,17 +106,17 @@ class Stack:
         return all(e.call(check) for e in (self.prefill_engine, self.decode_engine))
 
     def store_leases(self) -> float:
+        return asyncio.run(self.read_store_leases())
+
+    async def read_store_leases(self) -> float:
+        """Leases the shard holds, asked by a client of its own (on the running loop)."""
         card = self.decode.describe()
         client = KVStoreClient([self.shard.address], card.fingerprint, card.block_format)
-
-        async def read() -> float:
-            try:
-                stats = await client.stats()
-                return sum(s.get("baton_kv_store_leases", 0.0) for s in stats.values())
-            finally:
-                await client.close()
-
-        return asyncio.run(read())
+        try:
+            stats = await client.stats()
+            return sum(s.get("baton_kv_store_leases", 0.0) for s in stats.values())
+        finally:
+            await client.close()
 
     def shutdown(self) -> None:
         self.prefill_engine.shutdown()

@@ -59,6 +59,11 @@ def test_a_pool_section_that_leaves_linear_out_keeps_its_pools_format(tmp_path: 
             "kvstore.targets: 'kv-0.kv' is not host:port with a port in [1, 65535]",
         ),
         (
+            {"kvstore": {"targets": []}},
+            "kvstore.targets must name at least one KV store shard (host:port) in "
+            "disaggregated mode; colocated mode needs none",
+        ),
+        (
             {"kvstore": {"redis_url": "http://user:secret@redis:6379"}},
             "kvstore.redis_url: 'http://user:***@redis:6379' is not a Redis URL; use one with "
             "one of the schemes redis://, rediss://, unix://",
@@ -83,3 +88,5 @@ def test_valid_kvstore_settings_are_kept() -> None:
     assert ServingConfig.model_validate({"kvstore": kv}).kvstore.targets == kv["targets"]
     unix = {"redis_url": "unix:///run/redis.sock"}
     assert ServingConfig.model_validate({"kvstore": unix}).kvstore.redis_url == unix["redis_url"]
+    colocated = {"mode": "colocated", "kvstore": {"targets": []}}  # no KV store to reach
+    assert ServingConfig.model_validate(colocated).kvstore.targets == []
