@@ -52,6 +52,10 @@ class DecodeRequest:
     # pool's fingerprint), for decode to import before it computes the short rest itself.
     stored_hashes: list[bytes] = field(default_factory=list)
     stored_fingerprint: KVFingerprint | None = None
+    # While the request waits its turn in the replica (queued behind `max_num_seqs`), an
+    # output without tokens this often, so that the router's stall check (silence for
+    # `stall_timeout_s` means a dead replica) does not take a queue for a failure.
+    keepalive_s: float | None = None
     trace_context: dict[str, str] = field(default_factory=inject)
     sent_at: float = field(default_factory=time.time)
 

@@ -69,6 +69,7 @@ class DecodeServer(PoolWorker):
             output_prefix=prefix,
             prefix_logprobs=[handoff.first_logprobs] if handoff is not None else [],
             pinned_blocks=pinned,
+            keepalive_s=request.keepalive_s,
         ):
             if cached_override is not None:
                 # Prefix-cache hits happened at prefill; decode's import is not a hit.

@@ -13,8 +13,10 @@ A prefill that fails or misses its deadline never fails the request: decode pref
 locally instead, and the reason is counted. A decode replica that dies or stalls
 mid-stream does not fail it either: the request migrates to another replica, which
 re-imports the prompt's blocks from the KV store, replays the tokens already sent and
-continues after them; the client sees each token once. Every request has a deadline;
-a stream that cannot finish before it ends with DeadlineExceededError.
+continues after them; the client sees each token once. A request queued in a busy
+replica is not stalled: the replica sends empty outputs while its engine steps. Every
+request has a deadline; a stream that cannot finish before it ends with
+DeadlineExceededError.
 """
 
 from __future__ import annotations
@@ -30,12 +32,20 @@ from engine.handoff import Handoff
 from engine.hashing import block_hashes
 from engine.outputs import RequestOutput
 from services.pool_requests import DecodeRequest, ModelCard, PoolStats, PrefillRequest
-from services.router.errors import ApiError, DeadlineExceededError, OverloadedError
+from services.router.errors import (
+    ApiError,
+    DeadlineExceededError,
+    NotReadyError,
+    OverloadedError,
+)
 from services.router.pipeline import GenerationRequest, Pipeline
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1.0
 MIGRATION_BACKOFF_S = 0.5  # lets Ray notice a dead replica before the retry is routed
+KEEPALIVES_PER_STALL = 4
+"""A decode replica's request that waits its turn sends an empty output this many times a
+stall timeout while its engine steps (DecodeRequest.keepalive_s): a queue is not a stall."""
 
 
 class DecodeStalledError(Exception):
@@ -202,6 +212,7 @@ class DisaggregatedPipeline(Pipeline):
                 # A prompt that skipped remote prefill still reads what the store holds.
                 stored_hashes=hashes[:stored] if handoff is None else [],
                 stored_fingerprint=self.fingerprint if handoff is None and stored else None,
+                keepalive_s=self.stall_timeout_s / KEEPALIVES_PER_STALL,
             )
             stream = self.decode.generate(decode_request)
             try:
@@ -225,6 +236,10 @@ class DisaggregatedPipeline(Pipeline):
                 raise  # the request's own fault, or its deadline: migrating cannot help
             except Exception as e:
                 if attempt >= self.max_migrations:
+                    if isinstance(e, DecodeStalledError):  # no replica could serve it
+                        raise NotReadyError(
+                            f"no decode replica served the request ({attempt + 1} tried): {e}"
+                        ) from e
                     raise
                 attempt += 1
                 self.migrations += 1

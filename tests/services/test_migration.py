@@ -15,6 +15,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2 as httpx
@@ -198,6 +199,48 @@ def test_a_stalled_decode_replica_is_abandoned(
     got, _ = front.stream(temperature=0)
     assert got == want and migrating.migrations == 1
     assert stalled.closed == 1  # the silent stream was closed: its engine request aborted
+    wait_idle(stack)
+
+
+def test_a_request_no_replica_would_serve_gets_503(stack: Stack, front: Front) -> None:
+    """Every replica tried stalled: the service is unavailable (retry later), not broken."""
+    stalled = Stalling(stack.decode, after=0)
+    front.pipeline = pipeline(stack, stalled, stall_timeout_s=1.0, max_migrations=1)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": TOKENS, "cache_salt": "503"}
+    r = front.client.post("/v1/completions", json=body)
+    assert r.status_code == 503, r.text
+    assert "no decode replica served the request (2 tried)" in r.json()["error"]["message"]
+    assert stalled.closed == 2
+    wait_idle(stack)
+
+
+def test_a_request_queued_in_a_busy_replica_is_not_taken_for_a_stall(
+    stack: Stack, front: Front, default_checkpoint: LoadedCheckpoint
+) -> None:
+    """One sequence at a time on the only decode replica: of three requests sent at once,
+    the last waits about two requests' time, far past the stall timeout (half of one
+    request's time), for its turn. None migrates and each gets what it would alone: a
+    waiting request's replica sends empty outputs while its engine steps."""
+    engine = AsyncEngine(
+        EngineArgs(linear="int4", batch_invariant=True, max_num_seqs=1, **ENGINE).create_engine(  # type: ignore[arg-type]
+            default_checkpoint
+        )
+    )
+    server = DecodeServer(engine, KVBridge(engine, [stack.shard.address], 5, 30), MODEL)
+    try:
+        front.pipeline = pipeline(stack, server)
+        started = time.monotonic()
+        want, _ = front.stream(temperature=0)
+        alone_s = time.monotonic() - started
+        front.pipeline = queued = pipeline(stack, server, stall_timeout_s=max(0.5, alone_s / 2))
+        with ThreadPoolExecutor(3) as pool:
+            runs = list(
+                pool.map(lambda i: front.stream(temperature=0, cache_salt=f"q{i}")[0], range(3))
+            )
+        assert runs == [want] * 3
+        assert queued.migrations == 0
+    finally:
+        engine.shutdown()
     wait_idle(stack)
 
 

@@ -4,6 +4,8 @@ that touch nothing of other requests, a dead engine reported."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,3 +91,48 @@ async def test_a_refused_duplicate_leaves_the_prefill_it_collided_with_alone(
     assert not owner.done()
     handoff = await owner
     assert handoff.request_id == "p" and handoff.prompt_token_ids == prompt
+
+
+async def test_a_waiting_request_hears_of_progress_not_of_time(
+    make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`keepalive_s`: a request queued behind `max_num_seqs` gets empty outputs while the
+    engine steps, and none while a step hangs (the caller's silence check must fire)."""
+    engine = AsyncEngine(make_engine(max_num_seqs=1))
+    hang, stuck = threading.Event(), threading.Event()
+    try:
+        running = engine.generate([1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True))
+        assert (await anext(running)).num_output_tokens == 1
+        waiting = engine.generate([4, 5], SamplingParams(max_tokens=2), keepalive_s=0.01)
+        first = await asyncio.wait_for(anext(waiting), timeout=30)
+        assert (first.new_token_ids, first.finished, first.num_output_tokens) == ([], False, 0)
+
+        step = engine.engine.step
+
+        def hung_step() -> Any:
+            stuck.set()
+            while not hang.is_set():  # the engine thread waits here, holding no output
+                time.sleep(0.01)
+            return step()
+
+        monkeypatch.setattr(engine.engine, "step", hung_step)
+        await asyncio.to_thread(stuck.wait, 30)
+        heard: list[Any] = []  # read on, without cancelling `waiting` (that would abort it)
+        reader = asyncio.create_task(_collect_into(waiting, heard))
+        await asyncio.sleep(0.1)
+        before = len(heard)  # keepalives queued before the hang began
+        await asyncio.sleep(0.5)  # fifty keepalive periods without a step
+        assert len(heard) == before, "keepalives kept coming while no step completed"
+        hang.set()
+        rest = [out async for out in running]
+        assert rest[-1].finished
+        await asyncio.wait_for(reader, timeout=30)
+        assert heard[-1].finished and heard[-1].num_output_tokens == 2
+    finally:
+        hang.set()  # a failed check must not leave the engine thread waiting
+        engine.shutdown()
+
+
+async def _collect_into(outputs: Any, into: list[Any]) -> None:
+    async for out in outputs:
+        into.append(out)
