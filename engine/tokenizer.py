@@ -7,6 +7,7 @@ or the vocabulary and merges inside a GGUF); everything downstream sees only thi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,8 @@ class Tokenizer:
         eos_token: str | None = None,
     ) -> None:
         self.backend = backend
+        self._byte_level = isinstance(backend.decoder, tokenizers.decoders.ByteLevel)
+        self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
         self.add_bos_token = add_bos_token and bos_token_id is not None
@@ -74,21 +77,49 @@ class Tokenizer:
         token_id: int | None = self.backend.token_to_id(token)
         return token_id
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for; b"" for an unknown id.
+
+        A byte-level BPE token may hold part of a UTF-8 character: decoded alone it shows
+        U+FFFD, while its bytes are exact, and a sequence's bytes joined are its text's.
+        Added tokens (special ones included) are their spelling. Other vocabularies map
+        sentencepiece byte-fallback pieces (`<0xE2>`) to their byte, any other piece to the
+        UTF-8 of its text decoded alone.
+        """
+        added = self._added.get(token_id)
+        if added is not None:
+            return added.encode()
+        piece: str | None = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        if not self._byte_level and (fallback := _BYTE_FALLBACK.fullmatch(piece)):
+            return bytes([int(fallback[1], 16)])
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> str:
-        """The prompt text for a conversation, exactly as HF `apply_chat_template` renders it."""
+        """The prompt text for a conversation, exactly as HF `apply_chat_template` renders it
+        (`continue_final_message`: ending inside the last message, as transformers does)."""
         if self.chat_template is None:
             raise ValueError(
                 "this model has no chat template; send a plain prompt (completions) instead"
             )
-        return self.chat_template.render(messages, add_generation_prompt)
+        return self.chat_template.render(messages, add_generation_prompt, continue_final_message)
 
     def encode_chat(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[int]:
         """Token ids of the rendered conversation; the template writes any BOS itself."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message)
         ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
         return ids
 
@@ -132,12 +163,30 @@ class ChatTemplate:
         tokens = self._special_tokens
         return ChatTemplate, (self.source, tokens.get("bos_token"), tokens.get("eos_token"))
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> str:
         """ValueError for a malformed message or when the template rejects the conversation
-        (e.g. roles out of order): both are the client's to fix."""
+        (e.g. roles out of order): both are the client's to fix.
+
+        `continue_final_message` leaves the last message open, so the model continues it
+        instead of answering it: transformers' way, a marker appended to that message's
+        content and the rendering cut where the marker lands (whatever the template writes
+        after a message, such as its end-of-turn token, falls away with it).
+        """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other")
         checked = [_checked_message(i, m) for i, m in enumerate(messages)]
+        if continue_final_message:
+            if not checked:
+                raise ValueError("continue_final_message needs a final message to continue")
+            final = checked[-1]["content"]
+            checked[-1]["content"] = final + _CONTINUE_MARKER
         try:
-            return self._template.render(
+            rendered: str = self._template.render(
                 messages=checked,
                 add_generation_prompt=add_generation_prompt,
                 tools=None,
@@ -146,6 +195,18 @@ class ChatTemplate:
             )
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template rejected the conversation: {e}") from e
+        if not continue_final_message:
+            return rendered
+        marker = _CONTINUE_MARKER.strip()
+        if final.strip() not in rendered or marker not in rendered:
+            raise ValueError(
+                "continue_final_message: the chat template does not keep the final message "
+                "whole, so it cannot be continued"
+            )
+        at = rendered.rindex(marker)
+        if rendered.startswith(_CONTINUE_MARKER, at):
+            return rendered[:at]
+        return rendered[:at].rstrip()  # the template strips trailing space: the message's too
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -157,6 +218,23 @@ class _GenerationBlock(jinja2.ext.Extension):
         next(parser.stream)
         body: list[nodes.Node] = parser.parse_statements(("name:endgeneration",), drop_needle=True)
         return body
+
+
+_CONTINUE_MARKER = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' own, so prompts match its
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level spelling inverted: the character a vocabulary writes for a byte ->
+    that byte. Printable Latin-1 bytes stand for themselves; the other 68 bytes are written
+    as the code points from U+0100 up, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = (b for b in range(256) if b not in printable)
+    chars = {b: chr(b) for b in printable} | {b: chr(0x100 + i) for i, b in enumerate(shifted)}
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_OF_CHAR = _gpt2_byte_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _raise_exception(message: str) -> NoReturn:

@@ -10,6 +10,10 @@ increments arrive in the order the engine produced them and carry their choice i
     async for    ChoiceOutput per increment, until every choice has finished
     collect()    or instead: start, then every choice whole (ChoiceResult)
     aclose()     cancels what still runs; each pipeline generator aborts its engine request
+
+The engine cuts a stop string off a choice's text; with `include_stop_str_in_output` the
+last increment gets it back here (the engine's text ends exactly where the stop string
+began, and nothing after it was ever released).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 
 from engine.outputs import RequestOutput
 from engine.sampler import TokenLogprobs
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import IncrementalDetokenizer
 from services.router.errors import ApiError, InvalidRequestError, remote_cause
 from services.router.pipeline import Pipeline
 from services.router.request_plan import RequestPlan
@@ -32,13 +36,17 @@ MIN_LOGPROB = -9999.0  # -inf is not JSON; OpenAI-compatible servers clamp here 
 @dataclass(frozen=True)
 class TopLogprob:
     token_id: int
-    token: str  # the token's own text, special tokens spelled out
+    token: str  # its text, special tokens spelled out; part of a character: `bytes:\xf0\x9f`
+    token_bytes: bytes  # exact: a choice's tokens' bytes joined are its text's UTF-8
     logprob: float
 
 
 @dataclass(frozen=True)
 class SampledLogprob(TopLogprob):
     top: tuple[TopLogprob, ...]  # the most likely alternatives, best first
+    # Characters of the choice's text before this token, as the engine detokenizes it:
+    # monotonic; past the text's end only for a token a stop string cut off.
+    text_offset: int
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class ChoiceStream:
         self._output_tokens = [0] * plan.num_choices
         self._cached_tokens = [0] * plan.num_choices
         self._unfinished = set(range(plan.num_choices))
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}  # for logprobs' offsets
 
     async def start(self) -> None:
         """Submits every choice and waits until each is admitted (has its first output);
@@ -185,34 +194,58 @@ class ChoiceStream:
         self._cached_tokens[index] = out.num_cached_tokens
         if out.finished:
             self._unfinished.discard(index)
-        wants_logprobs = self.plan.params[index].logprobs is not None
+        text = out.new_text
+        if out.finish_reason == "stop" and self.plan.include_stop_str_in_output:
+            text += self._stop_text(out.stop_reason)
+        logprobs = None
+        if self.plan.params[index].logprobs is not None:
+            if index not in self._detokenizers:
+                self._detokenizers[index] = IncrementalDetokenizer(self._tokenizer)
+            detokenizer = self._detokenizers[index]
+            logprobs = [
+                self._sampled(t, lp, detokenizer)
+                for t, lp in zip(out.new_token_ids, out.logprobs, strict=True)
+            ]
         return ChoiceOutput(
             index=index,
-            text=out.new_text,
+            text=text,
             token_ids=out.new_token_ids,
-            logprobs=(
-                [
-                    self._sampled(t, lp)
-                    for t, lp in zip(out.new_token_ids, out.logprobs, strict=True)
-                ]
-                if wants_logprobs
-                else None
-            ),
+            logprobs=logprobs,
             finish_reason=out.finish_reason,
             stop_reason=out.stop_reason,
         )
 
-    def _sampled(self, token_id: int, logprobs: TokenLogprobs) -> SampledLogprob:
+    def _stop_text(self, stop_reason: int | str | None) -> str:
+        """What ended a choice, as text: its stop string, or its stop token's text (vLLM
+        decodes it as any output token; EOS, a special token, has none)."""
+        if isinstance(stop_reason, int):
+            return self._tokenizer.decode([stop_reason])
+        return stop_reason or ""
+
+    def _sampled(
+        self, token_id: int, logprobs: TokenLogprobs, detokenizer: IncrementalDetokenizer
+    ) -> SampledLogprob:
+        offset = len(detokenizer.text)  # the text before this token's
+        detokenizer.push(token_id)
+        sampled = self._top(token_id, logprobs.token_logprob)
         return SampledLogprob(
-            token_id,
-            _token_text(self._tokenizer, token_id),
-            max(logprobs.token_logprob, MIN_LOGPROB),
-            tuple(
-                TopLogprob(t, _token_text(self._tokenizer, t), max(lp, MIN_LOGPROB))
-                for t, lp in logprobs.top
-            ),
+            **vars(sampled),
+            top=tuple(self._top(t, lp) for t, lp in logprobs.top),
+            text_offset=offset,
         )
 
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        raw = self._tokenizer.token_bytes(token_id)
+        return TopLogprob(token_id, _shown(raw), raw, max(logprob, MIN_LOGPROB))
 
-def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+def _shown(raw: bytes) -> str:
+    """A token as OpenAI shows it: its text, or, for bytes that are not text on their own
+    (part of a multi-byte character), `bytes:` and the bytes escaped as in `bytes:\\xf0\\x9f`
+    (printable ASCII kept)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(
+            chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw
+        )

@@ -81,7 +81,7 @@ def _logprobs(logprobs: list[SampledLogprob]) -> ChatLogprobs:
         ChatTokenLogprob(
             token=lp.token,
             logprob=lp.logprob,
-            bytes=_utf8(lp.token),
+            bytes=list(lp.token_bytes),
             top_logprobs=[_top(alt) for alt in lp.top],
         )
         for lp in logprobs
@@ -90,9 +90,4 @@ def _logprobs(logprobs: list[SampledLogprob]) -> ChatLogprobs:
 
 
 def _top(lp: TopLogprob) -> ChatTopLogprob:
-    return ChatTopLogprob(token=lp.token, logprob=lp.logprob, bytes=_utf8(lp.token))
-
-
-def _utf8(token: str) -> list[int]:
-    # the token's text, so a token holding part of a character shows U+FFFD's bytes
-    return list(token.encode())
+    return ChatTopLogprob(token=lp.token, logprob=lp.logprob, bytes=list(lp.token_bytes))

@@ -1,5 +1,11 @@
 """POST /v1/completions answers: a started `ChoiceStream` as one `text_completion` object,
-or as the chunks of a stream (same object type, one choice increment each)."""
+or as the chunks of a stream (same object type, one choice increment each).
+
+`text_offset` is where a token's text starts in the choice's text, counted in characters
+of the text as sent (a token holding part of a character starts where that character
+does); a token a stop string cut off sits at the text's end. A stream sends a token's
+logprobs once the text before it is out, so its offset is the final one there too.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ async def completion_response(stream: ChoiceStream) -> CompletionResponse:
     results = await stream.collect()
     choices = []
     for r in results:
-        logprobs = None if r.logprobs is None else _logprobs(r.logprobs, 0)[0]
+        logprobs = None if r.logprobs is None else _logprobs(r.logprobs, len(r.text))
         choices.append(
             CompletionChoice(
                 index=r.index,
@@ -43,13 +49,21 @@ async def completion_chunks(
 ) -> AsyncIterator[CompletionResponse]:
     plan = stream.plan
     created = int(time.time())
-    text_offsets = [0] * plan.num_choices
+    sent = [0] * plan.num_choices  # characters of each choice's text
+    held: list[list[SampledLogprob]] = [[] for _ in range(plan.num_choices)]
     async for out in stream:
-        if not out.text and not out.logprobs and out.finish_reason is None:
-            continue  # text held back (a stop string may be forming) and nothing else to say
+        sent[out.index] += len(out.text)
         logprobs = None
         if out.logprobs is not None:
-            logprobs, text_offsets[out.index] = _logprobs(out.logprobs, text_offsets[out.index])
+            # Until the text before a token is out, a stop string may still cut it short.
+            pending = held[out.index] + out.logprobs
+            ready = len(pending)
+            if out.finish_reason is None:
+                ready = sum(1 for lp in pending if lp.text_offset <= sent[out.index])
+            held[out.index] = pending[ready:]
+            logprobs = _logprobs(pending[:ready], sent[out.index])
+        if not out.text and not (logprobs and logprobs.tokens) and out.finish_reason is None:
+            continue  # text held back (a stop string may be forming) and nothing else to say
         choice = CompletionChoice(
             index=out.index,
             text=out.text,
@@ -70,8 +84,8 @@ async def completion_chunks(
         )
 
 
-def _logprobs(logprobs: list[SampledLogprob], offset: int) -> tuple[CompletionLogprobs, int]:
-    """The legacy logprobs object, and the text offset after its last token.
+def _logprobs(logprobs: list[SampledLogprob], text_end: int) -> CompletionLogprobs:
+    """The legacy logprobs object of a choice whose text has `text_end` characters (so far).
 
     `top_logprobs` holds the sampled token besides the top alternatives, so up to
     `logprobs` + 1 entries, as the OpenAI API documents."""
@@ -82,6 +96,5 @@ def _logprobs(logprobs: list[SampledLogprob], offset: int) -> tuple[CompletionLo
         out.tokens.append(lp.token)
         out.token_logprobs.append(lp.logprob)
         out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(lp.token)
-    return out, offset
+        out.text_offset.append(min(lp.text_offset, text_end))
+    return out

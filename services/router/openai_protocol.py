@@ -1,17 +1,21 @@
 """The OpenAI request shapes Baton serves (completions, chat), validated where JSON enters.
 
-Requests accept and ignore unknown fields, as OpenAI-compatible servers do; fields that
-would change the output in a way Baton cannot honour (penalties, logit bias, echo, tools,
-structured output) are accepted only at their neutral values, so a client never gets an
-answer that silently ignored what it asked for. Ranges are checked here, where the user's
-JSON enters, so that an error names the field (`param`); the engine's `SamplingParams`
-still asserts its own invariants behind this.
+Requests accept and ignore unknown fields, as OpenAI-compatible servers do, so every field
+(OpenAI's or vLLM's) that would change the output is declared here: those Baton cannot
+honour (penalties, logit bias, min_p, beam search, prompt truncation, prompt logprobs,
+echo, tools, structured output, ...) are accepted only at their neutral values (`_NEUTRAL`,
+what clients send by default) and refused otherwise, so a client never gets an answer that
+silently ignored what it asked for. What is left unknown changes nothing in the answer
+(`metadata`, `store`, `service_tier`, ...). Ranges are checked here, where the user's JSON
+enters, so that an error names the field (`param`); the engine's `SamplingParams` still
+asserts its own invariants behind this.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -35,14 +39,77 @@ TokenId = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
+# Fields Baton does not implement, each with the values that ask for nothing: vLLM's and
+# OpenAI's defaults, which some clients send explicitly. Any other value is refused.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0.0),
+    "frequency_penalty": (None, 0.0),
+    "logit_bias": (None, {}),
+    "min_p": (None, 0.0),
+    "repetition_penalty": (None, 1.0),
+    "length_penalty": (None, 1.0),
+    "use_beam_search": (None, False),
+    "allowed_token_ids": (None, []),
+    "bad_words": (None, []),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "logits_processors": (None, []),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structural_tag": (None,),
+    "structured_outputs": (None,),
+    "vllm_xargs": (None, {}),
+    "priority": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "prompt_embeds": (None,),
+    "add_special_tokens": (None, True),  # completions; chat's default is false
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "documents": (None, []),
+    "reasoning_effort": (None,),
+    "include_reasoning": (None, True),
+    "verbosity": (None,),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "web_search_options": (None,),
+    "continuous_usage_stats": (None, False),
+}
+
+
+def _neutral_only(neutral: dict[str, tuple[Any, ...]], value: Any, info: ValidationInfo) -> Any:
+    assert info.field_name is not None
+    values = neutral[info.field_name]
+    if value not in values:
+        raise ValueError(f"not supported by Baton; leave it out or send {json.dumps(values[-1])}")
+    return value
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="End the stream with a usage-only chunk.")
+    continuous_usage_stats: bool | None = Field(None, description="Extension; unsupported.")
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(_NEUTRAL, value, info)
 
 
 class SamplingRequest(BaseModel):
     """What completions and chat requests share."""
 
     model_config = ConfigDict(extra="ignore")
+    neutral_values: ClassVar[dict[str, tuple[Any, ...]]] = _NEUTRAL
 
     model: str | None = Field(None, description="The served model's id; omitted: that model.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.")
@@ -65,22 +132,51 @@ class SamplingRequest(BaseModel):
         description="Extension: prefix-cache namespace; requests with different salts never "
         "share cached KV (and so cannot observe each other's prompts through cached_tokens).",
     )
-    presence_penalty: float | None = Field(None, description="Unsupported: only 0.")
-    frequency_penalty: float | None = Field(None, description="Unsupported: only 0.")
-    logit_bias: dict[str, float] | None = Field(None, description="Unsupported: only empty.")
+    include_stop_str_in_output: bool = Field(
+        False,
+        description="Extension: a choice that a stop string or stop token ends keeps it at the "
+        "end of its text.",
+    )
+    best_of: int | None = Field(None, description="Only equal to n (no server-side ranking).")
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("penalties are not supported; send 0 or leave it out")
-        return value
+    # Unsupported: accepted only at their neutral values (_NEUTRAL).
+    response_format: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float | None = None
+    use_beam_search: bool | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool | None = None
+    logits_processors: list[Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structural_tag: Any = None
+    structured_outputs: Any = None
+    vllm_xargs: dict[str, Any] | None = None
+    priority: int | None = None
+    echo: bool | None = None
+    add_special_tokens: bool | None = None
 
-    @field_validator("logit_bias")
+    @field_validator(*_NEUTRAL, check_fields=False)
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported; leave it out")
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(cls.neutral_values, value, info)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("best_of must equal n: choices are not ranked server-side")
         return value
 
     @field_validator("stream_options")
@@ -107,30 +203,8 @@ class CompletionRequest(SamplingRequest):
     prompt: NonEmptyStr | Annotated[list[str], Field(min_length=1)] | TokenIds | list[TokenIds]
     max_tokens: int | None = Field(None, ge=1, description="Tokens per choice; default 16.")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives.")
-    echo: bool = Field(False, description="Unsupported: only false.")
-    suffix: str | None = Field(None, description="Unsupported: only null.")
-    best_of: int | None = Field(None, description="Only equal to n (no server-side ranking).")
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported; leave it out")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("suffix (insertion) is not supported; leave it out")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and value != info.data.get("n", 1):
-            raise ValueError("best_of must equal n: choices are not ranked server-side")
-        return value
+    suffix: str | None = None  # unsupported (insertion): only empty
+    prompt_embeds: Any = None  # unsupported
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -170,6 +244,10 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
+    neutral_values: ClassVar[dict[str, tuple[Any, ...]]] = _NEUTRAL | {
+        "add_special_tokens": (None, False)  # the template writes BOS; true adds another
+    }
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI for the next.")
     max_completion_tokens: int | None = Field(
@@ -177,36 +255,59 @@ class ChatCompletionRequest(SamplingRequest):
     )
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = Field(None, description="Unsupported: only empty.")
-    tool_choice: Any = Field(None, description='Unsupported: only "none".')
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
+    add_generation_prompt: bool = Field(
+        True,
+        description="Extension: open a new assistant turn after the messages. False: the last "
+        "message must be the assistant's.",
+    )
+    continue_final_message: bool = Field(
+        False,
+        description="Extension: the model continues the last message (the assistant's), "
+        "rather than answering it; needs add_generation_prompt false.",
+    )
+
+    # Unsupported: accepted only at their neutral values (_NEUTRAL).
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[Any] | None = None
+    reasoning_effort: str | None = None
+    include_reasoning: bool | None = None
+    verbosity: str | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    web_search_options: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    @field_validator("add_generation_prompt")
+    @classmethod
+    def _assistant_last(cls, value: bool, info: ValidationInfo) -> bool:
+        # The answer is the assistant's: without a new turn, the last message must be one.
+        messages = info.data.get("messages")
+        if not value and messages and messages[-1].role != "assistant":
+            raise ValueError(
+                "false needs the last message to be the assistant's (the model continues "
+                f"after it); the last message is the {messages[-1].role}'s"
+            )
+        return value
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _no_new_turn(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError(
+                "cannot be true together with add_generation_prompt (true by default); send "
+                "add_generation_prompt false to continue the last message"
+            )
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs set to true")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:
-            raise ValueError("tool calling is not supported; leave tools out")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        if value not in (None, "none"):
-            raise ValueError('tool calling is not supported; tool_choice may only be "none"')
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError('structured output is not supported; only {"type": "text"}')
         return value
 
     @property

@@ -32,7 +32,8 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     """Per token: its text, logprob, offset in the choice's text, and the top alternatives
-    (the sampled token among them, so up to `logprobs` + 1 entries)."""
+    (the sampled token among them, so up to `logprobs` + 1 entries). A token holding part of
+    a character is named by its bytes, as OpenAI names it: `bytes:\\xf0\\x9f`."""
 
     tokens: list[str] = []
     token_logprobs: list[float] = []
@@ -60,9 +61,9 @@ class CompletionResponse(BaseModel):
 
 
 class ChatTopLogprob(BaseModel):
-    token: str
+    token: str  # part of a character: `bytes:` and its bytes escaped, as OpenAI writes it
     logprob: float
-    bytes: list[int]
+    bytes: list[int]  # the token's own UTF-8 bytes: a choice's, joined, are its text's
 
 
 class ChatTokenLogprob(ChatTopLogprob):

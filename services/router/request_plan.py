@@ -47,6 +47,7 @@ class RequestPlan:
     params: list[SamplingParams]  # one per choice, len(prompts) * n
     cache_salt: bytes = b""
     run_id: str = ""  # unique; choice i runs as f"{run_id}-{i}" (default: request_id)
+    include_stop_str_in_output: bool = False  # the router adds it: the engine cuts it off
 
     def __post_init__(self) -> None:
         assert len(self.params) == len(self.prompts) * self.n
@@ -95,7 +96,9 @@ def plan_completion(
     params = _choice_params(request, len(prompts), max_tokens, request.logprobs)
     salt = _salt(request, tenant)
     shown, run = _ids(request_id, "cmpl")
-    return RequestPlan(shown, model, prompts, request.n, params, salt, run)
+    return RequestPlan(
+        shown, model, prompts, request.n, params, salt, run, request.include_stop_str_in_output
+    )
 
 
 def plan_chat(
@@ -107,7 +110,9 @@ def plan_chat(
     model = _served_model(request, pipeline)
     messages = [{"role": m.role, "content": m.text} for m in request.messages]
     try:
-        prompt = pipeline.tokenizer.encode_chat(messages)
+        prompt = pipeline.tokenizer.encode_chat(
+            messages, request.add_generation_prompt, request.continue_final_message
+        )
     except ValueError as e:  # no chat template, or the template rejected the conversation
         raise InvalidRequestError(str(e), param="messages") from e
     # Chat's default is the rest of the context window; at least 1, so a prompt that
@@ -117,7 +122,10 @@ def plan_chat(
     _check_token_ids([prompt], request, pipeline.vocab_size)
     params = _choice_params(request, 1, max_tokens, logprobs)
     shown, run = _ids(request_id, "chatcmpl")
-    return RequestPlan(shown, model, [prompt], request.n, params, _salt(request, tenant), run)
+    salt = _salt(request, tenant)
+    return RequestPlan(
+        shown, model, [prompt], request.n, params, salt, run, request.include_stop_str_in_output
+    )
 
 
 def _salt(request: SamplingRequest, tenant: str) -> bytes:

@@ -125,6 +125,68 @@ def test_chat_template_matches_transformers(
     )
 
 
+@pytest.mark.parametrize(
+    "conversation",
+    [
+        *CONVERSATIONS,
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, here "}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  « chat » 🐈\n"}],
+    ],
+)
+def test_continue_final_message_matches_transformers(
+    tokenizer: Tokenizer, hf_gguf_tokenizer: Any, conversation: list[dict[str, str]]
+) -> None:
+    expected = hf_gguf_tokenizer.apply_chat_template(
+        conversation, tokenize=False, continue_final_message=True
+    )
+    rendered = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=False, continue_final_message=True
+    )
+    assert rendered == expected
+    assert rendered.endswith(conversation[-1]["content"])
+    assert tokenizer.encode_chat(conversation, False, True) == (
+        hf_gguf_tokenizer.encode(expected, add_special_tokens=False)
+    )
+
+
+def test_continue_final_message_refusals(tokenizer: Tokenizer) -> None:
+    hi = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(ValueError, match="exclude each other"):
+        tokenizer.apply_chat_template(hi, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ValueError, match="needs a final message"):
+        tokenizer.apply_chat_template([], add_generation_prompt=False, continue_final_message=True)
+    dropping = Tokenizer(
+        tokenizer.backend,
+        bos_token_id=None,
+        eos_token_ids=(2,),
+        chat_template="{% for m in messages %}{{ m['role'] }}{% endfor %}",
+    )
+    with pytest.raises(ValueError, match="does not keep the final message whole"):
+        dropping.apply_chat_template(hi, add_generation_prompt=False, continue_final_message=True)
+
+
+@pytest.mark.parametrize("text", [text for text in SHARED if text])
+def test_token_bytes_join_into_the_texts_utf8(tokenizer: Tokenizer, text: str) -> None:
+    ids = tokenizer.encode(text)
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode()
+
+
+def test_token_bytes_of_a_split_character(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("🦜")
+    assert [tokenizer.token_bytes(i) for i in ids] == [b"\xf0\x9f", b"\xa6", b"\x9c"]
+    assert tokenizer.decode(ids[:1]) == "\ufffd"  # why the bytes cannot come from the text
+    assert tokenizer.token_bytes(tokenizer.vocab_size + 5) == b""
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback() -> None:
+    vocab = {"<unk>": 0, "<0xF0>": 1, "<0x9F>": 2, "▁Hello": 3}
+    backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    spm = Tokenizer(backend, bos_token_id=None, eos_token_ids=())
+    assert [spm.token_bytes(i) for i in (1, 2)] == [b"\xf0", b"\x9f"]
+    assert spm.token_bytes(3) == b"Hello"  # other pieces: their text decoded alone
+
+
 def test_chat_message_errors(tokenizer: Tokenizer) -> None:
     with pytest.raises(ValueError, match=r"messages\[1\] lacks 'content'"):
         tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user"}])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import openai
+import pytest
 
 from services.router.pipeline import ColocatedPipeline
 
@@ -125,3 +126,81 @@ def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached % 16 == 0 and shared // 16 * 16 <= cached < len(b)
+
+
+def test_logprob_bytes_of_tokens_splitting_a_character_join_into_the_text(
+    client: openai.OpenAI,
+) -> None:
+    """Each emoji here spans three byte-level tokens, none of them text on its own."""
+    ask = [{"role": "user", "content": "Reply with only these emoji, repeated: 🎉🚀🔥 🎉🚀🔥"}]
+    result = chat(client, ask, max_tokens=15, logprobs=True, top_logprobs=2)
+    content = result.choices[0].logprobs.content
+    text = result.choices[0].message.content
+    assert b"".join(bytes(entry.bytes) for entry in content).decode() == text
+    assert any(entry.token.startswith("bytes:") for entry in content)
+    for entry in content:
+        for alt in [entry, *entry.top_logprobs]:
+            try:
+                assert alt.token == bytes(alt.bytes).decode()
+            except UnicodeDecodeError:  # part of a character: named by its bytes
+                escaped = "".join(f"\\x{b:02x}" if b >= 0x80 else chr(b) for b in alt.bytes)
+                assert alt.token == f"bytes:{escaped}"
+        assert (entry.token, entry.bytes) == (
+            entry.top_logprobs[0].token,
+            entry.top_logprobs[0].bytes,
+        )
+
+
+CONVERSATION: list[Any] = [
+    {"role": "user", "content": "Write the word 'apple' three times."},
+    {"role": "assistant", "content": "apple apple"},
+]
+
+
+def test_continue_final_message_continues_the_assistants_message(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    flags = {"add_generation_prompt": False, "continue_final_message": True}
+    result = chat(client, CONVERSATION, max_tokens=4, extra_body=flags)
+    prompt = pipeline.tokenizer.encode_chat(CONVERSATION, False, True)
+    assert pipeline.tokenizer.decode(prompt, skip_special_tokens=False).endswith(
+        "<|im_start|>assistant\napple apple"
+    )
+    assert result.usage.prompt_tokens == len(prompt)
+    same = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=4, temperature=0)
+    assert result.choices[0].message.content == same.choices[0].text
+    assert (
+        result.choices[0].message.content
+        != chat(client, CONVERSATION, max_tokens=4).choices[0].message.content
+    )
+
+
+def test_without_a_generation_prompt_no_new_turn_is_opened(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    result = chat(client, CONVERSATION, max_tokens=2, extra_body={"add_generation_prompt": False})
+    prompt = pipeline.tokenizer.encode_chat(CONVERSATION, add_generation_prompt=False)
+    assert result.usage.prompt_tokens == len(prompt)
+    assert len(prompt) < len(pipeline.tokenizer.encode_chat(CONVERSATION))
+
+
+@pytest.mark.parametrize(
+    ("messages", "flags", "param"),
+    [
+        (CONVERSATION, {"continue_final_message": True}, "continue_final_message"),
+        (MESSAGES, {"add_generation_prompt": False}, "add_generation_prompt"),
+        (
+            MESSAGES,
+            {"add_generation_prompt": False, "continue_final_message": True},
+            "add_generation_prompt",
+        ),
+    ],
+)
+def test_template_flags_that_contradict_are_400(
+    client: openai.OpenAI, messages: list[Any], flags: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as failure:
+        chat(client, messages, extra_body=flags)
+    body = failure.value.body
+    assert isinstance(body, dict) and body["param"] == param
+    assert body["message"].startswith(f"{param}: ")

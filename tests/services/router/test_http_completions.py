@@ -147,3 +147,91 @@ def test_model_may_be_omitted(base_url: str) -> None:
     response = httpx2.post(f"{base_url}/v1/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["model"] == MODEL_ID
+
+
+def test_include_stop_str_in_output_ends_the_text_with_what_stopped_it(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    full = greedy(client, max_tokens=8).choices[0].text
+    stop = full.split()[2]  # a word the greedy text reaches after a few tokens
+    kept = full[: full.index(stop) + len(stop)]
+    include = {"extra_body": {"include_stop_str_in_output": True}}
+    choice = greedy(client, max_tokens=8, stop=["@@never@@", stop], **include).choices[0]
+    assert (choice.text, choice.finish_reason) == (kept, "stop")
+    streamed = greedy(client, max_tokens=8, stop=stop, stream=True, **include)
+    assert "".join(c.choices[0].text for c in streamed) == kept
+    # A stop token's text is kept too, as vLLM keeps it.
+    (stop_id,) = pipeline.tokenizer.encode(f" {stop}")
+    by_token = {"extra_body": {"include_stop_str_in_output": True, "stop_token_ids": [stop_id]}}
+    choice = greedy(client, max_tokens=8, **by_token).choices[0]
+    assert (choice.text, choice.finish_reason) == (kept, "stop")
+
+
+def _token_bytes(token: str) -> bytes:
+    """A legacy logprobs token's bytes: `bytes:` tokens spell theirs as escapes."""
+    if token.startswith("bytes:"):
+        return (
+            token.removeprefix("bytes:")
+            .encode("latin-1")
+            .decode("unicode_escape")
+            .encode("latin-1")
+        )
+    return token.encode()
+
+
+def test_logprobs_of_tokens_splitting_a_character_name_its_bytes(client: openai.OpenAI) -> None:
+    """Each emoji here spans three byte-level tokens, none of them text on its own."""
+    emoji = "Emoji list: 😀 😃 😄 😁 😆 😅 🤣 😂 🙂 🙃"
+    result = client.completions.create(
+        model=MODEL_ID, prompt=emoji, max_tokens=15, temperature=0, logprobs=2
+    )
+    choice = result.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.text_offset and lp.top_logprobs
+    assert any(t.startswith("bytes:") for t in lp.tokens)
+    assert not any("\ufffd" in t for t in lp.tokens)
+    raw = [_token_bytes(t) for t in lp.tokens]
+    assert b"".join(raw).decode() == choice.text
+    # A token's text starts after the whole characters the tokens before it complete.
+    assert lp.text_offset == [
+        len(b"".join(raw[:i]).decode(errors="ignore")) for i in range(len(raw))
+    ]
+    assert lp.text_offset[-1] < len(choice.text)
+    for token, top in zip(lp.tokens, lp.top_logprobs, strict=True):
+        assert token in top and len(top) == 2  # greedy: the sampled token is the best one
+    streamed = list(
+        client.completions.create(
+            model=MODEL_ID, prompt=emoji, max_tokens=15, temperature=0, logprobs=2, stream=True
+        )
+    )
+    offsets = [
+        o
+        for c in streamed
+        if c.choices[0].logprobs
+        for o in c.choices[0].logprobs.text_offset or []
+    ]
+    assert offsets == lp.text_offset
+
+
+def test_text_offsets_stay_within_the_text_a_stop_string_cuts(client: openai.OpenAI) -> None:
+    """The stop string spans several tokens: the ones after its start, generated before
+    it completes, sit at the end of the cut text, streamed or not."""
+    full = greedy(client, max_tokens=8).choices[0].text
+    stop = full[full.index(".") : full.index(full.split()[2])]  # from "." to the 3rd word
+    assert len(stop) > 2
+    whole = greedy(client, max_tokens=8, stop=stop, logprobs=0).choices[0]
+    lp = whole.logprobs
+    assert lp is not None and lp.tokens and lp.text_offset is not None
+    assert whole.text == full[: full.index(stop)]
+    assert len(lp.tokens) > 2 and lp.text_offset[-2:] == [len(whole.text)] * 2
+    assert lp.text_offset == sorted(lp.text_offset)
+    chunks = list(greedy(client, max_tokens=8, stop=stop, logprobs=0, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens or []] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset or []] == lp.text_offset
+    kept = greedy(
+        client, max_tokens=8, stop=stop, logprobs=0, extra_body={"include_stop_str_in_output": True}
+    ).choices[0]
+    assert kept.text == whole.text + stop
+    assert kept.logprobs is not None and kept.logprobs.tokens == lp.tokens
+    assert kept.logprobs.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]

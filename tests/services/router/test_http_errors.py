@@ -56,6 +56,98 @@ def test_invalid_fields_are_400_naming_the_field(
     assert body["message"].startswith(f"{param}: ") and says in body["message"]
 
 
+COMPLETION = {"model": MODEL_ID, "prompt": "The capital of France is", "max_tokens": 4}
+CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+# vLLM's and OpenAI's fields that change the output and that Baton does not implement
+OUTPUT_CHANGING = [
+    (COMPLETION, {"min_p": 0.5}, "min_p"),
+    (COMPLETION, {"repetition_penalty": 1.3}, "repetition_penalty"),
+    (COMPLETION, {"allowed_token_ids": [30]}, "allowed_token_ids"),
+    (COMPLETION, {"bad_words": ["Paris"]}, "bad_words"),
+    (COMPLETION, {"skip_special_tokens": False}, "skip_special_tokens"),
+    (COMPLETION, {"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
+    (COMPLETION, {"truncate_prompt_tokens": 2}, "truncate_prompt_tokens"),
+    (COMPLETION, {"prompt_logprobs": 1}, "prompt_logprobs"),
+    (COMPLETION, {"use_beam_search": True}, "use_beam_search"),
+    (COMPLETION, {"length_penalty": 0.5}, "length_penalty"),
+    (COMPLETION, {"guided_choice": ["yes", "no"]}, "guided_choice"),
+    (COMPLETION, {"response_format": {"type": "json_object"}}, "response_format"),
+    (COMPLETION, {"logits_processors": ["my.Processor"]}, "logits_processors"),
+    (COMPLETION, {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    (COMPLETION, {"add_special_tokens": False}, "add_special_tokens"),
+    (COMPLETION, {"frequency_penalty": 0.5}, "frequency_penalty"),
+    (COMPLETION, {"logit_bias": {"7042": -100}}, "logit_bias"),
+    (COMPLETION, {"suffix": "."}, "suffix"),
+    (CHAT, {"echo": True}, "echo"),
+    (CHAT, {"min_p": 0.5}, "min_p"),
+    (CHAT, {"guided_json": {"type": "object"}}, "guided_json"),
+    (CHAT, {"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+    (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),
+    (CHAT, {"chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
+    (CHAT, {"add_special_tokens": True}, "add_special_tokens"),
+    (CHAT, {"reasoning_effort": "high"}, "reasoning_effort"),
+    (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}}, None),
+]
+
+
+@pytest.mark.parametrize(("request_body", "field", "param"), OUTPUT_CHANGING)
+def test_fields_that_would_change_the_output_are_refused_unless_neutral(
+    base_url: str, request_body: dict[str, Any], field: dict[str, Any], param: str | None
+) -> None:
+    path = "/v1/completions" if "prompt" in request_body else "/v1/chat/completions"
+    param = param or "stream_options.continuous_usage_stats"
+    response = httpx2.post(f"{base_url}{path}", json=request_body | field, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["type"]) == (param, "invalid_request_error")
+    assert error["message"].startswith(f"{param}: not supported by Baton; leave it out or send ")
+
+
+NEUTRAL = {
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "use_beam_search": False,
+    "allowed_token_ids": None,
+    "bad_words": [],
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "truncate_prompt_tokens": None,
+    "prompt_logprobs": None,
+    "logits_processors": None,
+    "guided_json": None,
+    "priority": 0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logit_bias": {},
+    "echo": False,
+    "response_format": {"type": "text"},
+    # fields that change nothing in the answer
+    "user": "u-1",
+    "metadata": {"team": "a"},
+    "store": False,
+    "service_tier": "auto",
+    "parallel_tool_calls": True,
+}
+
+
+def test_neutral_values_are_the_same_request_as_leaving_them_out(base_url: str) -> None:
+    for request_body, neutral in [
+        (COMPLETION, NEUTRAL | {"add_special_tokens": True}),
+        (CHAT, NEUTRAL | {"add_special_tokens": False, "add_generation_prompt": True}),
+    ]:
+        path = "/v1/completions" if "prompt" in request_body else "/v1/chat/completions"
+        plain = request_body | {"temperature": 0}
+        answers = [
+            httpx2.post(f"{base_url}{path}", json=body, timeout=60)
+            for body in (plain, plain | neutral)
+        ]
+        assert [a.status_code for a in answers] == [200, 200], answers[1].text
+        first, second = (a.json()["choices"][0] for a in answers)
+        assert first == second
+
+
 def test_chat_content_must_be_text(client: openai.OpenAI) -> None:
     image: Any = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
     with pytest.raises(openai.BadRequestError) as failure:
