@@ -23,9 +23,15 @@ class DecodeServer(PoolWorker):
     pool = "decode"
 
     async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the request's tokens, starting with the handoff's first token if any."""
+        """Stream the request's tokens, starting with the handoff's first token if any.
+
+        With `request.keepalive_s`, the first output is an empty one, sent as soon as this
+        replica takes the request up: the router's stall clock starts there, not while
+        the request waited for a replica (in the deployment handle's queue)."""
         span = self.begin(request)
         last: RequestOutput | None = None
+        if request.keepalive_s is not None:
+            yield RequestOutput(request.request_id, [], "", False, 0, 0, 0)
         try:
             async for out in self._generate(request, span):
                 last = out

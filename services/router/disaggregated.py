@@ -274,8 +274,11 @@ class DisaggregatedPipeline(Pipeline):
         self, stream: AsyncIterator[RequestOutput], deadline: float
     ) -> AsyncIterator[RequestOutput]:
         """`stream`'s outputs; DeadlineExceededError past the request's deadline,
-        DecodeStalledError when the replica sends nothing for the stall timeout."""
+        DecodeStalledError when the replica sends nothing for the stall timeout once it
+        has taken the request up (its first output, empty: before it, the request may wait
+        for a replica in the deployment handle's queue, which is no stall)."""
         loop = asyncio.get_running_loop()
+        taken_up = False
         while True:
             left = deadline - loop.time()
             if left <= 0:
@@ -283,18 +286,19 @@ class DisaggregatedPipeline(Pipeline):
             try:
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the output
                 # when the caller is cancelled just as it arrives, losing the client's cancel.
-                async with asyncio.timeout(min(left, self.stall_timeout_s)):
+                async with asyncio.timeout(min(left, self.stall_timeout_s) if taken_up else left):
                     out = await anext(stream)
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                if loop.time() >= deadline:
+                if not taken_up or loop.time() >= deadline:
                     raise DeadlineExceededError(
                         "the request did not finish before its deadline"
                     ) from None
                 raise DecodeStalledError(
                     f"no output for {self.stall_timeout_s:g} s from the decode replica"
                 ) from None
+            taken_up = True
             yield out
 
     async def _stored_prefix(self, hashes: list[bytes]) -> int:

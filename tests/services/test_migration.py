@@ -46,7 +46,8 @@ TOKENS = 20
 
 
 class Stalling:
-    """A decode replica that sends `after` outputs, then nothing, without failing."""
+    """A decode replica that takes a request up (its empty first output) and sends
+    `after` outputs with tokens, then nothing, without failing."""
 
     def __init__(self, server: DecodeServer, after: int) -> None:
         self.server = server
@@ -57,12 +58,30 @@ class Stalling:
         n = 0
         try:
             async for out in self.server.generate(request):
-                if n == self.after:
-                    await asyncio.Event().wait()
-                n += 1
+                if out.new_token_ids or out.finished:
+                    if n == self.after:
+                        await asyncio.Event().wait()
+                    n += 1
                 yield out
         finally:
             self.closed += 1
+
+    def stats(self) -> PoolStats:
+        return self.server.stats()
+
+
+class Queued:
+    """A decode replica whose requests first wait `wait_s` for it, as in a deployment
+    handle's queue in front of a busy replica, before it takes them up."""
+
+    def __init__(self, server: DecodeServer, wait_s: float) -> None:
+        self.server = server
+        self.wait_s = wait_s
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
+        await asyncio.sleep(self.wait_s)
+        async for out in self.server.generate(request):
+            yield out
 
     def stats(self) -> PoolStats:
         return self.server.stats()
@@ -211,6 +230,19 @@ def test_a_request_no_replica_would_serve_gets_503(stack: Stack, front: Front) -
     assert r.status_code == 503, r.text
     assert "no decode replica served the request (2 tried)" in r.json()["error"]["message"]
     assert stalled.closed == 2
+    wait_idle(stack)
+
+
+def test_a_request_waiting_for_a_replica_is_not_taken_for_a_stall(
+    stack: Stack, front: Front
+) -> None:
+    """The stall clock starts when a replica takes the request up: waiting in front of it
+    (three stall timeouts here) is no stall, and nothing migrates."""
+    front.pipeline = pipeline(stack, stack.decode)
+    want, _ = front.stream(temperature=0)
+    front.pipeline = waiting = pipeline(stack, Queued(stack.decode, 3.0), stall_timeout_s=1.0)
+    got, _ = front.stream(temperature=0)
+    assert got == want and waiting.migrations == 0
     wait_idle(stack)
 
 
