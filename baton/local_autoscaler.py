@@ -18,16 +18,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import aiohttp
 
 from operators.autoscaler import Autoscaler
-from operators.metrics_source import MetricsUnavailable
 from operators.metrics_window import MetricsWindow
 from operators.policy_engine import Decision
 from operators.pool_policy import Pool, PoolPolicy
 from operators.scrape_source import ScrapeSource
+
+_T = TypeVar("_T")
 
 
 class ServeReplicas:
@@ -64,6 +66,14 @@ def describe(decision: Decision) -> str:
 
 
 class LocalAutoscaler:
+    """Scales the pools of `policies` until stopped.
+
+    A round that fails (the router's /metrics unreadable, the Serve controller restarting
+    or timing out) is reported once per kind of failure and retried next round: a resize
+    that failed keeps the current size, and the loop goes on, since `baton serve` goes on
+    serving.
+    """
+
     def __init__(
         self,
         policies: Mapping[Pool, PoolPolicy],
@@ -81,6 +91,7 @@ class LocalAutoscaler:
         self.interval_s = interval_s
         self.report = report
         self._running = dict(current)
+        self._failing: dict[str, str] = {}  # what failed -> the kind of failure last reported
 
     def run(self, stop: threading.Event) -> None:
         """Scale until `stop` is set (runs its own event loop: call it on a thread)."""
@@ -90,28 +101,65 @@ class LocalAutoscaler:
         async with aiohttp.ClientSession() as session:
             source = ScrapeSource([self.metrics_url], session, self.model)
             while not stop.is_set():
-                try:
-                    window = await source.window()
-                except MetricsUnavailable as e:
-                    self.report(f"autoscaler: no metrics this round: {e}")
-                else:
-                    self.step(window)
-                self._report_running()
+                await self._attempt("a round", self._round(source))
                 await asyncio.to_thread(stop.wait, self.interval_s)
+
+    async def _round(self, source: ScrapeSource) -> None:
+        window = await self._attempt("reading metrics", source.window())
+        if window is not None:
+            self.step(window)
+        self._report_running()
 
     def step(self, window: MetricsWindow) -> None:
         now = time.monotonic()
         decisions = self.autoscaler.step(window, self.current, now)
         for decision in decisions.values():
             if decision.changes:
-                self.report(describe(decision))
-                self.replicas.scale(decision.pool, decision.desired_replicas)
-                self.autoscaler.applied(decision, now)
-                self.current[decision.pool] = decision.desired_replicas
+                self._resize(decision, now)
+
+    def _resize(self, decision: Decision, now: float) -> None:
+        what = f"resizing {decision.pool}"
+        try:
+            self.replicas.scale(decision.pool, decision.desired_replicas)
+        except Exception as e:  # the size stays; the next round decides again
+            self._failed(what, e)
+            return
+        self._recovered(what)
+        self.report(describe(decision))
+        self.autoscaler.applied(decision, now)
+        self.current[decision.pool] = decision.desired_replicas
 
     def _report_running(self) -> None:
         for pool in self.current:
-            running = self.replicas.running(pool)
+            what = f"reading {pool}'s running replicas"
+            try:
+                running = self.replicas.running(pool)
+            except Exception as e:
+                self._failed(what, e)
+                continue
+            self._recovered(what)
             if running != self._running.get(pool):
                 self._running[pool] = running
                 self.report(f"autoscaler: {pool} has {running} running replicas")
+
+    async def _attempt(self, what: str, work: Awaitable[_T]) -> _T | None:
+        try:
+            result = await work
+        except Exception as e:  # anything: one bad round must not end autoscaling for good
+            self._failed(what, e)
+            return None
+        self._recovered(what)
+        return result
+
+    def _failed(self, what: str, error: Exception) -> None:
+        """Report a failure when it starts or changes kind, not on every round it lasts."""
+        kind = type(error).__name__
+        if self._failing.get(what) != kind:
+            self._failing[what] = kind
+            self.report(
+                f"autoscaler: {what} failed ({kind}: {error}); retrying every {self.interval_s:g} s"
+            )
+
+    def _recovered(self, what: str) -> None:
+        if self._failing.pop(what, None) is not None:
+            self.report(f"autoscaler: {what} works again")

@@ -89,7 +89,7 @@ class Outcome:
 
 
 def slo_met(tick: Tick) -> bool:
-    ttft = tick.window.effective_ttft_p90_s
+    ttft = tick.window.prefill.ttft_p90_s  # the router's TTFT: the KV pull is inside it
     itl = tick.window.decode.itl_p90_s
     return (ttft is None or ttft <= TTFT_SLO_S) and (itl is None or itl <= ITL_SLO_S)
 

@@ -9,12 +9,15 @@ given up to satisfy another). Two kinds of signal:
 * total signals (queue depth, traffic, concurrency): a pool-wide total over the
   per-replica target, `ceil(total / per_replica)`.
 
-Both leave the pool alone inside HPA's tolerance band (|ratio - 1| <= tolerance).
+Both leave the pool alone inside HPA's tolerance band (|ratio - 1| <= tolerance). A
+latency objective of an idle pool (no request in the window, nothing waiting or running)
+is met: it reads 0 and asks for no replicas, rather than holding the pool at its size.
 
 Prefill and decode read one `MetricsWindow`, so their sizes follow the traffic mix:
 prefill's traffic signal is input tokens/s over a replica's prompt-token rate, decode's
-is output tokens/s over a replica's generation rate; the decode KV pull counts toward
-TTFT; and requests waiting for prefill count as decode sequences about to arrive.
+is output tokens/s over a replica's generation rate; and requests waiting for prefill
+count as decode sequences about to arrive. (The decode KV pull counts toward TTFT by
+measurement: the router's TTFT ends when the first token leaves decode.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from operators.metrics_window import MetricsWindow
+from operators.metrics_window import MetricsWindow, PoolMetrics
 from operators.pool_policy import Pool, PoolPolicy
 
 _EPS = 1e-9  # keeps ceil(3 * (4 / 3)) at 4 despite float rounding
@@ -67,17 +70,14 @@ def signals(policy: PoolPolicy, window: MetricsWindow, current: int) -> tuple[Si
     metrics = window.of(policy.pool)
     out: list[Signal] = []
 
-    ttft = window.effective_ttft_p90_s
+    ttft = _latency(metrics.ttft_p90_s, metrics)
     if policy.pool is Pool.PREFILL and objectives.ttft_p90_s and ttft is not None:
         out.append(
             _ratio_signal("ttftP90Ms", ttft * 1e3, objectives.ttft_p90_s * 1e3, current, tol)
         )
-    if policy.pool is Pool.DECODE and objectives.itl_p90_s and metrics.itl_p90_s is not None:
-        out.append(
-            _ratio_signal(
-                "itlP90Ms", metrics.itl_p90_s * 1e3, objectives.itl_p90_s * 1e3, current, tol
-            )
-        )
+    itl = _latency(metrics.itl_p90_s, metrics)
+    if policy.pool is Pool.DECODE and objectives.itl_p90_s and itl is not None:
+        out.append(_ratio_signal("itlP90Ms", itl * 1e3, objectives.itl_p90_s * 1e3, current, tol))
     if objectives.kv_cache_utilization and metrics.kv_cache_usage is not None:
         out.append(
             _ratio_signal(
@@ -127,6 +127,16 @@ def signals(policy: PoolPolicy, window: MetricsWindow, current: int) -> tuple[Si
                 )
             )
     return tuple(out)
+
+
+def _latency(p90: float | None, metrics: PoolMetrics) -> float | None:
+    """A latency p90 to hold against its objective. Without requests in the window an idle
+    pool reads 0 (the signal asks for no replicas, so the other signals and minReplicas
+    decide, as for an empty queue); a busy or unobserved one has no data, and keeps its
+    size as an HPA does when metrics are missing."""
+    if p90 is None and metrics.idle:
+        return 0.0
+    return p90
 
 
 def _decode_sequences(window: MetricsWindow) -> float | None:

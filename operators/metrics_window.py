@@ -2,10 +2,11 @@
 
 A source (Prometheus query, direct scrape, the local autoscaler's own scrape, the
 simulator) reduces DESIGN.md's telemetry to these numbers. `None` means "no data in
-the window" (no request finished, or no previous scrape to take a rate from); the
-engine skips a signal without data rather than reading it as zero. A sample that is
-no measurement (`measurement`: not finite, or negative) is no data either, in every
-source.
+the window" (no request finished, or no previous scrape to take a rate or percentile
+from); the engine skips a signal without data rather than reading it as zero. A sample
+that is no measurement (`measurement`: not finite, or negative) is no data either, in
+every source. One exception, `PoolMetrics.idle`: a latency percentile without data in a
+pool with nothing waiting or running is no demand, not missing data.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def measurement(value: float) -> float | None:
 class PoolMetrics:
     """One pool, summed or averaged over its replicas. Latencies in seconds."""
 
-    ttft_p90_s: float | None = None  # baton_time_to_first_token_seconds
+    # baton_time_to_first_token_seconds: the router's, arrival to the first token leaving
+    # decode, so the decode KV pull is inside it already
+    ttft_p90_s: float | None = None
     itl_p90_s: float | None = None  # baton_inter_token_latency_seconds
     kv_transfer_p90_s: float | None = None  # baton_kv_transfer_seconds
     requests_waiting: float | None = None  # baton_num_requests_waiting, summed
@@ -46,6 +49,13 @@ class PoolMetrics:
     request_rate: float | None = None  # requests/s: rate of the TTFT histogram's count
     prompt_tokens_per_s: float | None = None  # rate(baton_prompt_tokens_total)
     generation_tokens_per_s: float | None = None  # rate(baton_generation_tokens_total)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting and nothing running, both gauges read: a latency objective is
+        met (no request is slow), so a percentile without data here is no demand. When a
+        gauge is missing, so is the data."""
+        return self.requests_waiting == 0 and self.requests_running == 0
 
 
 @dataclass(frozen=True)
@@ -67,15 +77,3 @@ class MetricsWindow:
     def output_tokens_per_s(self) -> float | None:
         """Tokens the service streams out: decode workers count them."""
         return self.decode.generation_tokens_per_s
-
-    @property
-    def effective_ttft_p90_s(self) -> float | None:
-        """TTFT as the prefill objective sees it: the decode side's KV pull is part of it.
-
-        The first token is useless to a client until decode holds the prompt's KV, so
-        a slow transfer eats the same budget as a slow prefill. (p90s do not add
-        exactly; the sum is a conservative bound, which is the safe side to scale on.)
-        """
-        if self.prefill.ttft_p90_s is None:
-            return None
-        return self.prefill.ttft_p90_s + (self.decode.kv_transfer_p90_s or 0.0)

@@ -101,7 +101,7 @@ def last_metrics(window: MetricsWindow, pool: Pool) -> dict[str, float]:
     """What a decision saw, in the CRD's units (ms for latency); fields without data left out."""
     m = window.of(pool)
     values = {
-        "ttftP90Ms": window.effective_ttft_p90_s if pool is Pool.PREFILL else None,
+        "ttftP90Ms": window.prefill.ttft_p90_s if pool is Pool.PREFILL else None,
         "itlP90Ms": m.itl_p90_s,
         "kvTransferP90Ms": window.decode.kv_transfer_p90_s,
         "kvCacheUtilization": m.kv_cache_usage,

@@ -86,7 +86,7 @@ class Behavior:
 class Objectives:
     """SLO targets; each one set becomes a signal. Latencies in seconds."""
 
-    ttft_p90_s: float | None = None  # prefill; KV transfer time counts toward it
+    ttft_p90_s: float | None = None  # prefill; measured with the decode KV pull in it
     itl_p90_s: float | None = None  # decode
     kv_cache_utilization: float | None = None  # decode, mean over replicas, (0, 1]
     queue_depth_per_replica: float | None = None  # waiting requests per replica

@@ -136,7 +136,7 @@ class Reconciler:
 
     def _source(self, spec: CapacityPolicySpec, memory: PolicyMemory) -> MetricsSource:
         """The policy's metrics source, rebuilt only when its spec changed (a scrape
-        source must keep its previous read to compute rates)."""
+        source must keep its previous read to compute rates and percentiles)."""
         key = (spec.metrics, spec.model)
         if memory.source is None or memory.source_key != key:
             memory.source, memory.source_key = self._build_source(spec), key

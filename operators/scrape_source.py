@@ -3,9 +3,12 @@
 Counters and histograms are cumulative, so a window is the difference between this
 read and the previous one of the same endpoint: rates divide by the time between the
 two reads; percentiles come from the histogram's difference. The first read of an
-endpoint has no previous one: its percentiles cover everything since the process
-started and its rates are unknown (None). A replica that does not answer is left out
-of the window; when none answers, `MetricsUnavailable`.
+endpoint has no previous one, so it adds nothing to the window's percentiles and its
+rates are unknown (None): its histograms hold everything since the process started
+(an incident hours ago would read as today's p90 after every operator restart or
+`metrics` edit). A series first seen on a later read is new since the previous one and
+counts in full. A replica that does not answer is left out of the window; when none
+answers, `MetricsUnavailable`. Gauges are instant values, read on every pass.
 """
 
 from __future__ import annotations
@@ -87,10 +90,11 @@ def _pool_metrics(pairs: list[tuple[_Read | None, _Read]]) -> PoolMetrics:
     rates: dict[str, float] = {}
     gauges: dict[str, list[float]] = {}
     for previous, (now, series) in pairs:
-        for name, hist in series.histograms.items():
-            before = previous[1].histograms.get(name) if previous else None
-            delta = hist.since(before) if before else hist
-            hists[name] = hists[name] + delta if name in hists else delta
+        if previous:  # a first read holds the process's whole history: no window of it
+            for name, hist in series.histograms.items():
+                before = previous[1].histograms.get(name)
+                delta = hist.since(before) if before else hist
+                hists[name] = hists[name] + delta if name in hists else delta
         if previous and now > previous[0]:
             for name, value in series.counters.items():
                 before_value = previous[1].counters.get(name, 0.0)

@@ -97,7 +97,8 @@ class Simulator:
         return MetricsWindow(
             prefill=PoolMetrics(
                 ttft_p90_s=prefill_s / (1 - rho_in)
-                + backlog[Pool.PREFILL] / max(served_in / dt, 1),
+                + backlog[Pool.PREFILL] / max(served_in / dt, 1)
+                + m.kv_transfer_s,  # the router's TTFT waits for decode's KV pull
                 requests_waiting=backlog[Pool.PREFILL] / max(traffic.prompt_tokens, 1),
                 request_rate=traffic.request_rate,
                 prompt_tokens_per_s=served_in / dt,

@@ -219,6 +219,31 @@ async def test_unreadable_metrics_keep_the_size(cluster: Cluster, telemetry: Tel
     assert cluster.stored(DEPLOYMENTS, NS, "decode")["spec"]["replicas"] == 3
 
 
+async def test_an_idle_prefill_pool_scales_down_on_a_ttft_objective(
+    cluster: Cluster, telemetry: TelemetryPage
+) -> None:
+    # no first token in any window, nothing waiting or running: no demand, not missing data
+    telemetry.waiting.labels("prefill", "smollm2").set(0)
+    telemetry.running.labels("prefill", "smollm2").set(0)
+    await create_deployment(cluster, "prefill", 4)
+    spec = {
+        **decode_spec(telemetry, {**DEPLOYMENT_REF, "name": "prefill"}),
+        "pool": "prefill",
+        "objectives": {"ttftP90Ms": 500},
+        "behavior": {"scaleDown": {"stabilizationWindowSeconds": 0}},
+    }
+    await create_policy(cluster, "pre", spec)
+    await eventually(lambda: cluster.stored(DEPLOYMENTS, NS, "prefill")["spec"]["replicas"] == 1)
+    status = await eventually(
+        lambda: (s := policy_status(cluster, "pre")).get("currentReplicas") == 1 and s
+    )
+    assert status["recommendations"] == [
+        {"signal": "ttftP90Ms", "observed": 0, "target": 500, "replicas": 0}
+    ]
+    assert condition(cluster, "pre", "ScalingActive") == ("True", "ValidMetricFound")
+    assert condition(cluster, "pre", "ScalingLimited") == ("True", "TooFewReplicas")
+
+
 async def test_invalid_spec_is_reported(cluster: Cluster, telemetry: TelemetryPage) -> None:
     # the emulator does not run the CRD's validation, so the operator's own check must hold
     spec = decode_spec(telemetry, DEPLOYMENT_REF, minReplicas=5, maxReplicas=2)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from operators.autoscaler import Autoscaler
 from operators.condition import ConditionType
+from operators.demand import Signal
 from operators.metrics_window import MetricsWindow, PoolMetrics
 from operators.policy_engine import Decision, decide
 from operators.pool_policy import (
@@ -129,6 +130,58 @@ def test_missing_metrics_keep_the_size_and_say_so() -> None:
     assert decision.recommended_replicas is None
     assert why(decision, ConditionType.SCALING_ACTIVE) == (False, "MissingMetrics")
     assert why(decision, ConditionType.READY) == (False, "MissingMetrics")
+
+
+def test_an_idle_pool_meets_its_latency_objective_and_shrinks() -> None:
+    """No request finished and nothing waiting or running is no demand, not missing data:
+    a TTFT-only prefill policy comes down after a burst (the reviewer's pool stayed at 8)."""
+    policy = PoolPolicy(Pool.PREFILL, 1, 8, Objectives(ttft_p90_s=0.5))
+    burst = MetricsWindow(
+        prefill=PoolMetrics(ttft_p90_s=2.0, requests_waiting=12, requests_running=4)
+    )
+    idle = MetricsWindow(prefill=PoolMetrics(requests_waiting=0, requests_running=0))
+    autoscaler, current, sizes = Autoscaler({Pool.PREFILL: policy}), 4, []
+    for i, window in enumerate([burst] + [idle] * 6):
+        decision = autoscaler.step(window, {Pool.PREFILL: current}, i * 60.0)[Pool.PREFILL]
+        if decision.changes:
+            autoscaler.applied(decision, i * 60.0)
+        current = decision.desired_replicas
+        sizes.append(current)
+    # 2.0 / 0.5 asks for 16 (max 8); idle asks for none once the t=0 recommendation left
+    # the 300 s down-window
+    assert sizes == [8, 8, 8, 8, 8, 1, 1]
+    assert decision.signals == (Signal("ttftP90Ms", 0.0, 500.0, 0),)
+    assert decision.recommended_replicas == 0
+    assert why(decision, ConditionType.SCALING_ACTIVE) == (True, "ValidMetricFound")
+    assert why(decision, ConditionType.SCALING_LIMITED) == (True, "TooFewReplicas")
+    assert why(decision, ConditionType.READY) == (True, "Reconciled")
+
+
+def test_other_signals_decide_for_an_idle_pools_latency() -> None:
+    policy = PoolPolicy(Pool.DECODE, 1, 8, Objectives(itl_p90_s=0.05, kv_cache_utilization=0.5))
+    idle = MetricsWindow(
+        decode=PoolMetrics(requests_waiting=0, requests_running=0, kv_cache_usage=0.75)
+    )
+    decision = decide(policy, idle, 4, ScalingHistory(), 0.0)
+    assert decision.signals == (
+        Signal("itlP90Ms", 0.0, 50.0, 0),
+        Signal("kvCacheUtilization", 0.75, 0.5, 6),  # blocks still cached: the max wins
+    )
+    assert decision.desired_replicas == 6
+
+
+def test_latency_without_data_in_a_busy_or_unobserved_pool_is_missing() -> None:
+    policy = PoolPolicy(Pool.PREFILL, 1, 8, Objectives(ttft_p90_s=0.5))
+    for metrics in (
+        PoolMetrics(),  # no gauges at all
+        PoolMetrics(requests_waiting=0),  # running not exported
+        PoolMetrics(requests_waiting=0, requests_running=3),  # long prefills, none done yet
+        PoolMetrics(requests_waiting=2, requests_running=0),
+    ):
+        decision = decide(policy, MetricsWindow(prefill=metrics), 5, ScalingHistory(), 0.0)
+        assert decision.signals == (), metrics
+        assert decision.desired_replicas == 5
+        assert why(decision, ConditionType.SCALING_ACTIVE) == (False, "MissingMetrics")
 
 
 def test_history_forgets_what_no_window_can_see() -> None:
