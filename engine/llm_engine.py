@@ -45,7 +45,9 @@ class EngineStats:
     steps: int = 0
     computed_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
     prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV was not computed here: local
+    # prefix-cache hits plus imported tokens
+    imported_prompt_tokens: int = 0  # of those, KV imported (a handoff): no cache hit
     generated_tokens: int = 0
     preemptions: int = 0
 
@@ -123,6 +125,7 @@ class LLMEngine:
             raise
         request_id = request.request_id
         request.pinned = [self.pool.blocks[i] for i in pinned_blocks]
+        request.num_imported_tokens = len(pinned_blocks) * self.config.cache.block_size
         request.hold_prompt_blocks = hold_prompt_blocks
         if (kv_fingerprint or self.fingerprint) != self.fingerprint:
             # Only the imported blocks belong to that chain: blocks this engine computes
@@ -246,6 +249,9 @@ class LLMEngine:
         for request in batch.first_scheduled:
             self.stats.prompt_tokens += request.num_prompt_tokens
             self.stats.cached_prompt_tokens += request.num_cached_tokens
+            self.stats.imported_prompt_tokens += min(
+                request.num_imported_tokens, request.num_cached_tokens
+            )
         self.scheduler.advance(batch)
         if result.samples is None:
             # Sampled on the device: a placeholder holds each new token's place (the next

@@ -13,6 +13,9 @@ class RequestOutput:
 
     `finish_reason` is "stop" (EOS, stop token or stop string), "length" (max_tokens or
     the context window) or "abort"; `stop_reason` names the stop string or token id.
+    `first_token_pool` is set by a router that split the request between pools: the pool
+    that computed the prompt and first token ("prefill", or "decode" when decode prefilled
+    it); None from an engine.
     """
 
     request_id: str
@@ -25,6 +28,7 @@ class RequestOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    first_token_pool: str | None = None
 
 
 @dataclass

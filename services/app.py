@@ -139,8 +139,7 @@ class RouterDeployment:
             config.router.max_request_bytes,
         )
         await self.grpc.start()
-        first_token_pool = "decode" if self.prefill is None else "prefill"
-        _pipeline["router"] = InstrumentedPipeline(self.pipeline, telemetry, first_token_pool)
+        _pipeline["router"] = InstrumentedPipeline(self.pipeline, telemetry)
         _metrics["router"] = MetricsPage(telemetry, pools)
 
     async def drain(self, timeout_s: float) -> int:

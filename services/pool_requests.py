@@ -83,7 +83,8 @@ class PoolStats:
     total_blocks: int
     computed_tokens: int
     prompt_tokens: int
-    cached_prompt_tokens: int
+    cached_prompt_tokens: int  # local prefix-cache hits plus imported tokens
     generated_tokens: int
     fallbacks: dict[str, int] = field(default_factory=dict)
     kv_transfer_bytes: dict[str, int] = field(default_factory=dict)
+    imported_prompt_tokens: int = 0  # of the cached, KV imported from the store

@@ -70,11 +70,16 @@ def extract(carrier: Mapping[str, str]) -> Context:
 
 
 def request_attributes(
-    model: str, request_id: str, params: SamplingParams, prompt_tokens: int
+    model: str,
+    request_id: str,
+    params: SamplingParams,
+    prompt_tokens: int,
+    operation: str | None = None,
 ) -> dict[str, AttributeValue]:
-    """`gen_ai.*` attributes of a generation request, as the router or a pool sees it."""
+    """`gen_ai.*` attributes of a generation request, as the router or a pool sees it.
+    `operation` is the API's (`chat`, `text_completion`): the router's span names it; a
+    pool's request does not carry it, so its spans leave it to their parent's."""
     attributes: dict[str, AttributeValue] = {
-        "gen_ai.operation.name": "text_completion",
         "gen_ai.provider.name": "baton",
         "gen_ai.request.model": model,
         "gen_ai.request.max_tokens": params.max_tokens,
@@ -84,6 +89,8 @@ def request_attributes(
         "gen_ai.usage.input_tokens": prompt_tokens,
         "baton.request_id": request_id,
     }
+    if operation is not None:
+        attributes["gen_ai.operation.name"] = operation
     if params.seed is not None:
         attributes["gen_ai.request.seed"] = params.seed
     if params.stop:

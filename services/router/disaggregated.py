@@ -170,6 +170,7 @@ class DisaggregatedPipeline(Pipeline):
                 handoff = await self._remote_prefill(request, hashes, stored, timeout)
             finally:
                 self.remote_prefills -= 1
+        first_token_pool = "decode" if handoff is None else "prefill"
         finished = False
         try:
             # Closed here, not when collected: its cleanup aborts the decode request.
@@ -178,6 +179,7 @@ class DisaggregatedPipeline(Pipeline):
             ) as outputs:
                 async for out in outputs:
                     finished = out.finished
+                    out.first_token_pool = first_token_pool
                     yield out
         finally:
             if not finished and handoff is not None and handoff.lease_id:

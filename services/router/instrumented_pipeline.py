@@ -6,7 +6,9 @@ Every request gets a "router" span: the child of the context in
 root. Pool requests made under it carry its context on (services.pool_requests).
 Latencies are the client's, as the router sees its stream:
 
-    TTFT  arrival -> first token      labelled with the pool that serves first tokens
+    TTFT  arrival -> first token      labelled with the pool that computed it, per request
+                                      (RequestOutput.first_token_pool; "decode" when the
+                                      inner pipeline is one engine)
     ITL   gap between later tokens    per token, pool="decode"
     e2e   arrival -> last token       pool="router"
 """
@@ -26,12 +28,9 @@ from services.tracing import extract, request_attributes, tracer
 
 
 class InstrumentedPipeline(Pipeline):
-    def __init__(self, inner: Pipeline, telemetry: Telemetry, first_token_pool: str) -> None:
-        """`first_token_pool`: "prefill" when a prefill pool computes first tokens,
-        "decode" when decode prefills (colocated)."""
+    def __init__(self, inner: Pipeline, telemetry: Telemetry) -> None:
         self.inner = inner
         self.telemetry = telemetry
-        self.first_token_pool = first_token_pool
         self.model_id = inner.model_id
         self.tokenizer = inner.tokenizer
         self.max_model_len = inner.max_model_len
@@ -43,7 +42,11 @@ class InstrumentedPipeline(Pipeline):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         arrival = time.perf_counter()
         attributes = request_attributes(
-            self.model_id, request.request_id, request.params, len(request.prompt_token_ids)
+            self.model_id,
+            request.request_id,
+            request.params,
+            len(request.prompt_token_ids),
+            request.operation,
         )
         span = tracer.start_span(
             "router",
@@ -67,7 +70,7 @@ class InstrumentedPipeline(Pipeline):
                     context.detach(token)
                 now = time.perf_counter()
                 if out.new_token_ids:
-                    self._record_tokens(arrival, last_token_at, now, len(out.new_token_ids))
+                    self._record_tokens(arrival, last_token_at, now, out)
                     last_token_at = now
                 if out.finished:
                     self.telemetry.record(E2E, now - arrival)
@@ -82,12 +85,16 @@ class InstrumentedPipeline(Pipeline):
                 await outputs.aclose()
             span.end()
 
-    def _record_tokens(self, arrival: float, last: float | None, now: float, n: int) -> None:
-        """`n` tokens arrived at `now`; the last ones before at `last` (None: these are the
-        first). Tokens arriving together share the gap, as vLLM counts them."""
+    def _record_tokens(
+        self, arrival: float, last: float | None, now: float, out: RequestOutput
+    ) -> None:
+        """`out`'s tokens arrived at `now`; the last ones before at `last` (None: these are
+        the first). Tokens arriving together share the gap, as vLLM counts them."""
         if last is None:
-            self.telemetry.record(TTFT, now - arrival, pool=self.first_token_pool)
+            pool = out.first_token_pool or "decode"  # untagged: one engine prefilled
+            self.telemetry.record(TTFT, now - arrival, pool=pool)
             return
+        n = len(out.new_token_ids)
         for _ in range(n):
             self.telemetry.record(ITL, (now - last) / n, pool="decode")
 

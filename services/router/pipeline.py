@@ -26,6 +26,7 @@ class GenerationRequest:
     cache_salt: bytes = b""
     deadline_s: float | None = None  # seconds from now the client is willing to wait
     trace_context: dict[str, str] = field(default_factory=dict)
+    operation: str = "text_completion"  # gen_ai.operation.name: the API's, e.g. "chat"
 
 
 class Pipeline(ABC):

@@ -48,6 +48,7 @@ class RequestPlan:
     cache_salt: bytes = b""
     run_id: str = ""  # unique; choice i runs as f"{run_id}-{i}" (default: request_id)
     include_stop_str_in_output: bool = False  # the router adds it: the engine cuts it off
+    operation: str = "text_completion"  # gen_ai.operation.name of the API called
 
     def __post_init__(self) -> None:
         assert len(self.params) == len(self.prompts) * self.n
@@ -68,6 +69,7 @@ class RequestPlan:
                 self.prompts[self.prompt_of(i)],
                 params,
                 cache_salt=self.cache_salt,
+                operation=self.operation,
             )
             for i, params in enumerate(self.params)
         ]
@@ -124,7 +126,15 @@ def plan_chat(
     shown, run = _ids(request_id, "chatcmpl")
     salt = _salt(request, tenant)
     return RequestPlan(
-        shown, model, [prompt], request.n, params, salt, run, request.include_stop_str_in_output
+        shown,
+        model,
+        [prompt],
+        request.n,
+        params,
+        salt,
+        run,
+        request.include_stop_str_in_output,
+        operation="chat",
     )
 
 

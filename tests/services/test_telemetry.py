@@ -4,7 +4,10 @@ a replica that went away. The operator's parser reads the page the way it reads 
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
+
+import pytest
 
 from operators.exposition import Exposition
 from operators.pool_policy import Pool
@@ -94,3 +97,42 @@ def test_the_router_keeps_a_gone_replicas_totals_not_its_gauges() -> None:
     assert first.counters == after.counters == {"prompt_tokens_total": 140.0}
     assert after.histograms["time_to_first_token_seconds"].count == 2
     assert after.gauges == {"num_requests_running": (2.0,), "kv_cache_usage_ratio": (0.5,)}
+
+
+def test_a_failing_pool_keeps_its_totals_and_drops_its_gauges_the_others_stay_live(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    queues = {"decode": 7, "prefill": 2}
+    prefill_answers = True
+    pools = {pool: Telemetry(pool, "m") for pool in queues}
+    for pool, t in pools.items():
+        t.observe(lambda pool=pool: [Reading(WAITING, queues[pool]), Reading(PROMPT_TOKENS, 60)])
+
+    async def decode_replicas() -> list[Snapshot]:
+        return [pools["decode"].snapshot()]
+
+    async def prefill_replicas() -> list[Snapshot]:
+        if not prefill_answers:
+            raise RuntimeError("ActorDiedError")
+        return [pools["prefill"].snapshot()]
+
+    page = MetricsPage(Telemetry("router", "m"), [decode_replicas, prefill_replicas])
+
+    def read() -> Exposition:
+        return Exposition.parse(asyncio.run(page.render()), "m")
+
+    read()
+    prefill_answers, queues["decode"] = False, 0  # decode drained while prefill fails
+    with caplog.at_level(logging.WARNING, "services.router.metrics_page"):
+        for _ in range(2):
+            now = read()
+            assert now.of(Pool.DECODE).gauges == {"num_requests_waiting": (0.0,)}
+            assert now.of(Pool.PREFILL).gauges == {}
+            assert now.of(Pool.PREFILL).counters == {"prompt_tokens_total": 60.0}
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "reading test_a_failing_pool_keeps_its_totals_and_drops_its_gauges_the_others_stay_"
+        "live.<locals>.prefill_replicas failed; serving its totals without its gauges until "
+        "it answers: RuntimeError('ActorDiedError')"
+    ]  # once per outage, not per scrape
+    prefill_answers, queues["prefill"] = True, 1
+    assert read().of(Pool.PREFILL).gauges == {"num_requests_waiting": (1.0,)}

@@ -94,7 +94,7 @@ class TracedStack:
             telemetry,
             [LocalPrefillPool(self.prefill).metrics, LocalDecodePool(self.decode).metrics],
         )
-        routed = InstrumentedPipeline(pipeline, telemetry, "prefill")
+        routed = InstrumentedPipeline(pipeline, telemetry)
         app = build_http_app(lambda: routed, metrics=page.render)
         port = free_port()
         self.http = uvicorn.Server(
@@ -197,6 +197,7 @@ def test_router_page_has_every_metric_with_the_requests_counts(stack: TracedStac
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("baton_time_to_first_token_seconds_count", pool="prefill") == 1
+    assert delta("baton_time_to_first_token_seconds_count", pool="decode") == 0
     assert delta("baton_e2e_request_latency_seconds_count", pool="router") == 1
     assert delta("baton_inter_token_latency_seconds_count", pool="decode") == 6 - 1
     assert delta("baton_request_queue_time_seconds_count", pool="prefill") == 1
@@ -212,6 +213,12 @@ def test_router_page_has_every_metric_with_the_requests_counts(stack: TracedStac
     assert delta("baton_kv_transfer_bytes_total", pool="prefill", direction="put") == blocks * block
     assert delta("baton_kv_transfer_bytes_total", pool="decode", direction="get") == blocks * block
     assert delta("baton_kv_transfer_seconds_count", pool="prefill", direction="put") == 1
+    # Decode computed only the prompt's tail past the blocks it pulled, and what it pulled
+    # is no hit of its prefix cache (nor a lookup in it).
+    assert delta("baton_prompt_tokens_total", pool="decode") == usage["prompt_tokens"] % 16
+    assert delta("baton_prefix_cache_hit_tokens_total", pool="decode") == 0
+    tail = usage["prompt_tokens"] % 16
+    assert delta("baton_prefix_cache_queried_tokens_total", pool="decode") == tail
     assert delta("baton_kv_transfer_seconds_count", pool="decode", direction="get") == 1
     assert value(after, "baton_request_migrations_total", pool="decode", model=MODEL) == 0
     assert value(after, "baton_num_requests_running", pool="decode", model=MODEL) == 0
@@ -227,6 +234,11 @@ def test_short_prompts_count_as_local_prefill_fallbacks(stack: TracedStack) -> N
     labels = {"pool": "decode", "model": MODEL, "reason": "short_prompt"}
     name = "baton_local_prefill_fallback_total"
     assert value(after, name, **labels) - value(before, name, **labels) == 1
+    # Decode computed the first token: its TTFT is decode's, not the prefill pool's.
+    ttft = "baton_time_to_first_token_seconds_count"
+    for pool, n in (("decode", 1), ("prefill", 0)):
+        labels = {"pool": pool, "model": MODEL}
+        assert value(after, ttft, **labels) - value(before, ttft, **labels) == n, pool
 
 
 def test_shard_page_counts_its_transfers(stack: TracedStack) -> None:
@@ -300,6 +312,7 @@ def test_a_request_is_one_trace_across_every_hop(
     } <= edges
     usage = result["usage"]
     assert router.attributes is not None
+    assert router.attributes["gen_ai.operation.name"] == "text_completion"
     assert router.attributes["gen_ai.request.model"] == MODEL
     assert router.attributes["gen_ai.request.max_tokens"] == 3
     assert router.attributes["gen_ai.request.temperature"] == 0
@@ -310,6 +323,17 @@ def test_a_request_is_one_trace_across_every_hop(
         "baton.kv.cached": 0,
         "baton.kv.received_blocks": by_name["kv put"].attributes["baton.kv.blocks"],  # type: ignore[index]
     }
+
+
+def test_a_chat_requests_span_says_chat(stack: TracedStack, spans: InMemorySpanExporter) -> None:
+    spans.clear()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+    r = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    eventually(lambda: any(s.name == "router" for s in spans.get_finished_spans()))
+    (router,) = [s for s in spans.get_finished_spans() if s.name == "router"]
+    assert router.attributes is not None
+    assert router.attributes["gen_ai.operation.name"] == "chat"
 
 
 def test_kvstore_command_serves_metrics(tmp_path: Any) -> None:
