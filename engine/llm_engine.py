@@ -47,7 +47,8 @@ class EngineStats:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose KV was not computed here: local
     # prefix-cache hits plus imported tokens
-    imported_prompt_tokens: int = 0  # of those, KV imported (a handoff): no cache hit
+    handed_over_prompt_tokens: int = 0  # of those, KV computed for the request elsewhere
+    # and handed over (disaggregated prefill): no prefix-cache hit
     generated_tokens: int = 0
     preemptions: int = 0
 
@@ -103,6 +104,7 @@ class LLMEngine:
         output_prefix: Sequence[int] = (),
         prefix_logprobs: Sequence[TokenLogprobs | None] = (),
         pinned_blocks: Sequence[int] = (),
+        handed_over: bool = False,
         hold_prompt_blocks: bool = False,
     ) -> str:
         """Validate and queue a request; raises ValueError (queueing nothing) on bad input.
@@ -112,7 +114,9 @@ class LLMEngine:
         `output_prefix` holds tokens already sampled elsewhere (prefill's first token, with
         `prefix_logprobs`), reported at the next step as the request's first outputs.
         `pinned_blocks` (from `port.reserve` and `port.publish`) are held for the request
-        until it is scheduled. `hold_prompt_blocks` keeps the prompt's full blocks cached
+        until it is scheduled; `handed_over` says they were computed for this request
+        elsewhere (a prefill's handoff), not found in a cache, so they are no prefix-cache
+        hit in `stats`. `hold_prompt_blocks` keeps the prompt's full blocks cached
         and pinned after the request finishes, for `port.held` and `port.release_held`.
         """
         try:
@@ -125,7 +129,8 @@ class LLMEngine:
             raise
         request_id = request.request_id
         request.pinned = [self.pool.blocks[i] for i in pinned_blocks]
-        request.num_imported_tokens = len(pinned_blocks) * self.config.cache.block_size
+        if handed_over:
+            request.num_handed_over_tokens = len(pinned_blocks) * self.config.cache.block_size
         request.hold_prompt_blocks = hold_prompt_blocks
         if (kv_fingerprint or self.fingerprint) != self.fingerprint:
             # Only the imported blocks belong to that chain: blocks this engine computes
@@ -249,8 +254,8 @@ class LLMEngine:
         for request in batch.first_scheduled:
             self.stats.prompt_tokens += request.num_prompt_tokens
             self.stats.cached_prompt_tokens += request.num_cached_tokens
-            self.stats.imported_prompt_tokens += min(
-                request.num_imported_tokens, request.num_cached_tokens
+            self.stats.handed_over_prompt_tokens += min(
+                request.num_handed_over_tokens, request.num_cached_tokens
             )
         self.scheduler.advance(batch)
         if result.samples is None:

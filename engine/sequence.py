@@ -56,7 +56,7 @@ class Request:
         self._root_hash = root_hash
         self._update_block_hashes()
         self.pinned: list[KVBlock] = []  # imported prefix blocks held until admission
-        self.num_imported_tokens = 0  # prompt tokens those blocks hold: KV computed elsewhere
+        self.num_handed_over_tokens = 0  # prompt tokens of pinned blocks computed for it elsewhere
         self.hold_prompt_blocks = False
         # Full blocks that may be published to the prefix cache. A request continuing from
         # imported KV stops at its prompt: blocks after it mix this engine's arithmetic

@@ -87,4 +87,4 @@ class PoolStats:
     generated_tokens: int
     fallbacks: dict[str, int] = field(default_factory=dict)
     kv_transfer_bytes: dict[str, int] = field(default_factory=dict)
-    imported_prompt_tokens: int = 0  # of the cached, KV imported from the store
+    handed_over_prompt_tokens: int = 0  # of the cached, a handoff's KV (no cache hit)

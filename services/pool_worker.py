@@ -97,7 +97,7 @@ class PoolWorker:
                 computed_tokens=s.computed_tokens,
                 prompt_tokens=s.prompt_tokens,
                 cached_prompt_tokens=s.cached_prompt_tokens,
-                imported_prompt_tokens=s.imported_prompt_tokens,
+                handed_over_prompt_tokens=s.handed_over_prompt_tokens,
                 generated_tokens=s.generated_tokens,
                 fallbacks=dict(self.fallbacks),
                 kv_transfer_bytes=dict(self.bridge.bytes) if self.bridge else {},
@@ -120,10 +120,11 @@ class PoolWorker:
             # prefill, and on decode only its tail past the imported blocks, so a sum over
             # pools is the prompt work done, each token once per computation.
             Reading(PROMPT_TOKENS, s.prompt_tokens - s.cached_prompt_tokens),
-            # Prefix-cache hits are this engine's own cache's, as vLLM counts them: KV
-            # imported from the store (a handoff) is neither looked up nor hit here.
-            Reading(PREFIX_QUERIED, s.prompt_tokens - s.imported_prompt_tokens),
-            Reading(PREFIX_HIT, s.cached_prompt_tokens - s.imported_prompt_tokens),
+            # Prefix-cache hits are the cache's (this engine's or the KV store's), as vLLM
+            # counts them: a handoff's KV, computed for the request by the prefill pool, is
+            # neither looked up nor hit on decode.
+            Reading(PREFIX_QUERIED, s.prompt_tokens - s.handed_over_prompt_tokens),
+            Reading(PREFIX_HIT, s.cached_prompt_tokens - s.handed_over_prompt_tokens),
             Reading(GENERATION_TOKENS, s.generated_tokens),
         ]
         # Whichever pool noticed it, a fallback means decode prefilled the prompt itself.

@@ -75,6 +75,7 @@ class DecodeServer(PoolWorker):
             output_prefix=prefix,
             prefix_logprobs=[handoff.first_logprobs] if handoff is not None else [],
             pinned_blocks=pinned,
+            handed_over=handoff is not None,  # the handoff's blocks; else a stored prefix
             keepalive_s=request.keepalive_s,
         ):
             if cached_override is not None:

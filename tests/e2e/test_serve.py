@@ -278,9 +278,10 @@ def test_repeated_system_prompt_is_served_from_the_cache(
         key = f'{name}{{pool="prefill",model="smollm2-135m-instruct"}}'
         return after[key] - before[key]
 
-    computed = delta("baton_prompt_tokens_total") - delta("baton_prefix_cache_hit_tokens_total")
-    assert delta("baton_prompt_tokens_total") == second.usage.prompt_tokens
-    assert computed == second.usage.prompt_tokens - cached
+    # Prompt tokens count what the worker computed; the cached ones are its hits.
+    assert delta("baton_prompt_tokens_total") == second.usage.prompt_tokens - cached
+    assert delta("baton_prefix_cache_hit_tokens_total") == cached
+    assert delta("baton_prefix_cache_queried_tokens_total") == second.usage.prompt_tokens
 
 
 def test_concurrent_streams_equal_their_solo_runs(server: Server, client: openai.OpenAI) -> None:
