@@ -14,6 +14,7 @@ status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import os
@@ -44,6 +45,39 @@ APP = "baton"
 PR_SET_PDEATHSIG = 1
 
 T = TypeVar("T")
+
+
+RUN_ENV = "BATON_SERVE_RUN"
+"""Set to a fresh id by each `run`; every process it starts inherits it, Ray's included."""
+
+
+def reap_run(run_id: str, exempt: set[int], rounds: int = 5) -> int:
+    """Stops every process (but `exempt`) that inherited `run_id`: Ray's agents outlive a
+    `ray.init` cut short until they notice their raylet is gone (about a minute). A process
+    still starting may start others while it is stopped, so this looks again until a look
+    finds none (at most `rounds` looks). Returns how many it stopped."""
+    import psutil
+
+    stopped = 0
+    for _ in range(rounds):
+        mine = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid not in exempt and proc.environ().get(RUN_ENV) == run_id:
+                    mine.append(proc)
+            except psutil.Error:  # exited meanwhile, or another user's: not this run's
+                pass
+        if not mine:
+            break
+        for proc in mine:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(mine, timeout=5)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        stopped += len(mine)
+    return stopped
 
 
 class StartupInterrupted(BaseException):
@@ -212,6 +246,7 @@ def run(
     # queue length; routing then retries in a loop instead of sending the request.
     os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     os.environ.setdefault("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "5.0")
+    run_id = os.environ[RUN_ENV] = secrets.token_hex(8)
     children: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
     starting = True
@@ -308,9 +343,11 @@ def run(
                 serve.shutdown()
             if ray_init_called:
                 # Also after a ray.init cut short: this stops the processes it recorded;
-                # any it started before that die with this process (Ray sets them to).
+                # those it did not record yet, reap_run stops below.
                 ray.shutdown()
         finally:
+            if ray_init_called:
+                reap_run(run_id, exempt={os.getpid(), *(c.pid for c in children)})
             for child in children:
                 child.terminate()
             for child in children:
