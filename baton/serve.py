@@ -346,8 +346,6 @@ def run(
                 # those it did not record yet, reap_run stops below.
                 ray.shutdown()
         finally:
-            if ray_init_called:
-                reap_run(run_id, exempt={os.getpid(), *(c.pid for c in children)})
             for child in children:
                 child.terminate()
             for child in children:
@@ -355,6 +353,8 @@ def run(
                     child.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     child.kill()
+            if ray_init_called:  # after the shard: its stop never waits on this one
+                reap_run(run_id, exempt={os.getpid(), *(c.pid for c in children)})
 
 
 def deploy_failure(error: RuntimeError) -> str:

@@ -449,6 +449,18 @@ def test_sigterm_drains_then_stops_every_process(server: Server, client: openai.
     assert re.search(r"shutting down", server.log.read_text())
 
 
+def _small_config(path: Path) -> None:
+    """A serving.yaml of small pools on free ports, for a `baton serve` that never serves."""
+    small = {"kv_cache_bytes": 64 * 2**20, "torch_threads": 1}
+    config = {
+        "prefill": small,
+        "decode": small,
+        "kvstore": {"targets": [f"127.0.0.1:{free_port()}"], "capacity": "64MiB"},
+        "router": {"http_port": free_port(), "grpc_port": free_port()},
+    }
+    path.write_text(yaml.safe_dump(config))
+
+
 def test_replicas_that_cannot_load_the_model_end_serve_with_their_error(
     tmp_path: Path, default_gguf: Path
 ) -> None:
@@ -457,14 +469,7 @@ def test_replicas_that_cannot_load_the_model_end_serve_with_their_error(
     model = tmp_path / "cut.gguf"
     with default_gguf.open("rb") as f:
         model.write_bytes(f.read(50_000_000))  # the header whole, the last tensors cut off
-    small = {"kv_cache_bytes": 64 * 2**20, "torch_threads": 1}
-    config = {
-        "prefill": small,
-        "decode": small,
-        "kvstore": {"targets": [f"127.0.0.1:{free_port()}"], "capacity": "64MiB"},
-        "router": {"http_port": free_port(), "grpc_port": free_port()},
-    }
-    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
+    _small_config(tmp_path / "serving.yaml")
     baton = str(Path(sys.executable).parent / "baton")
     done = subprocess.run(
         [baton, "serve", "--config", str(tmp_path / "serving.yaml"), "--model", str(model)],
@@ -515,14 +520,7 @@ def test_a_signal_during_start_up_stops_it_and_leaves_no_process(
 ) -> None:
     """Start-up ends where the signal finds it (it used to go on to serve, then stop, or
     a Ctrl-C in ray.init ended with a traceback) and everything it started stops."""
-    small = {"kv_cache_bytes": 64 * 2**20, "torch_threads": 1}
-    config = {
-        "prefill": small,
-        "decode": small,
-        "kvstore": {"targets": [f"127.0.0.1:{free_port()}"], "capacity": "64MiB"},
-        "router": {"http_port": free_port(), "grpc_port": free_port()},
-    }
-    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
+    _small_config(tmp_path / "serving.yaml")
     log = tmp_path / "serve.log"
     session = f"{os.getpid()}-{time.time_ns()}"
     proc = subprocess.Popen(

@@ -8,14 +8,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 
 from engine.async_engine import AsyncEngine
 from engine.engine_args import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.loaders import LoadedCheckpoint
+from engine.outputs import RequestOutput
 from services.decode.server import DecodeServer
 from services.kv_bridge import KVBridge
 from services.kvstore.client import ClientConfig, KVStoreClient
+from services.pool_requests import DecodeRequest, PoolStats
 from services.prefill.server import PrefillServer
 from services.router.disaggregated import DisaggregatedPipeline
 from services.router.pool_clients import LocalDecodePool, LocalPrefillPool, StorePrefixIndex
@@ -121,3 +124,20 @@ class Stack:
     def shutdown(self) -> None:
         self.prefill_engine.shutdown()
         self.decode_engine.shutdown()
+
+
+class QueuedDecodePool:
+    """The stack's decode pool behind a queue: the replica starts `delay_s` after the router
+    sends it the request (Ray routing a request to a busy replica)."""
+
+    def __init__(self, inner: LocalDecodePool, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
+        await asyncio.sleep(self.delay_s)
+        async for out in self.inner.generate(request):
+            yield out
+
+    async def stats(self) -> list[PoolStats]:
+        return await self.inner.stats()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx2 as httpx
 import pytest
@@ -15,12 +15,11 @@ import pytest
 from engine.async_engine import AsyncEngine
 from engine.handoff import Handoff
 from engine.loaders import LoadedCheckpoint
-from engine.outputs import RequestOutput
-from services.pool_requests import DecodeRequest, PoolStats, PrefillRequest
+from services.pool_requests import PoolStats, PrefillRequest
 from services.router.http_api import build_http_app
 from services.router.pool_clients import LocalDecodePool, LocalPrefillPool
 from tests.services.router.conftest import serve_http
-from tests.services.stack import MODEL, Stack
+from tests.services.stack import MODEL, QueuedDecodePool, Stack
 
 LONG = (
     "You are a meticulous assistant for the public library of a small coastal town. You "
@@ -161,23 +160,6 @@ def test_a_full_prefill_queue_sends_prompts_to_local_prefill(
     assert computed(stack.decode_engine) - decoded == usage["prompt_tokens"] + 8 - 1
     wait_idle(stack)
     assert stack.store_leases() == 0
-
-
-class QueuedDecodePool:
-    """The stack's decode pool behind a queue: the replica starts `delay_s` after the router
-    sends it the request (Ray routing a request to a busy replica)."""
-
-    def __init__(self, inner: LocalDecodePool, delay_s: float) -> None:
-        self.inner = inner
-        self.delay_s = delay_s
-
-    async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
-        await asyncio.sleep(self.delay_s)
-        async for out in self.inner.generate(request):
-            yield out
-
-    async def stats(self) -> list[PoolStats]:
-        return await self.inner.stats()
 
 
 def test_a_handoff_abandoned_before_decode_pulls_it_releases_its_lease(

@@ -34,7 +34,7 @@ from services.router.http_api import build_http_app
 from services.router.pipeline import Pipeline
 from services.router.pool_clients import LocalDecodePool, LocalPrefillPool, StorePrefixIndex
 from tests.services.router.conftest import serve_http
-from tests.services.stack import MODEL, Shard, Stack
+from tests.services.stack import MODEL, QueuedDecodePool, Shard, Stack
 
 ENGINE = {"max_model_len": 512, "kv_cache_bytes": 32 * 2**20, "dtype": "float32"}
 PROMPT = (
@@ -65,23 +65,6 @@ class Stalling:
                 yield out
         finally:
             self.closed += 1
-
-    def stats(self) -> PoolStats:
-        return self.server.stats()
-
-
-class Queued:
-    """A decode replica whose requests first wait `wait_s` for it, as in a deployment
-    handle's queue in front of a busy replica, before it takes them up."""
-
-    def __init__(self, server: DecodeServer, wait_s: float) -> None:
-        self.server = server
-        self.wait_s = wait_s
-
-    async def generate(self, request: DecodeRequest) -> AsyncIterator[RequestOutput]:
-        await asyncio.sleep(self.wait_s)
-        async for out in self.server.generate(request):
-            yield out
 
     def stats(self) -> PoolStats:
         return self.server.stats()
@@ -240,7 +223,8 @@ def test_a_request_waiting_for_a_replica_is_not_taken_for_a_stall(
     (three stall timeouts here) is no stall, and nothing migrates."""
     front.pipeline = pipeline(stack, stack.decode)
     want, _ = front.stream(temperature=0)
-    front.pipeline = waiting = pipeline(stack, Queued(stack.decode, 3.0), stall_timeout_s=1.0)
+    front.pipeline = waiting = pipeline(stack, stack.decode, stall_timeout_s=1.0)
+    waiting.decode = QueuedDecodePool(waiting.decode, 3.0)
     got, _ = front.stream(temperature=0)
     assert got == want and waiting.migrations == 0
     wait_idle(stack)
