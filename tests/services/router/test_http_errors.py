@@ -320,3 +320,18 @@ def test_a_pools_refusal_reaches_the_client_as_its_own_message(
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         body = bad_request(client)
     assert body["message"] == "prompt token id 7 is not allowed here"
+
+
+def test_every_unsupported_field_is_declared_where_its_check_can_see_it() -> None:
+    """The neutral-value check runs only on declared fields (`extra="ignore"` drops the
+    rest unread): a name in the table but in no request model would be silently ignored."""
+    from services.router.openai_protocol import (
+        _NEUTRAL,
+        ChatCompletionRequest,
+        CompletionRequest,
+        StreamOptions,
+    )
+
+    models = (CompletionRequest, ChatCompletionRequest, StreamOptions)
+    undeclared = [n for n in _NEUTRAL if not any(n in m.model_fields for m in models)]
+    assert undeclared == []
