@@ -183,18 +183,15 @@ def test_every_container_runs_unprivileged_with_resources(value_set: str) -> Non
 @value_sets
 def test_long_running_containers_have_probes(value_set: str) -> None:
     """The kvstore, Redis and the operator define their own; Ray pods get KubeRay's, but the
-    router's readiness, which waits for its replica's gRPC server (grpc.health.v1)."""
+    router's (test_probes.py)."""
     release = render(value_set)
     for obj in release.of_kind("StatefulSet") + release.of_kind("Deployment"):
         container = _container(obj)
         assert "livenessProbe" in container, obj["metadata"]["name"]
         if obj["kind"] == "StatefulSet":
             assert "readinessProbe" in container, obj["metadata"]["name"]
-    if f"{FULLNAME}-kvstore" in release.names("StatefulSet"):
-        kvstore = _container(release.get("StatefulSet", f"{FULLNAME}-kvstore"))
-        assert kvstore["readinessProbe"]["grpc"] == {"port": 50052}
     (router,) = release.worker_group("router")["template"]["spec"]["containers"]
-    assert router["readinessProbe"]["grpc"] == {"port": 50051}
+    assert {"readinessProbe", "livenessProbe"} <= router.keys()
 
 
 def test_default_install() -> None:

@@ -102,6 +102,24 @@ SCHEMA_ERRORS = [
         "at '/ray/head/rayStartParams/include-dashboard': 'false' does not match pattern",
     ),
     (
+        {"router": {"readinessProbe": {"periodSeconds": 0}}},
+        "at '/router/readinessProbe/periodSeconds': minimum: got 0, want 1",
+    ),
+    # Kubernetes requires successThreshold 1 of a liveness or startup probe.
+    (
+        {"kvstore": {"livenessProbe": {"successThreshold": 2}}},
+        "at '/kvstore/livenessProbe': additional properties 'successThreshold' not allowed",
+    ),
+    # The values give a probe's thresholds; its check is the chart's.
+    (
+        {"operator": {"startupProbe": {"exec": {"command": ["true"]}}}},
+        "at '/operator/startupProbe': additional properties 'exec' not allowed",
+    ),
+    (
+        {"kvstore": {"readinessProbe": {"timeoutSeconds": "5s"}}},
+        "at '/kvstore/readinessProbe/timeoutSeconds': got string, want integer",
+    ),
+    (
         {"podLabels": {"bad key": "x"}},
         # Helm's validator reports a bad key at the root, not at its map.
         "invalid propertyName 'bad key'",

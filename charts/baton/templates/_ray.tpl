@@ -1,9 +1,9 @@
 {{/*
 The pod template of a Ray node (head or worker group). KubeRay fills in the container's
-command (`ray start ...` from rayStartParams) and, where none is given, the probes.
+command (`ray start ...` from rayStartParams) and each probe not given here (as YAML).
 `include "baton.rayPodTemplate" (dict "root" $ "component" "decode" "section" $values
   "containerName" "ray-worker" "resources" $resources "env" $env "readinessProbe" $probe
-  "ports" $ports "model" true "kvstoreToken" true)`
+  "livenessProbe" $probe "ports" $ports "model" true "kvstoreToken" true)`
 `kvstoreToken` mounts the KV store token's Secret (when the KV store requires one).
 */}}
 {{- define "baton.rayPodTemplate" -}}
@@ -36,7 +36,11 @@ spec:
       {{- end }}
       {{- with .readinessProbe }}
       readinessProbe:
-        {{- toYaml . | nindent 8 }}
+        {{- . | nindent 8 }}
+      {{- end }}
+      {{- with .livenessProbe }}
+      livenessProbe:
+        {{- . | nindent 8 }}
       {{- end }}
       resources:
         {{- toYaml .resources | nindent 8 }}
@@ -112,7 +116,7 @@ out. `include "baton.rayPorts" (list $ "head")`
 {{- $params := ternary (index . 0).Values.ray.head.rayStartParams dict $head }}
 {{- $where := ternary "ray.head.rayStartParams." "ray start --" $head }}
 {{- $flags := list
-  (list "dashboard-agent-listen-port" "dashboard agent" 52365 "")
+  (list "dashboard-agent-listen-port" "dashboard agent" (int (include "baton.rayAgentPort" .)) "")
   (list "metrics-export-port" "metrics export port" 8080 "metrics")
   (list "node-manager-port" "node manager" 0 "")
   (list "object-manager-port" "object manager" 0 "")
@@ -158,4 +162,12 @@ head declares every port of those defaults, with the numbers rayStartParams give
 {{- end }}
 {{- $serve := dict "name" "serve" "containerPort" (int (index . 0).Values.router.httpPort) "protocol" "TCP" }}
 {{- toJson (append $ports $serve) }}
+{{- end }}
+
+{{/*
+The port of Ray's dashboard agent in a worker pod (Ray's default: the chart's worker
+`ray start` flags leave it), where the raylet's health is asked: /api/local_raylet_healthz.
+*/}}
+{{- define "baton.rayAgentPort" -}}
+52365
 {{- end }}
