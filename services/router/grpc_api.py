@@ -11,6 +11,7 @@ client's INVALID_ARGUMENT, never an internal error.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -111,15 +112,40 @@ class InferenceServicer:
 
 class PipelineHealth(health.aio.HealthServicer):
     """grpc.health.v1 for "" and baton.v1.Inference: SERVING exactly while the pipeline is
-    ready. Each Check reads `ready()` afresh, and Watch streams see the changes it finds."""
+    ready. Each Check reads `ready()` afresh; while any Watch stream is open, `ready()` is
+    read every `poll_s`, so a watcher (gRPC client-side health checking) hears a router
+    start serving or begin to drain without anyone calling Check."""
 
-    def __init__(self, get_pipeline: Callable[[], Pipeline]) -> None:
+    def __init__(self, get_pipeline: Callable[[], Pipeline], poll_s: float = 0.5) -> None:
         super().__init__()
         self._get_pipeline = get_pipeline
+        self._poll_s = poll_s
+        self._watchers = 0
+        self._poller: asyncio.Task[None] | None = None
 
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: Context
     ) -> health_pb2.HealthCheckResponse:
+        await self._refresh()
+        response: health_pb2.HealthCheckResponse = await super().Check(request, context)
+        return response
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
+        await self._refresh()  # the first message is the status now, not the initial one
+        self._watchers += 1
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._watchers -= 1
+
+    async def _poll(self) -> None:
+        while self._watchers:
+            await asyncio.sleep(self._poll_s)
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         try:
             ready = self._get_pipeline().ready()
         except NotReadyError:
@@ -127,8 +153,6 @@ class PipelineHealth(health.aio.HealthServicer):
         status = health_pb2.HealthCheckResponse
         for service in ("", SERVICE_NAME):
             await self.set(service, status.SERVING if ready else status.NOT_SERVING)
-        response: health_pb2.HealthCheckResponse = await super().Check(request, context)
-        return response
 
 
 def build_grpc_server(

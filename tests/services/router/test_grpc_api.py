@@ -173,6 +173,27 @@ def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
     assert {"baton.v1.Inference", "grpc.health.v1.Health"} <= set(services)
 
 
+@pytest.mark.parametrize("service", ["", "baton.v1.Inference"])
+def test_health_watchers_hear_readiness_change_without_a_check(
+    pipeline: ColocatedPipeline, service: str
+) -> None:
+    """grpc.health.v1 Watch sends the status now, then every change: a client that
+    health-checks by watching must see a router start serving and begin to drain."""
+    switched = SwitchedPipeline(pipeline)
+    switched.is_ready = False
+    with serve_grpc(lambda: switched) as address, grpc.insecure_channel(address) as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        stream = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=60)
+        try:
+            assert next(stream).status == NOT_SERVING
+            switched.is_ready = True
+            assert next(stream).status == SERVING
+            switched.is_ready = False
+            assert next(stream).status == NOT_SERVING
+        finally:
+            stream.cancel()
+
+
 def test_health_and_errors_follow_the_pipeline(pipeline: ColocatedPipeline) -> None:
     switched = SwitchedPipeline(pipeline)
     with serve_grpc(lambda: switched) as address, grpc.insecure_channel(address) as channel:
