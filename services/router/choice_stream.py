@@ -188,6 +188,14 @@ class ChoiceStream:
                 raise RuntimeError(f"choice {index}'s pipeline stream ended unfinished")
         except Exception as e:
             self._queue.put_nowait((index, e))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # aclose(): the stream is ending
+                raise
+            # The pipeline's own cancellation (a Ray call cancelled under it): a failure of
+            # this choice, or the merged stream would wait for it forever.
+            failure = RuntimeError(f"choice {index}'s pipeline call was cancelled")
+            self._queue.put_nowait((index, failure))
 
     def _record(self, index: int, out: RequestOutput) -> ChoiceOutput:
         self._output_tokens[index] = out.num_output_tokens
