@@ -169,8 +169,9 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
     ) -> str:
-        """ValueError for a malformed message or when the template rejects the conversation
-        (e.g. roles out of order): both are the client's to fix.
+        """ValueError for a malformed message, when the template rejects the conversation
+        (e.g. roles out of order), or when it fails on what a message holds (a key of a type
+        it does not expect): all the client's to fix.
 
         `continue_final_message` leaves the last message open, so the model continues it
         instead of answering it: transformers' way, a marker appended to that message's
@@ -195,6 +196,12 @@ class ChatTemplate:
             )
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template rejected the conversation: {e}") from e
+        except Exception as e:  # e.g. `'text' + message['content']` meeting tool_calls' list
+            # The template is the model's and the messages the client's: whatever fails
+            # between them is the request's to fix (vLLM answers these with a 400 too).
+            raise ValueError(
+                f"chat template cannot render the conversation: {type(e).__name__}: {e}"
+            ) from e
         if not continue_final_message:
             return rendered
         marker = _CONTINUE_MARKER.strip()

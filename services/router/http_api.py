@@ -5,7 +5,9 @@ Streams are server-sent events, `data: {json}\\n\\n` per chunk and `data: [DONE]
 the end. Every error, whichever layer finds it, leaves as OpenAI's
 `{"error": {"message", "type", "param", "code"}}` with the status of its `ApiError` class.
 A client that hangs up cancels its generation, streaming or not. A body over the size
-limit is refused (413) as it arrives, before anything parses it.
+limit is refused (413) as it arrives, before anything parses it. An `X-Request-Id` header
+names the request over the body's `request_id`, as in vLLM: the answer's id is
+`cmpl-`/`chatcmpl-` and it.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at run
@@ -29,13 +31,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.router.api_keys import ApiKeys
 from services.router.choice_stream import ChoiceStream
-from services.router.errors import ApiError, OverloadedError, RequestTooLargeError, remote_cause
+from services.router.errors import (
+    ApiError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestTooLargeError,
+    remote_cause,
+)
 from services.router.openai_chat import chat_chunks, chat_response
 from services.router.openai_completions import completion_chunks, completion_response
 from services.router.openai_protocol import (
     MAX_REQUEST_BYTES,
     ChatCompletionRequest,
     CompletionRequest,
+    SamplingRequest,
+    checked_request_id,
     invalid_request,
 )
 from services.router.openai_responses import ErrorInfo, ErrorResponse, ModelCard, ModelList
@@ -44,6 +54,7 @@ from services.router.request_plan import plan_chat, plan_completion, serving_pip
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R", bound=SamplingRequest)
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -74,8 +85,12 @@ def build_http_app(
 
     @v1.post("/completions", response_model=None)
     async def create_completion(
-        body: CompletionRequest, request: Request, tenant: Annotated[str, Depends(authorize)]
+        body: CompletionRequest,
+        request: Request,
+        tenant: Annotated[str, Depends(authorize)],
+        x_request_id: Annotated[str | None, Header()] = None,
     ) -> Response:
+        body = _named_by_header(body, x_request_id)
         pipeline = serving_pipeline(get_pipeline)
         stream = ChoiceStream(pipeline, plan_completion(body, pipeline, tenant=tenant))
         if body.stream:
@@ -86,8 +101,12 @@ def build_http_app(
 
     @v1.post("/chat/completions", response_model=None)
     async def create_chat_completion(
-        body: ChatCompletionRequest, request: Request, tenant: Annotated[str, Depends(authorize)]
+        body: ChatCompletionRequest,
+        request: Request,
+        tenant: Annotated[str, Depends(authorize)],
+        x_request_id: Annotated[str | None, Header()] = None,
     ) -> Response:
+        body = _named_by_header(body, x_request_id)
         pipeline = serving_pipeline(get_pipeline)
         stream = ChoiceStream(pipeline, plan_chat(body, pipeline, tenant=tenant))
         if body.stream:
@@ -118,6 +137,16 @@ def build_http_app(
 
     _add_error_handlers(app)
     return app
+
+
+def _named_by_header(body: R, x_request_id: str | None) -> R:
+    if x_request_id is None:
+        return body
+    try:
+        checked_request_id(x_request_id)
+    except ValueError as e:
+        raise InvalidRequestError(f"X-Request-Id header: {e}") from e
+    return body.model_copy(update={"request_id": x_request_id})
 
 
 class _BodyLimit:

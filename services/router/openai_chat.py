@@ -19,6 +19,7 @@ from services.router.openai_responses import (
     ChatTokenLogprob,
     ChatTopLogprob,
     UsageInfo,
+    token_name,
 )
 
 
@@ -31,7 +32,7 @@ async def chat_response(stream: ChoiceStream) -> ChatCompletionResponse:
             ChatChoice(
                 index=r.index,
                 message=ChatResponseMessage(content=r.text),
-                logprobs=None if r.logprobs is None else _logprobs(r.logprobs),
+                logprobs=_logprobs(r.logprobs, stream.plan.return_tokens_as_token_ids),
                 finish_reason=r.finish_reason,
                 stop_reason=r.stop_reason,
             )
@@ -65,7 +66,7 @@ async def chat_chunks(
             ChatChunkChoice(
                 index=out.index,
                 delta=ChatDelta(content=out.text or None),
-                logprobs=None if out.logprobs is None else _logprobs(out.logprobs),
+                logprobs=_logprobs(out.logprobs, plan.return_tokens_as_token_ids),
                 finish_reason=out.finish_reason,
                 stop_reason=out.stop_reason,
             )
@@ -76,18 +77,22 @@ async def chat_chunks(
         yield usage_chunk
 
 
-def _logprobs(logprobs: list[SampledLogprob]) -> ChatLogprobs:
+def _logprobs(logprobs: list[SampledLogprob] | None, as_token_ids: bool) -> ChatLogprobs | None:
+    if logprobs is None:
+        return None
     content = [
         ChatTokenLogprob(
-            token=lp.token,
+            token=token_name(lp, as_token_ids),
             logprob=lp.logprob,
-            bytes=list(lp.token_bytes),
-            top_logprobs=[_top(alt) for alt in lp.top],
+            bytes=list(lp.token_bytes),  # the text's, whatever the name (vLLM's too)
+            top_logprobs=[_top(alt, as_token_ids) for alt in lp.top],
         )
         for lp in logprobs
     ]
     return ChatLogprobs(content=content)
 
 
-def _top(lp: TopLogprob) -> ChatTopLogprob:
-    return ChatTopLogprob(token=lp.token, logprob=lp.logprob, bytes=list(lp.token_bytes))
+def _top(lp: TopLogprob, as_token_id: bool) -> ChatTopLogprob:
+    token = token_name(lp, as_token_id)
+    raw = token.encode() if as_token_id else lp.token_bytes
+    return ChatTopLogprob(token=token, logprob=lp.logprob, bytes=list(raw))

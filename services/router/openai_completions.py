@@ -18,14 +18,16 @@ from services.router.openai_responses import (
     CompletionLogprobs,
     CompletionResponse,
     UsageInfo,
+    token_name,
 )
 
 
 async def completion_response(stream: ChoiceStream) -> CompletionResponse:
     results = await stream.collect()
+    as_token_ids = stream.plan.return_tokens_as_token_ids
     choices = []
     for r in results:
-        logprobs = None if r.logprobs is None else _logprobs(r.logprobs, len(r.text))
+        logprobs = None if r.logprobs is None else _logprobs(r.logprobs, len(r.text), as_token_ids)
         choices.append(
             CompletionChoice(
                 index=r.index,
@@ -61,7 +63,7 @@ async def completion_chunks(
             if out.finish_reason is None:
                 ready = sum(1 for lp in pending if lp.text_offset <= sent[out.index])
             held[out.index] = pending[ready:]
-            logprobs = _logprobs(pending[:ready], sent[out.index])
+            logprobs = _logprobs(pending[:ready], sent[out.index], plan.return_tokens_as_token_ids)
         if not out.text and not (logprobs and logprobs.tokens) and out.finish_reason is None:
             continue  # text held back (a stop string may be forming) and nothing else to say
         choice = CompletionChoice(
@@ -84,16 +86,20 @@ async def completion_chunks(
         )
 
 
-def _logprobs(logprobs: list[SampledLogprob], text_end: int) -> CompletionLogprobs:
+def _logprobs(
+    logprobs: list[SampledLogprob], text_end: int, as_token_ids: bool
+) -> CompletionLogprobs:
     """The legacy logprobs object of a choice whose text has `text_end` characters (so far).
 
     `top_logprobs` holds the sampled token besides the top alternatives, so up to
-    `logprobs` + 1 entries, as the OpenAI API documents."""
+    `logprobs` + 1 entries, as the OpenAI API documents. Offsets stay in the text when
+    tokens are named `token_id:<id>` (vLLM adds up the names' lengths there instead)."""
     out = CompletionLogprobs()
     for lp in logprobs:
-        top = {alt.token: alt.logprob for alt in lp.top}
-        top.setdefault(lp.token, lp.logprob)
-        out.tokens.append(lp.token)
+        token = token_name(lp, as_token_ids)
+        top = {token_name(alt, as_token_ids): alt.logprob for alt in lp.top}
+        top.setdefault(token, lp.logprob)
+        out.tokens.append(token)
         out.token_logprobs.append(lp.logprob)
         out.top_logprobs.append(top)
         out.text_offset.append(min(lp.text_offset, text_end))

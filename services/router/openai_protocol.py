@@ -2,8 +2,8 @@
 
 Requests accept and ignore unknown fields, as OpenAI-compatible servers do, so every field
 (OpenAI's or vLLM's) that would change the output is declared here: those Baton cannot
-honour (penalties, logit bias, min_p, beam search, prompt truncation, prompt logprobs,
-echo, tools, structured output, ...) are accepted only at their neutral values (`_NEUTRAL`,
+honour (penalties, logit bias, min_p, beam search, prompt logprobs, echo, tools,
+structured output, ...) are accepted only at their neutral values (`_NEUTRAL`,
 what clients send by default) and refused otherwise, so a client never gets an answer that
 silently ignored what it asked for. What is left unknown changes nothing in the answer
 (`metadata`, `store`, `service_tier`, ...). Ranges are checked here, where the user's JSON
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -31,6 +32,7 @@ from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, MAX_TOP_K
 from services.router.errors import InvalidRequestError
 
 MAX_N = 128  # OpenAI's limit on choices per request
+MAX_REQUEST_ID = 256  # characters; a client's id is echoed in every response and in traces
 MAX_REQUEST_BYTES = 4 * 2**20  # default cap on a request body (HTTP) or message (gRPC)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -58,9 +60,8 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "bad_words": (None, []),
     "skip_special_tokens": (None, True),
     "spaces_between_special_tokens": (None, True),
-    "truncate_prompt_tokens": (None,),
+    "truncation_side": (None, "left"),  # "right" would keep the prompt's first tokens
     "prompt_logprobs": (None,),
-    "return_tokens_as_token_ids": (None, False),
     "logits_processors": (None, []),
     "guided_json": (None,),
     "guided_regex": (None,),
@@ -85,6 +86,17 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "web_search_options": (None,),
     "continuous_usage_stats": (None, False),
 }
+
+
+def checked_request_id(value: str) -> str:
+    """A client's own request id, or ValueError saying why not: it is echoed in every
+    response and written into logs and traces, so it is bounded and has no control
+    characters (a newline would forge a log line)."""
+    if len(value) > MAX_REQUEST_ID:
+        raise ValueError(f"{len(value)} characters; at most {MAX_REQUEST_ID}")
+    if not value.isprintable():
+        raise ValueError("must be printable text, without control characters")
+    return value
 
 
 def _neutral_only(neutral: dict[str, tuple[Any, ...]], value: Any, info: ValidationInfo) -> Any:
@@ -138,6 +150,22 @@ class SamplingRequest(BaseModel):
         "end of its text.",
     )
     best_of: int | None = Field(None, description="Only equal to n (no server-side ranking).")
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        ge=-1,
+        description="Extension: keep only the prompt's last k tokens (after the chat template "
+        "for chat); -1 keeps as many as the context window leaves beside max_tokens.",
+    )
+    return_tokens_as_token_ids: bool | None = Field(
+        None,
+        description="Extension: logprobs name each token `token_id:<id>` instead of its text.",
+    )
+    request_id: str | None = Field(
+        None,
+        description="Extension: the response's id is `cmpl-`/`chatcmpl-` and this one (an "
+        "X-Request-Id header overrides it). Need not be unique: the engine runs the request "
+        "under an id of its own.",
+    )
 
     # Unsupported: accepted only at their neutral values (_NEUTRAL).
     response_format: dict[str, Any] | None = None
@@ -152,9 +180,8 @@ class SamplingRequest(BaseModel):
     bad_words: list[str] | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    truncate_prompt_tokens: int | None = None
+    truncation_side: str | None = None
     prompt_logprobs: int | None = None
-    return_tokens_as_token_ids: bool | None = None
     logits_processors: list[Any] | None = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -171,6 +198,18 @@ class SamplingRequest(BaseModel):
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         return _neutral_only(cls.neutral_values, value, info)
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_a_token(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("0 would leave no prompt; keep at least 1 token, or send -1")
+        return value
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id(cls, value: str | None) -> str | None:
+        return None if value is None else checked_request_id(value)
 
     @field_validator("best_of")
     @classmethod
@@ -227,18 +266,87 @@ class TextContentPart(BaseModel):
         return data
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] | None = None  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made, as an earlier turn of the conversation records it."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+    def template_value(self) -> dict[str, Any]:
+        # Tool-use templates expect the arguments as a mapping (transformers' convention);
+        # vLLM parses the JSON text, and reads what is not a JSON object as no arguments.
+        arguments = self.function.arguments
+        if isinstance(arguments, str) and arguments:
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                arguments = None
+        return {
+            "id": self.id,
+            "function": {
+                "arguments": arguments if isinstance(arguments, dict) else {},
+                "name": self.function.name,
+            },
+            "type": self.type,
+        }
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[TextContentPart], Field(min_length=1)]
+    content: str | Annotated[list[TextContentPart], Field(min_length=1)] | None = Field(
+        None, validate_default=True, description="Only the assistant's may be left out."
+    )
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="The assistant's calls.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
+    reasoning: str | None = Field(
+        None,
+        validation_alias=AliasChoices("reasoning", "reasoning_content"),
+        description="The assistant's reasoning, for templates that interleave it.",
+    )
+
+    @field_validator("content")
+    @classmethod
+    def _needs_content(cls, value: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if value is None and role not in (None, "assistant"):
+            raise ValueError(f"required in a {role} message (only the assistant's may be absent)")
+        return value
 
     @property
     def text(self) -> str:
-        """The content as one string; text parts are joined by newlines, as vLLM does."""
+        """The content as one string; text parts are joined by newlines, as vLLM does; no
+        content is empty text."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as vLLM hands it to the chat template, which decides what to render:
+        role and content text, the assistant's tool calls (an empty list dropped) and
+        reasoning (under both names templates use), a tool message's `tool_call_id`, and
+        any role's `name`. Other keys are not passed, as in vLLM."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.role == "assistant":
+            if self.tool_calls:
+                message["tool_calls"] = [call.template_value() for call in self.tool_calls]
+            if self.reasoning is not None:
+                message["reasoning"] = message["reasoning_content"] = self.reasoning
+        elif self.role == "tool" and self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -7,7 +7,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
-from services.router.choice_stream import Usage
+from services.router.choice_stream import TopLogprob, Usage
+
+
+def token_name(logprob: TopLogprob, as_token_id: bool) -> str:
+    """A logprob's token as a response names it: its text, or (vLLM's
+    `return_tokens_as_token_ids`) `token_id:<id>`, unambiguous where text is not."""
+    return f"token_id:{logprob.token_id}" if as_token_id else logprob.token
 
 
 class PromptTokensDetails(BaseModel):
@@ -63,7 +69,9 @@ class CompletionResponse(BaseModel):
 class ChatTopLogprob(BaseModel):
     token: str  # part of a character: `bytes:` and its bytes escaped, as OpenAI writes it
     logprob: float
-    bytes: list[int]  # the token's own UTF-8 bytes: a choice's, joined, are its text's
+    # The token's own UTF-8 bytes: a choice's, joined, are its text's. An alternative named
+    # `token_id:<id>` has that name's bytes, as vLLM gives it.
+    bytes: list[int]
 
 
 class ChatTokenLogprob(ChatTopLogprob):

@@ -15,6 +15,16 @@ reach into another tenant's. Without keys the client's salt alone is used.
 Choices are numbered prompt-major, as vLLM numbers them: choice `i` answers prompt
 `i // n`. With a seed, choice `i` of a prompt samples with `seed + i`, so the same request
 with the same seed gives the same texts, and the n choices still differ from each other.
+
+`truncate_prompt_tokens` keeps a prompt's last k tokens, as vLLM keeps them: a token-id
+prompt's, a text prompt's as transformers truncates while tokenizing (a BOS the tokenizer
+adds stays, and counts), the templated conversation's for chat. -1 keeps what the context
+window leaves beside the requested output tokens; asking for more than that is an error.
+
+Ids follow vLLM's: a request answers as `cmpl-<id>` / `chatcmpl-<id>`, its id the
+client's own (`request_id`, which the HTTP front end sets from X-Request-Id) or a fresh
+one. A client's id is echoed, never trusted to be unique: the engine runs each choice
+under an id with a random part (`run_id`), so two requests under one id never meet there.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 from services.router.errors import InvalidRequestError, ModelNotFoundError, NotReadyError
 from services.router.openai_protocol import (
     MAX_N,
@@ -49,6 +60,7 @@ class RequestPlan:
     run_id: str = ""  # unique; choice i runs as f"{run_id}-{i}" (default: request_id)
     include_stop_str_in_output: bool = False  # the router adds it: the engine cuts it off
     operation: str = "text_completion"  # gen_ai.operation.name of the API called
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens `token_id:<id>`
 
     def __post_init__(self) -> None:
         assert len(self.params) == len(self.prompts) * self.n
@@ -89,17 +101,26 @@ def plan_completion(
     request_id: str | None = None,
     tenant: str = "",
 ) -> RequestPlan:
+    """The plan of a completions request. `request_id`: the id to answer under, as it is
+    (gRPC's own); without it, vLLM's (see the module's docstring)."""
     model = _served_model(request, pipeline)
-    prompts = [
-        pipeline.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in request.prompts
-    ]
-    _check_token_ids(prompts, request, pipeline.vocab_size)
     max_tokens = request.max_tokens or DEFAULT_COMPLETION_TOKENS
+    keep = _prompt_tokens_kept(request, pipeline.max_model_len, max_tokens, "max_tokens")
+    prompts = [_completion_prompt(p, pipeline.tokenizer, keep) for p in request.prompts]
+    _check_token_ids(prompts, request, pipeline.vocab_size)
     params = _choice_params(request, len(prompts), max_tokens, request.logprobs)
     salt = _salt(request, tenant)
-    shown, run = _ids(request_id, "cmpl")
+    shown, run = _ids(request_id, request.request_id, "cmpl")
     return RequestPlan(
-        shown, model, prompts, request.n, params, salt, run, request.include_stop_str_in_output
+        shown,
+        model,
+        prompts,
+        request.n,
+        params,
+        salt,
+        run,
+        request.include_stop_str_in_output,
+        return_tokens_as_token_ids=bool(request.return_tokens_as_token_ids),
     )
 
 
@@ -109,21 +130,26 @@ def plan_chat(
     request_id: str | None = None,
     tenant: str = "",
 ) -> RequestPlan:
+    """The plan of a chat request; `request_id` as for `plan_completion`."""
     model = _served_model(request, pipeline)
-    messages = [{"role": m.role, "content": m.text} for m in request.messages]
+    messages = [m.template_message() for m in request.messages]
     try:
         prompt = pipeline.tokenizer.encode_chat(
             messages, request.add_generation_prompt, request.continue_final_message
         )
     except ValueError as e:  # no chat template, or the template rejected the conversation
         raise InvalidRequestError(str(e), param="messages") from e
+    output_param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    requested = request.max_output_tokens or 0  # vLLM's: nothing asked, nothing set aside
+    keep = _prompt_tokens_kept(request, pipeline.max_model_len, requested, output_param)
+    prompt = _last(prompt, keep)
     # Chat's default is the rest of the context window; at least 1, so a prompt that
     # fills the window gets the engine's context-length error rather than this one's.
     max_tokens = request.max_output_tokens or max(1, pipeline.max_model_len - len(prompt))
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     _check_token_ids([prompt], request, pipeline.vocab_size)
     params = _choice_params(request, 1, max_tokens, logprobs)
-    shown, run = _ids(request_id, "chatcmpl")
+    shown, run = _ids(request_id, request.request_id, "chatcmpl")
     salt = _salt(request, tenant)
     return RequestPlan(
         shown,
@@ -135,7 +161,44 @@ def plan_chat(
         run,
         request.include_stop_str_in_output,
         operation="chat",
+        return_tokens_as_token_ids=bool(request.return_tokens_as_token_ids),
     )
+
+
+def _prompt_tokens_kept(
+    request: SamplingRequest, max_model_len: int, max_output: int, output_param: str
+) -> int | None:
+    """How many of a prompt's last tokens `truncate_prompt_tokens` keeps; None: all."""
+    keep = request.truncate_prompt_tokens
+    if keep is None:
+        return None
+    room = max_model_len - max_output  # vLLM's bound: the prompt and the output must fit
+    if keep == -1:
+        keep = room
+    if not 1 <= keep <= room:
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens: {request.truncate_prompt_tokens} asks for more prompt "
+            f"tokens than the context window leaves: max_model_len {max_model_len} - "
+            f"{output_param} {max_output} = {room}",
+            param="truncate_prompt_tokens",
+        )
+    return keep
+
+
+def _completion_prompt(
+    prompt: str | list[int], tokenizer: Tokenizer, keep: int | None
+) -> list[int]:
+    if isinstance(prompt, list):
+        return _last(prompt, keep)
+    ids = tokenizer.encode(prompt)
+    if keep is None or not tokenizer.add_bos_token:
+        return _last(ids, keep)
+    # transformers truncates the text's own tokens, then adds BOS: it stays, and counts.
+    return [ids[0], *_last(ids[1:], keep - 1)]
+
+
+def _last(ids: list[int], keep: int | None) -> list[int]:
+    return ids if keep is None else ids[max(len(ids) - keep, 0) :]
 
 
 def _salt(request: SamplingRequest, tenant: str) -> bytes:
@@ -193,14 +256,18 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _ids(client_id: str | None, prefix: str) -> tuple[str, str]:
-    """(the id the client sees, the unique id its choices run under). A client's own id
-    is echoed, never trusted to be unique: two requests under one id would share engine
-    request ids, and one's cleanup would free the other's blocks."""
-    if client_id is None:
+def _ids(exact: str | None, client_id: str | None, prefix: str) -> tuple[str, str]:
+    """(the id the client sees, the unique id its choices run under). A client's id is
+    echoed, never trusted to be unique: two requests under one id would share engine
+    request ids, and one's cleanup would free the other's blocks. A client's run id ends
+    in "." and 12 random hex digits, which a generated one (no ".") never does, so no
+    client id can name another request's run."""
+    if exact is None and client_id is not None:
+        exact = f"{prefix}-{client_id}"
+    if exact is None:
         own = _new_id(prefix)
         return own, own
-    return client_id, f"{client_id}.{uuid.uuid4().hex[:12]}"
+    return exact, f"{exact}.{uuid.uuid4().hex[:12]}"
 
 
 def _check_token_ids(prompts: list[list[int]], request: SamplingRequest, vocab: int) -> None:

@@ -214,6 +214,21 @@ def test_template_helpers(tokenizer: Tokenizer) -> None:
         custom.apply_chat_template([{"role": "system", "content": "x"}])
 
 
+def test_messages_reach_the_template_whole_and_its_failures_are_the_requests(
+    tokenizer: Tokenizer,
+) -> None:
+    """transformers hands the template whole message dicts; a template that cannot take
+    what one holds (here text + a list) fails the request, as vLLM's 400, not the server."""
+    template = "{% for m in messages %}{{ m['content'] + (m['tool_calls'] or '') }}{% endfor %}"
+    custom = Tokenizer(
+        tokenizer.backend, bos_token_id=None, eos_token_ids=(2,), chat_template=template
+    )
+    assert custom.apply_chat_template([{"role": "user", "content": "a", "tool_calls": "b"}]) == "ab"
+    called = [{"role": "assistant", "content": "", "tool_calls": [{"id": "c1"}]}]
+    with pytest.raises(ValueError, match=r"cannot render the conversation: TypeError: can only"):
+        custom.apply_chat_template(called)
+
+
 def _stream(tokenizer: Tokenizer, ids: list[int], skip: bool = True) -> tuple[list[str], str]:
     detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip)
     deltas = [detok.push(i) for i in ids]

@@ -204,3 +204,68 @@ def test_template_flags_that_contradict_are_400(
     body = failure.value.body
     assert isinstance(body, dict) and body["param"] == param
     assert body["message"].startswith(f"{param}: ")
+
+
+def test_truncate_prompt_tokens_keeps_the_templated_prompts_last_tokens(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    templated = pipeline.tokenizer.encode_chat(MESSAGES)
+    result = chat(client, extra_body={"truncate_prompt_tokens": 6})
+    assert result.usage.prompt_tokens == 6
+    tail = client.completions.create(
+        model=MODEL_ID, prompt=templated[-6:], max_tokens=5, temperature=0
+    )
+    assert result.choices[0].message.content == tail.choices[0].text
+
+
+def test_return_tokens_as_token_ids_in_chat_logprobs(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    """As vLLM: tokens read `token_id:<id>`; a sampled token's bytes stay its text's, an
+    alternative's are its name's."""
+    plain = chat(client, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    as_ids = {"return_tokens_as_token_ids": True}
+    result = chat(client, logprobs=True, top_logprobs=2, extra_body=as_ids)
+    content = result.choices[0].logprobs.content
+    for entry, reference in zip(content, plain, strict=True):
+        token_id = int(entry.token.removeprefix("token_id:"))
+        assert entry.token == f"token_id:{token_id}"
+        assert bytes(entry.bytes) == pipeline.tokenizer.token_bytes(token_id)
+        assert (entry.bytes, entry.logprob) == (reference.bytes, reference.logprob)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the best one
+        for alt, reference_alt in zip(entry.top_logprobs, reference.top_logprobs, strict=True):
+            assert alt.token.startswith("token_id:") and alt.bytes == list(alt.token.encode())
+            assert alt.logprob == reference_alt.logprob
+    chunks = list(chat(client, logprobs=True, stream=True, extra_body=as_ids))
+    streamed = [
+        e.token for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert streamed == [e.token for e in content]
+
+
+def test_request_id_names_every_chunk_of_a_stream(client: openai.OpenAI) -> None:
+    chunks = list(chat(client, stream=True, extra_body={"request_id": "conv-9"}))
+    assert {c.id for c in chunks} == {"chatcmpl-conv-9"}
+    headed = chat(client, extra_body={"request_id": "conv-9"}, extra_headers={"X-Request-Id": "h"})
+    assert headed.id == "chatcmpl-h"
+
+
+def test_tool_calls_and_tool_results_render_through_the_models_template(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    """An assistant turn that only called a tool (no content) and the tool's answer: the
+    template gets them as vLLM passes them (SmolLM2's renders role and content)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    messages: list[Any] = [
+        {"role": "user", "content": "Weather in Paris?", "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "22 C and sunny", "tool_call_id": "c1"},
+    ]
+    result = chat(client, messages)
+    rendered: list[dict[str, Any]] = [
+        {"role": "user", "content": "Weather in Paris?", "name": "ann"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "22 C and sunny", "tool_call_id": "c1"},
+    ]
+    assert result.usage.prompt_tokens == len(pipeline.tokenizer.encode_chat(rendered))
+    assert result.choices[0].finish_reason == "length"

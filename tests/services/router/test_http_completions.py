@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
@@ -235,3 +236,72 @@ def test_text_offsets_stay_within_the_text_a_stop_string_cuts(client: openai.Ope
     assert kept.text == whole.text + stop
     assert kept.logprobs is not None and kept.logprobs.tokens == lp.tokens
     assert kept.logprobs.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+
+
+def test_truncate_prompt_tokens_answers_the_prompts_last_tokens(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    ids = pipeline.tokenizer.encode(PROMPT)
+    assert len(ids) > 3
+    truncated = greedy(client, extra_body={"truncate_prompt_tokens": 3})
+    assert truncated.usage is not None and truncated.usage.prompt_tokens == 3
+    tail = client.completions.create(model=MODEL_ID, prompt=ids[-3:], max_tokens=6, temperature=0)
+    assert truncated.choices[0].text == tail.choices[0].text
+    chunks = list(
+        greedy(
+            client,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"truncate_prompt_tokens": 3},
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 3
+
+
+def test_return_tokens_as_token_ids_names_each_logprob_token_by_its_id(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    """vLLM's `token_id:<id>`, for the sampled tokens and the top alternatives' keys; the
+    logprobs and the offsets (in the text) are those of the plain answer."""
+    plain = greedy(client, logprobs=2).choices[0].logprobs
+    as_ids = {"return_tokens_as_token_ids": True}
+    choice = greedy(client, logprobs=2, extra_body=as_ids).choices[0]
+    lp = choice.logprobs
+    assert plain is not None and lp is not None and lp.tokens and lp.top_logprobs
+    assert all(t.startswith("token_id:") for t in lp.tokens)
+    ids = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    assert pipeline.tokenizer.decode(ids) == choice.text
+    assert (lp.token_logprobs, lp.text_offset) == (plain.token_logprobs, plain.text_offset)
+    assert plain.top_logprobs is not None
+    for token, top, plain_top in zip(lp.tokens, lp.top_logprobs, plain.top_logprobs, strict=True):
+        assert token in top and all(key.startswith("token_id:") for key in top)
+        assert sorted(top.values()) == sorted(plain_top.values())
+    chunks = list(greedy(client, logprobs=2, stream=True, extra_body=as_ids))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens or []] == lp.tokens
+
+
+def test_request_id_from_the_body_or_a_header_names_the_answer(base_url: str) -> None:
+    """vLLM's: `cmpl-` and the X-Request-Id header, else the body's request_id."""
+    url = f"{base_url}/v1/completions"
+    body = {"prompt": PROMPT, "max_tokens": 2, "request_id": "job-1"}
+    assert httpx2.post(url, json=body, timeout=60).json()["id"] == "cmpl-job-1"
+    headers = {"X-Request-Id": "trace-2"}
+    assert httpx2.post(url, json=body, headers=headers, timeout=60).json()["id"] == "cmpl-trace-2"
+    del body["request_id"]
+    assert httpx2.post(url, json=body, headers=headers, timeout=60).json()["id"] == "cmpl-trace-2"
+
+
+def test_requests_sharing_a_request_id_run_apart(client: openai.OpenAI) -> None:
+    """A client's id is its answer's, never the engine's: concurrent requests under one
+    id each get their own whole answer (and the engine is left idle, as always)."""
+
+    def run(_: int) -> Any:
+        extra = {"request_id": "dup", "ignore_eos": True}
+        return greedy(client, max_tokens=24, extra_body=extra)
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(run, range(3)))
+    assert {r.id for r in results} == {"cmpl-dup"}
+    assert [r.usage.completion_tokens for r in results] == [24] * 3
+    assert len({r.choices[0].text for r in results}) == 1

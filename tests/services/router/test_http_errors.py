@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -9,6 +10,7 @@ import httpx2
 import openai
 import pytest
 
+from engine.tokenizer import ChatTemplate
 from services.router.api_keys import ApiKeys
 from services.router.http_api import build_http_app
 from services.router.pipeline import ColocatedPipeline
@@ -45,6 +47,14 @@ def bad_request(client: openai.OpenAI, **kwargs: Any) -> dict[str, Any]:
         ({"extra_body": {"min_tokens": 3}}, "min_tokens", "exceeds max_tokens (2)"),
         ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
         ({"echo": True}, "echo", "not supported"),
+        ({"extra_body": {"truncate_prompt_tokens": 0}}, "truncate_prompt_tokens", "at least 1"),
+        (
+            {"extra_body": {"truncate_prompt_tokens": 1023}},
+            "truncate_prompt_tokens",
+            "than the context window leaves: max_model_len 1024 - max_tokens 2 = 1022",
+        ),
+        ({"extra_body": {"request_id": "r" * 257}}, "request_id", "257 characters; at most 256"),
+        ({"extra_body": {"request_id": "a\nb"}}, "request_id", "without control characters"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
     ],
 )
@@ -66,14 +76,13 @@ OUTPUT_CHANGING = [
     (COMPLETION, {"bad_words": ["Paris"]}, "bad_words"),
     (COMPLETION, {"skip_special_tokens": False}, "skip_special_tokens"),
     (COMPLETION, {"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
-    (COMPLETION, {"truncate_prompt_tokens": 2}, "truncate_prompt_tokens"),
+    (COMPLETION, {"truncate_prompt_tokens": 2, "truncation_side": "right"}, "truncation_side"),
     (COMPLETION, {"prompt_logprobs": 1}, "prompt_logprobs"),
     (COMPLETION, {"use_beam_search": True}, "use_beam_search"),
     (COMPLETION, {"length_penalty": 0.5}, "length_penalty"),
     (COMPLETION, {"guided_choice": ["yes", "no"]}, "guided_choice"),
     (COMPLETION, {"response_format": {"type": "json_object"}}, "response_format"),
     (COMPLETION, {"logits_processors": ["my.Processor"]}, "logits_processors"),
-    (COMPLETION, {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     (COMPLETION, {"add_special_tokens": False}, "add_special_tokens"),
     (COMPLETION, {"frequency_penalty": 0.5}, "frequency_penalty"),
     (COMPLETION, {"logit_bias": {"7042": -100}}, "logit_bias"),
@@ -86,6 +95,7 @@ OUTPUT_CHANGING = [
     (CHAT, {"chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
     (CHAT, {"add_special_tokens": True}, "add_special_tokens"),
     (CHAT, {"reasoning_effort": "high"}, "reasoning_effort"),
+    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}}, None),
 ]
 
@@ -103,7 +113,7 @@ def test_fields_that_would_change_the_output_are_refused_unless_neutral(
     assert error["message"].startswith(f"{param}: not supported by Baton; leave it out or send ")
 
 
-NEUTRAL = {
+NEUTRAL: dict[str, Any] = {
     "min_p": 0.0,
     "repetition_penalty": 1.0,
     "length_penalty": 1.0,
@@ -114,6 +124,8 @@ NEUTRAL = {
     "skip_special_tokens": True,
     "spaces_between_special_tokens": True,
     "truncate_prompt_tokens": None,
+    "truncation_side": "left",
+    "return_tokens_as_token_ids": False,
     "prompt_logprobs": None,
     "logits_processors": None,
     "guided_json": None,
@@ -146,6 +158,44 @@ def test_neutral_values_are_the_same_request_as_leaving_them_out(base_url: str) 
         assert [a.status_code for a in answers] == [200, 200], answers[1].text
         first, second = (a.json()["choices"][0] for a in answers)
         assert first == second
+
+
+def test_an_x_request_id_header_is_checked_as_the_body_field_is(base_url: str) -> None:
+    response = httpx2.post(
+        f"{base_url}/v1/completions", json=COMPLETION, headers={"X-Request-Id": "h" * 257}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        "X-Request-Id header: 257 characters; at most 256"
+    )
+
+
+def test_a_template_failing_on_a_message_is_400_not_500(pipeline: ColocatedPipeline) -> None:
+    """transformers passes whole messages to the template, which may not expect what one
+    holds: here it adds tool_calls (a list) to text, a TypeError inside the template."""
+    tokenizer = copy.copy(pipeline.tokenizer)
+    tokenizer.chat_template = ChatTemplate(
+        "{% for m in messages %}{{ m['role'] + (m['tool_calls'] or '') }}{% endfor %}", None, None
+    )
+    picky = SwitchedPipeline(pipeline)
+    picky.tokenizer = tokenizer
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+    ]
+    with serve_http(build_http_app(lambda: picky)) as url:
+        body = {"messages": messages[:1], "max_tokens": 1}
+        assert httpx2.post(f"{url}/v1/chat/completions", json=body).status_code == 200
+        body["messages"] = messages
+        response = httpx2.post(f"{url}/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages"
+    assert error["message"].startswith(
+        "chat template cannot render the conversation: TypeError: can only concatenate str"
+    )
 
 
 def test_chat_content_must_be_text(client: openai.OpenAI) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import ChatTemplate, Tokenizer
 from services.router.errors import InvalidRequestError, ModelNotFoundError
 from services.router.openai_protocol import (
     ChatCompletionRequest,
@@ -15,7 +18,7 @@ from services.router.openai_protocol import (
     invalid_request,
 )
 from services.router.pipeline import ColocatedPipeline
-from services.router.request_plan import plan_chat, plan_completion
+from services.router.request_plan import RequestPlan, plan_chat, plan_completion
 
 from .conftest import MODEL_ID
 
@@ -110,3 +113,193 @@ def test_generated_inference_stubs_import_package_relative() -> None:
 
     assert inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name == "baton.v1.Inference"
     assert inference_pb2_grpc.InferenceStub.__module__ == "proto.baton.v1.inference_pb2_grpc"
+
+
+TEXT = "The capital of France is Paris, and of Spain Madrid"
+
+
+def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(
+    pipeline: ColocatedPipeline,
+) -> None:
+    ids = pipeline.tokenizer.encode(TEXT)
+    request = CompletionRequest(prompt=[TEXT, "Hi"], truncate_prompt_tokens=3)
+    assert plan_completion(request, pipeline).prompts == [ids[-3:], pipeline.tokenizer.encode("Hi")]
+    by_ids = plan_completion(CompletionRequest(prompt=ids, truncate_prompt_tokens=4), pipeline)
+    assert by_ids.prompts == [ids[-4:]]
+    # -1: what the context window (1024) leaves beside max_tokens
+    long = list(range(100, 1130))
+    fitted = plan_completion(
+        CompletionRequest(prompt=long, truncate_prompt_tokens=-1, max_tokens=4), pipeline
+    )
+    assert fitted.prompts == [long[-1020:]]
+
+
+def test_truncating_a_text_prompt_keeps_the_bos_as_transformers_does(
+    pipeline: ColocatedPipeline,
+) -> None:
+    """vLLM tokenizes a text prompt with transformers' truncation (left side): the BOS the
+    tokenizer adds survives and counts; a token-id prompt is cut as it is."""
+    import transformers
+    from tokenizers import processors
+
+    backend = copy.deepcopy(pipeline.tokenizer.backend)
+    with_bos = copy.copy(pipeline)
+    with_bos.tokenizer = Tokenizer(backend, bos_token_id=1, eos_token_ids=(2,), add_bos_token=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]
+    )
+    reference = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", truncation_side="left"
+    )
+    for keep in (1, 2, 5):
+        request = CompletionRequest(prompt=TEXT, truncate_prompt_tokens=keep)
+        expected = reference(TEXT, truncation=True, max_length=keep).input_ids
+        assert plan_completion(request, with_bos).prompts == [expected]
+        assert expected[0] == 1 and len(expected) == keep
+    ids = with_bos.tokenizer.encode(TEXT)
+    request = CompletionRequest(prompt=ids, truncate_prompt_tokens=2)
+    assert plan_completion(request, with_bos).prompts == [ids[-2:]]
+
+
+def test_chat_truncates_the_templated_prompt_before_its_default_max_tokens(
+    pipeline: ColocatedPipeline,
+) -> None:
+    messages = [{"role": "user", "content": TEXT}]
+    templated = pipeline.tokenizer.encode_chat(messages)
+    plan = plan_chat(ChatCompletionRequest(messages=messages, truncate_prompt_tokens=5), pipeline)
+    assert plan.prompts == [templated[-5:]]
+    assert plan.params[0].max_tokens == 1024 - 5
+
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    ("request_body", "room"),
+    [
+        ({"prompt": "Hi", "truncate_prompt_tokens": 1009}, "max_tokens 16 = 1008"),
+        ({"prompt": "Hi", "max_tokens": 1024, "truncate_prompt_tokens": -1}, "max_tokens 1024 = 0"),
+        ({"messages": HI, "truncate_prompt_tokens": 1025}, "max_tokens 0 = 1024"),
+        (
+            {"messages": HI, "max_completion_tokens": 24, "truncate_prompt_tokens": 1001},
+            "max_completion_tokens 24 = 1000",
+        ),
+    ],
+)
+def test_truncate_prompt_tokens_must_fit_beside_the_output(
+    pipeline: ColocatedPipeline, request_body: dict[str, Any], room: str
+) -> None:
+    def plan(body: dict[str, Any]) -> RequestPlan:
+        if "prompt" in body:
+            return plan_completion(CompletionRequest.model_validate(body), pipeline)
+        return plan_chat(ChatCompletionRequest.model_validate(body), pipeline)
+
+    with pytest.raises(InvalidRequestError) as raised:
+        plan(request_body)
+    assert raised.value.param == "truncate_prompt_tokens"
+    assert raised.value.message == (
+        f"truncate_prompt_tokens: {request_body['truncate_prompt_tokens']} asks for more prompt "
+        f"tokens than the context window leaves: max_model_len 1024 - {room}"
+    )
+    fits = int(room.rsplit(" ", 1)[1])
+    if fits:
+        assert plan(request_body | {"truncate_prompt_tokens": fits}).prompts
+
+
+@pytest.mark.parametrize("keep", [0, -2])
+def test_truncate_prompt_tokens_below_one_is_only_minus_one(keep: int) -> None:
+    with pytest.raises(ValidationError) as raised:
+        CompletionRequest(prompt="Hi", truncate_prompt_tokens=keep)
+    assert invalid_request(raised.value.errors()).param == "truncate_prompt_tokens"
+
+
+def test_a_clients_request_id_names_the_answer_and_never_the_run(
+    pipeline: ColocatedPipeline,
+) -> None:
+    """vLLM's ids: `cmpl-`/`chatcmpl-` and the client's own; the engine's are unique."""
+    request = CompletionRequest(prompt="Hi", request_id="job-7", n=2)
+    first, second = plan_completion(request, pipeline), plan_completion(request, pipeline)
+    assert first.request_id == second.request_id == "cmpl-job-7"
+    assert first.run_id != second.run_id and first.run_id.startswith("cmpl-job-7.")
+    assert [r.request_id for r in first.generation_requests()] == [
+        f"{first.run_id}-{i}" for i in range(2)
+    ]
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], request_id="")
+    assert plan_chat(chat, pipeline).request_id == "chatcmpl-"  # vLLM's too
+    # gRPC's own id is answered as it is, the body's aside
+    assert plan_completion(request, pipeline, "grpc-1").request_id == "grpc-1"
+
+
+def test_chat_messages_reach_the_template_as_vllm_passes_them(
+    pipeline: ColocatedPipeline,
+) -> None:
+    """name, the assistant's tool_calls (arguments parsed into a mapping, as tool-use
+    templates take them) and reasoning, a tool message's tool_call_id; other keys and
+    fields of other roles are left out, as vLLM leaves them."""
+    dumping = copy.copy(pipeline)
+    dumping.tokenizer = copy.copy(pipeline.tokenizer)
+    dumping.tokenizer.chat_template = ChatTemplate("{{ messages | tojson }}", None, None)
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    bad_json = {"id": "c2", "function": {"name": "nop", "arguments": "{oops"}}
+    messages = [
+        {"role": "system", "content": "Be brief.", "name": "policy", "color": "red"},
+        {"role": "user", "content": "1 + 2?", "name": "ann", "tool_call_id": "x"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [call, bad_json],
+            "reasoning_content": "add them",
+        },
+        {"role": "tool", "content": [{"type": "text", "text": "3"}], "tool_call_id": "c1"},
+        {"role": "assistant", "content": "3", "tool_calls": []},
+    ]
+    request = ChatCompletionRequest(messages=messages, add_generation_prompt=False)
+    (prompt,) = plan_chat(request, dumping).prompts
+    assert json.loads(pipeline.tokenizer.decode(prompt)) == [
+        {"role": "system", "content": "Be brief.", "name": "policy"},
+        {"role": "user", "content": "1 + 2?", "name": "ann"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "function": {"arguments": {"a": 1}, "name": "add"},
+                    "type": "function",
+                },
+                {"id": "c2", "function": {"arguments": {}, "name": "nop"}, "type": "function"},
+            ],
+            "reasoning": "add them",
+            "reasoning_content": "add them",
+        },
+        {"role": "tool", "content": "3", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "3"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "says"),
+    [
+        ({"role": "user", "content": None}, "messages[0].content", "required in a user message"),
+        ({"role": "tool", "tool_call_id": "c1"}, "messages[0].content", "in a tool message"),
+        (
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "c", "type": "x", "function": {"name": "f"}}],
+            },
+            "messages[0].tool_calls[0].type",
+            "'function'",
+        ),
+        (
+            {"role": "assistant", "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]},
+            "messages[0].tool_calls[0].function.name",
+            "Field required",
+        ),
+    ],
+)
+def test_malformed_messages_name_the_field(message: dict[str, Any], param: str, says: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        ChatCompletionRequest.model_validate({"messages": [message]})
+    error = invalid_request(raised.value.errors())
+    assert error.param == param and error.message.startswith(f"{param}: ")
+    assert says in error.message
