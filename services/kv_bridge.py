@@ -10,8 +10,6 @@ Each transfer is a span ("kv get", "kv put") of the request's trace and an obser
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -22,11 +20,10 @@ from engine.async_engine import AsyncEngine
 from engine.hashing import KVFingerprint
 from services.kvstore.client import ClientConfig, KVStoreClient, Lease
 from services.kvstore.gather import gather_or_cancel
+from services.kvstore.lease_releaser import LeaseReleaser
 from services.kvstore.security import ClientSecurity
 from services.telemetry import KV_TRANSFER_SECONDS, Telemetry
 from services.tracing import tracer
-
-log = logging.getLogger(__name__)
 
 
 class KVBridge:
@@ -37,6 +34,7 @@ class KVBridge:
         timeout_s: float,
         lease_ttl_s: float,
         security: ClientSecurity | None = None,
+        releaser: LeaseReleaser | None = None,
     ) -> None:
         self.engine = engine
         self.targets = list(targets)
@@ -47,7 +45,7 @@ class KVBridge:
         self._clients: dict[bytes, KVStoreClient] = {}
         self.bytes: Counter[str] = Counter()  # by direction: "get" into the cache, "put" out
         self.telemetry: Telemetry | None = None  # the worker's: transfer durations go there
-        self._releases: set[asyncio.Future[None]] = set()
+        self.releaser = releaser or LeaseReleaser()
 
     def client(self, fingerprint: KVFingerprint) -> KVStoreClient:
         """One client per fingerprint: it verifies every block it receives against it."""
@@ -61,6 +59,7 @@ class KVBridge:
         return self._clients[fingerprint.digest]
 
     async def close(self) -> None:
+        await self.releaser.close()  # before the clients its releases use
         for c in self._clients.values():
             await c.close()
 
@@ -122,11 +121,9 @@ class KVBridge:
                 await self._export(fingerprint, held, stored_prefix, lease)
             except BaseException:
                 # Failed or cancelled part-way: what the store pinned so far must not stay
-                # pinned for the lease's TTL. Released in the background (a cancelled task
-                # cannot wait), from a task the bridge keeps alive until it is done.
-                task = asyncio.ensure_future(self.release(fingerprint, lease.lease_id))
-                self._releases.add(task)
-                task.add_done_callback(self._releases.discard)
+                # pinned for the lease's TTL. Released in the background: a cancelled task
+                # cannot wait.
+                self.release(fingerprint, lease.lease_id)
                 raise
         return lease
 
@@ -168,8 +165,7 @@ class KVBridge:
         if self.telemetry is not None:
             self.telemetry.record(KV_TRANSFER_SECONDS, seconds, direction=direction)
 
-    async def release(self, fingerprint: KVFingerprint, lease_id: str) -> None:
-        try:
-            await self.client(fingerprint).release(lease_id, timeout=self.timeout_s)
-        except Exception as e:  # the lease expires on its own; never fail a request for it
-            log.warning("releasing lease %s failed: %s", lease_id, e)
+    def release(self, fingerprint: KVFingerprint, lease_id: str) -> None:
+        """Unpins a lease in the background, trying again while a shard does not answer
+        (LeaseReleaser); no request waits for it or fails over it."""
+        self.releaser.release_in_background(self.client(fingerprint), lease_id, self.timeout_s)

@@ -3,10 +3,8 @@ counters routing and /metrics read, and each request's span on this pool."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
-from collections.abc import Coroutine
 from typing import Any
 
 from opentelemetry import trace
@@ -41,17 +39,10 @@ class PoolWorker:
         self.bridge = bridge
         self.model_id = model_id
         self.fallbacks: Counter[str] = Counter()
-        self._background: set[asyncio.Task[None]] = set()
         self.telemetry = Telemetry(self.pool, model_id)
         self.telemetry.observe(self._readings)
         if bridge is not None:
             bridge.telemetry = self.telemetry
-
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run housekeeping (lease releases) without making the request wait for it."""
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def begin(self, request: PrefillRequest | DecodeRequest) -> trace.Span:
         """This pool's span of the request's trace, a child of the router's; it is not made

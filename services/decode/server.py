@@ -15,8 +15,6 @@ from services.pool_requests import DecodeRequest
 from services.pool_worker import PoolWorker
 
 log = logging.getLogger(__name__)
-RELEASE_ATTEMPTS = 3
-RELEASE_BACKOFF_S = 1.0  # then twice that: a shard that stalled for a moment has answered
 
 
 class DecodeServer(PoolWorker):
@@ -121,8 +119,8 @@ class DecodeServer(PoolWorker):
             log.warning("request %s: KV fetch failed: %s", request.request_id, e)
             reason = "kv_error"
         finally:
-            if handoff.lease_id:
-                self.spawn(self._release(handoff.fingerprint, handoff.lease_id))
+            if handoff.lease_id:  # pulled or given up on: either way no longer needed
+                self.bridge.release(handoff.fingerprint, handoff.lease_id)
         if reason is None and len(pinned) < len(handoff.block_hashes):
             reason = "kv_miss"  # evicted or lost shard: only part of the prompt arrived
         if reason is not None:
@@ -131,33 +129,3 @@ class DecodeServer(PoolWorker):
             self.engine.call(lambda _: port.release(pinned))
             return []
         return pinned
-
-    async def _release(self, fingerprint: KVFingerprint, lease_id: str) -> None:
-        """Unpins the handoff's lease, in the background (no request waits for it), trying
-        again while a try fails. The lease pins the handoff's blocks, so a try that releases
-        none failed: the client skips a shard that does not answer (unreachable, past the
-        deadline). After RELEASE_ATTEMPTS tries (a lease gone already, expired or lost with
-        its shard, uses them all) the lease is left to its TTL."""
-        assert self.bridge is not None
-        client = self.bridge.client(fingerprint)
-        problem = ""
-        for attempt in range(RELEASE_ATTEMPTS):
-            if attempt:
-                await asyncio.sleep(RELEASE_BACKOFF_S * 2 ** (attempt - 1))
-            try:
-                if await client.release(lease_id, timeout=self.bridge.timeout_s):
-                    return
-                problem = "no shard released a block"
-            except Exception as e:
-                problem = str(e)
-        log.warning(
-            "lease %s: not released in %d tries (last: %s); it expires with its TTL",
-            lease_id,
-            RELEASE_ATTEMPTS,
-            problem,
-        )
-
-    async def shutdown(self) -> None:
-        for task in list(self._background):  # releases still trying: their client closes
-            task.cancel()
-        await super().shutdown()

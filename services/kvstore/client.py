@@ -7,7 +7,7 @@
     await client.put(hashes[len(hit):], blocks, lease=lease)
     ...                                                   # hand (hashes, lease.lease_id) over
     n = await client.get_into(hashes, cache_slots)       # decode side
-    await client.release(lease.lease_id)
+    await client.release(lease.lease_id)                 # or LeaseReleaser, which retries
 
 A block is any buffer of exactly one block payload (`KVBlockFormat.nbytes`): a contiguous
 CPU tensor such as one block of the block-major paged cache, a memoryview, bytes. Puts go
@@ -15,6 +15,7 @@ to the shard that rendezvous hashing picks among the live shards; gets go where 
 prefix index says each block is. Every received block is checked against the requested
 hash, this client's fingerprint and format, and its checksum before `get_into` uses it:
 a block that fails, like a shard that is down, is a miss, and the prefix ends before it.
+A malformed Lookup answer is the answering shard's fault too: a miss, not an error.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from services.kvstore.deadline import Deadline
 from services.kvstore.errors import (
     BlockFormatError,
     KVStoreError,
-    MalformedMessageError,
     RejectedBlockError,
 )
 from services.kvstore.index import Location, ShardInfo
@@ -194,22 +194,34 @@ class KVStoreClient:
         self._shard_clients.clear()
 
     async def lookup(self, hashes: Sequence[bytes], timeout: float | None = None) -> list[Location]:
-        """Where each block of the longest cached prefix of `hashes` lives."""
+        """Where each block of the longest cached prefix of `hashes` lives. A malformed
+        answer (more hits than asked, columns that disagree) is logged and is no hit."""
         return await self._lookup(hashes, self._deadline(timeout))
 
     async def _lookup(self, hashes: Sequence[bytes], deadline: Deadline) -> list[Location]:
         request = pb.LookupRequest(block_hashes=hashes)
-        response = await self._any_shard(
-            lambda c: c.stub.Lookup(request, timeout=deadline.left(), metadata=c.metadata)
-        )
+
+        async def ask(c: ShardClient) -> tuple[str, pb.LookupResponse]:
+            return c.address, await c.stub.Lookup(
+                request, timeout=deadline.left(), metadata=c.metadata
+            )
+
+        address, response = await self._any_shard(ask)
         shards = [ShardInfo(s.shard_id, s.address) for s in response.shards]
         hit = len(response.shard_index)
-        if (len(response.sizes), len(response.checksums)) != (hit, hit) or (
-            hit and max(response.shard_index) >= len(shards)
-        ):
-            raise MalformedMessageError(
-                "Lookup answered columns of different lengths or an unknown shard index"
+        problem = ""
+        if (len(response.sizes), len(response.checksums)) != (hit, hit):
+            problem = "columns of different lengths"
+        elif hit > len(hashes):
+            problem = f"a hit of {hit} blocks to a lookup of {len(hashes)}"
+        elif hit and max(response.shard_index) >= len(shards):
+            problem = "an unknown shard index"
+        if problem:
+            # The shard's fault, not the request's: its answer is a miss, like no answer.
+            log.warning(
+                "KV lookup: the shard at %s answered %s; counted as a miss", address, problem
             )
+            return []
         return list(
             map(
                 tuple.__new__,
@@ -355,26 +367,38 @@ class KVStoreClient:
             lease_id=lease.lease_id, block_hashes=hashes, ttl_ms=max(1, round(lease.ttl_s * 1e3))
         )
         deadline = self._deadline(timeout)
-        responses = await self._every_shard(
+        # a shard that does not answer pins nothing: its blocks are not in the answer
+        responses, _ = await self._every_shard(
             lambda c: c.stub.Lease(request, timeout=deadline.left(), metadata=c.metadata), deadline
         )
         leased = {h for r in responses for h in r.leased}
         return [h for h in hashes if h in leased]
 
     async def release(self, lease_id: str, timeout: float | None = None) -> int:
-        """Unpins a lease on every shard; returns how many blocks it held (0 if expired)."""
+        """Unpins a lease on every live shard; returns how many blocks it held (0 if it
+        expired or was released already: releasing again is safe).
+
+        Raises KVStoreError (UNAVAILABLE or DEADLINE_EXCEEDED) when a shard did not
+        answer: it may still pin the lease's blocks, so the release is not done (the
+        shards that answered did release theirs)."""
         request = pb.ReleaseRequest(lease_id=lease_id)
         deadline = self._deadline(timeout)
-        responses = await self._every_shard(
+        responses, missed = await self._every_shard(
             lambda c: c.stub.Release(request, timeout=deadline.left(), metadata=c.metadata),
             deadline,
         )
+        if missed:
+            raise KVStoreError(
+                f"lease {lease_id}: {len(missed)} of {len(missed) + len(responses)} shards did "
+                f"not answer its release: {'; '.join(map(str, missed))}",
+                missed[0].code,
+            )
         return sum(r.released for r in responses)
 
     async def stats(self, timeout: float | None = None) -> dict[str, dict[str, float]]:
         """Each live shard's metric samples, keyed by shard id then `name{label="value"}`."""
         deadline = self._deadline(timeout)
-        responses = await self._every_shard(
+        responses, _ = await self._every_shard(
             lambda c: c.stub.Stats(pb.StatsRequest(), timeout=deadline.left(), metadata=c.metadata),
             deadline,
         )
@@ -415,21 +439,24 @@ class KVStoreClient:
 
     async def _every_shard(
         self, call: Callable[[ShardClient], Awaitable[_T]], deadline: Deadline
-    ) -> list[_T]:
-        """The answers of every live shard to `call`; unreachable shards are skipped."""
+    ) -> tuple[list[_T], list[KVStoreError]]:
+        """The answers of every live shard to `call`, and the errors of those that could
+        not answer (unreachable, past the deadline); any other failure raises."""
         shards = await self._shards(deadline=deadline)
         results = await asyncio.gather(
             *(self._guarded(self._client(s.address), call) for s in shards),
             return_exceptions=True,
         )
         answers: list[_T] = []
+        missed: list[KVStoreError] = []
         for result in results:
             if isinstance(result, KVStoreError) and result.code in _MISS_CODES:
-                continue
-            if isinstance(result, BaseException):
+                missed.append(result)
+            elif isinstance(result, BaseException):
                 raise result
-            answers.append(result)
-        return answers
+            else:
+                answers.append(result)
+        return answers, missed
 
     @staticmethod
     async def _guarded(client: ShardClient, call: Callable[[ShardClient], Awaitable[_T]]) -> _T:

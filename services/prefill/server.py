@@ -71,7 +71,7 @@ class PrefillServer(PoolWorker):
         except asyncio.CancelledError:
             # The router gave up (deadline): hand nothing over, pin nothing in the store.
             if lease_id and self.bridge is not None:
-                self.spawn(self.bridge.release(fingerprint, lease_id))
+                self.bridge.release(fingerprint, lease_id)
             raise
         finally:
             # Whether the request finished, failed or was cancelled mid-way: a request that

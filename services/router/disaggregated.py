@@ -65,7 +65,12 @@ class DecodePool(Protocol):
 class PrefixIndex(Protocol):
     async def stored_prefix(self, hashes: list[bytes]) -> int: ...
 
-    async def release(self, lease_id: str) -> None: ...
+    def release(self, lease_id: str) -> None:
+        """Unpins a handoff's lease in the background, trying again while it fails (a
+        second release is a no-op); the request never waits for it."""
+
+    async def close(self) -> None:
+        """Stops the releases still trying (their leases expire with their TTLs)."""
 
 
 class DisaggregatedPipeline(Pipeline):
@@ -112,7 +117,6 @@ class DisaggregatedPipeline(Pipeline):
         self.max_migrations = max_migrations
         self.migrations = 0  # requests moved off a failed decode replica
         self.draining = False
-        self._background: set[asyncio.Future[None]] = set()
 
     def ready(self) -> bool:
         return not self.draining
@@ -126,6 +130,11 @@ class DisaggregatedPipeline(Pipeline):
         while self.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
         return self.inflight
+
+    async def close(self) -> None:
+        """Stops the lease releases still trying; call once no request is in flight."""
+        if self.index is not None:
+            await self.index.close()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if self.inflight >= self.max_inflight:
@@ -258,19 +267,8 @@ class DisaggregatedPipeline(Pipeline):
             await asyncio.sleep(min(MIGRATION_BACKOFF_S, max(0.0, deadline - loop.time())))
 
     def _release(self, lease_id: str) -> None:
-        """Release a handoff's lease in the background (a second release is a no-op)."""
-        if self.index is None:
-            return
-        task = asyncio.ensure_future(self._release_quietly(lease_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _release_quietly(self, lease_id: str) -> None:
-        assert self.index is not None
-        try:
-            await self.index.release(lease_id)
-        except Exception as e:  # the lease's TTL is the backstop
-            log.warning("lease %s: release failed, it expires with its TTL: %s", lease_id, e)
+        if self.index is not None:
+            self.index.release(lease_id)
 
     async def _within_deadlines(
         self, stream: AsyncIterator[RequestOutput], deadline: float

@@ -20,6 +20,7 @@ from engine.handoff import Handoff
 from engine.outputs import RequestOutput
 from services.decode.server import DecodeServer
 from services.kvstore.client import KVStoreClient
+from services.kvstore.lease_releaser import LeaseReleaser
 from services.pool_requests import DecodeRequest, PoolStats, PrefillRequest
 from services.prefill.server import PrefillServer
 from services.telemetry import Snapshot
@@ -132,11 +133,16 @@ async def _every_replica(handle: Any, method: str) -> list[Any]:
 class StorePrefixIndex:
     """The KV store's prefix index, as the router asks it."""
 
-    def __init__(self, client: KVStoreClient) -> None:
+    def __init__(self, client: KVStoreClient, releaser: LeaseReleaser | None = None) -> None:
         self.client = client
+        self.releaser = releaser or LeaseReleaser()
 
     async def stored_prefix(self, hashes: list[bytes]) -> int:
         return len(await self.client.lookup(hashes))
 
-    async def release(self, lease_id: str) -> None:
-        await self.client.release(lease_id)
+    def release(self, lease_id: str) -> None:
+        self.releaser.release_in_background(self.client, lease_id)
+
+    async def close(self) -> None:
+        await self.releaser.close()  # before the client its releases use
+        await self.client.close()
