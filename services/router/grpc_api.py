@@ -38,6 +38,7 @@ from services.router.openai_protocol import (
     MAX_REQUEST_BYTES,
     ChatCompletionRequest,
     CompletionRequest,
+    checked_request_id,
     invalid_request,
 )
 from services.router.pipeline import Pipeline
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "baton.v1.Inference"
 DEFAULT_PORT = 50051
-MAX_REQUEST_ID = 256  # characters; the id is echoed in every response and in traces
 _OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "min_tokens")
 M = TypeVar("M", bound=Message)
 
@@ -78,10 +78,11 @@ class InferenceServicer:
             openai_request = _openai_request(request)
             pipeline = serving_pipeline(self._get_pipeline)
             request_id = request.request_id or None
-            if request_id is not None and len(request_id) > MAX_REQUEST_ID:
-                raise InvalidRequestError(
-                    f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID}"
-                )
+            if request_id is not None:
+                try:
+                    checked_request_id(request_id)
+                except ValueError as e:
+                    raise InvalidRequestError(f"request_id: {e}", param="request_id") from e
             if isinstance(openai_request, ChatCompletionRequest):
                 plan = plan_chat(openai_request, pipeline, request_id, tenant)
             else:

@@ -51,6 +51,8 @@ from services.router.openai_protocol import (
 from services.router.openai_responses import ErrorInfo, ErrorResponse, ModelCard, ModelList
 from services.router.pipeline import Pipeline
 from services.router.request_plan import plan_chat, plan_completion, serving_pipeline
+from services.router.responses_answer import response_events, response_object
+from services.router.responses_request import ResponsesRequest, plan_response
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,6 +114,18 @@ def build_http_app(
         if body.stream:
             return await _event_stream(request, stream, chat_chunks(stream, body.include_usage))
         return _json(await _unless_client_gone(request, chat_response(stream)))
+
+    @v1.post("/responses", response_model=None)
+    async def create_response(
+        body: ResponsesRequest, request: Request, tenant: Annotated[str, Depends(authorize)]
+    ) -> Response:
+        pipeline = serving_pipeline(get_pipeline)
+        stream = ChoiceStream(pipeline, plan_response(body, pipeline, tenant=tenant))
+        if body.stream:  # named events and no [DONE]: see responses_answer
+            await _unless_client_gone(request, stream.start())
+            events = response_events(stream, body)
+            return StreamingResponse(events, media_type="text/event-stream")
+        return _json(await _unless_client_gone(request, response_object(stream, body)))
 
     @v1.get("/models", response_model=ModelList)
     async def list_models() -> Response:
@@ -260,7 +274,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, e: Exception) -> Response:
         assert isinstance(e, HTTPException)
         info = ErrorInfo(message=str(e.detail), type="invalid_request_error")
-        return _json(ErrorResponse(error=info), e.status_code)
+        response = _json(ErrorResponse(error=info), e.status_code)
+        response.headers.update(e.headers or {})  # a 405's Allow (RFC 9110 15.5.6)
+        return response
 
     async def client_gone(_: Request, e: Exception) -> Response:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it

@@ -118,9 +118,10 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """What completions and chat requests share."""
+    """What completions and chat requests share. Floats must be finite: a NaN would pass
+    no bound check with a message that makes sense."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     neutral_values: ClassVar[dict[str, tuple[Any, ...]]] = _NEUTRAL
 
     model: str | None = Field(None, description="The served model's id; omitted: that model.")

@@ -208,10 +208,13 @@ def _salt(request: SamplingRequest, tenant: str) -> bytes:
 
 
 def _served_model(request: SamplingRequest, pipeline: Pipeline) -> str:
-    if request.model is not None and request.model != pipeline.model_id:
+    """The served model's id; a request naming none ("" as vLLM reads it, or no field)
+    gets it. An unknown name is echoed cut short: it lands in a gRPC status message,
+    whose metadata limit would otherwise turn NOT_FOUND into RESOURCE_EXHAUSTED."""
+    if request.model and request.model != pipeline.model_id:
+        name = request.model if len(request.model) <= 80 else request.model[:80] + "..."
         raise ModelNotFoundError(
-            f"the model {request.model!r} does not exist here; this server serves "
-            f"{pipeline.model_id!r}",
+            f"the model {name!r} does not exist here; this server serves {pipeline.model_id!r}",
             param="model",
         )
     return pipeline.model_id

@@ -122,6 +122,16 @@ def test_token_ids_prompt_and_stop_string(
             "prompt: token id 49152 is outside the vocabulary [0, 49152)",
         ),
         ({"prompt": "Hi", "request_id": "x" * 257}, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+        (
+            {"prompt": "Hi", "request_id": "a\nINFO forged"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "request_id: must be printable text",
+        ),
+        (  # echoed whole, the name would pass gRPC's metadata limit: RESOURCE_EXHAUSTED
+            {"prompt": "Hi", "model": "m" * 20_000},
+            grpc.StatusCode.NOT_FOUND,
+            f"the model '{'m' * 80}...' does not exist",
+        ),
     ],
 )
 def test_errors_end_the_call_with_their_status(
@@ -161,6 +171,10 @@ def test_cancelling_the_call_aborts_the_request(channel: grpc.Channel, engine: A
     call.cancel()
     wait_until_idle(engine)
     assert engine.call(lambda e: e.stats.generated_tokens) - before < 400
+
+
+def test_an_empty_model_name_is_the_served_model(channel: grpc.Channel) -> None:
+    assert generate(channel, prompt=PROMPT, model="")[-1].finish_reason == "length"
 
 
 def test_list_models(channel: grpc.Channel) -> None:

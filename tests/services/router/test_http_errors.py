@@ -253,6 +253,31 @@ def test_unknown_routes_answer_in_the_openai_shape(base_url: str) -> None:
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(("field", "value"), [("temperature", "NaN"), ("top_p", "Infinity")])
+def test_a_non_finite_float_is_400_saying_so(base_url: str, field: str, value: str) -> None:
+    """Python's JSON reads NaN and Infinity; no bound check would say what is wrong."""
+    body = f'{{"model": "{MODEL_ID}", "prompt": "Hi", "max_tokens": 2, "{field}": {value}}}'
+    response = httpx2.post(
+        f"{base_url}/v1/completions",
+        content=body.encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == field and "finite number" in error["message"]
+
+
+def test_a_wrong_method_is_405_saying_which_are_allowed(base_url: str) -> None:
+    response = httpx2.post(f"{base_url}/v1/models")
+    assert response.status_code == 405 and response.headers["allow"] == "GET"
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_empty_model_name_is_the_served_model(client: openai.OpenAI) -> None:
+    completion = client.completions.create(model="", prompt="Hi", max_tokens=2)
+    assert completion.model == MODEL_ID
+
+
 def test_models_lists_the_served_model(client: openai.OpenAI, base_url: str) -> None:
     assert [m.id for m in client.models.list()] == [MODEL_ID]
     (card,) = httpx2.get(f"{base_url}/v1/models").json()["data"]
