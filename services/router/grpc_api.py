@@ -84,9 +84,13 @@ class InferenceServicer:
                 except ValueError as e:
                     raise InvalidRequestError(f"request_id: {e}", param="request_id") from e
             if isinstance(openai_request, ChatCompletionRequest):
-                plan = plan_chat(openai_request, pipeline, request_id, tenant)
+                plan = await asyncio.to_thread(
+                    plan_chat, openai_request, pipeline, request_id, tenant
+                )
             else:
-                plan = plan_completion(openai_request, pipeline, request_id, tenant)
+                plan = await asyncio.to_thread(
+                    plan_completion, openai_request, pipeline, request_id, tenant
+                )
             stream = ChoiceStream(pipeline, plan)
             await stream.start()
             async for out in stream:

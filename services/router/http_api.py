@@ -94,7 +94,8 @@ def build_http_app(
     ) -> Response:
         body = _named_by_header(body, x_request_id)
         pipeline = serving_pipeline(get_pipeline)
-        stream = ChoiceStream(pipeline, plan_completion(body, pipeline, tenant=tenant))
+        plan = await asyncio.to_thread(plan_completion, body, pipeline, tenant=tenant)
+        stream = ChoiceStream(pipeline, plan)
         if body.stream:
             return await _event_stream(
                 request, stream, completion_chunks(stream, body.include_usage)
@@ -110,7 +111,8 @@ def build_http_app(
     ) -> Response:
         body = _named_by_header(body, x_request_id)
         pipeline = serving_pipeline(get_pipeline)
-        stream = ChoiceStream(pipeline, plan_chat(body, pipeline, tenant=tenant))
+        plan = await asyncio.to_thread(plan_chat, body, pipeline, tenant=tenant)
+        stream = ChoiceStream(pipeline, plan)
         if body.stream:
             return await _event_stream(request, stream, chat_chunks(stream, body.include_usage))
         return _json(await _unless_client_gone(request, chat_response(stream)))

@@ -21,6 +21,9 @@ prompt's, a text prompt's as transformers truncates while tokenizing (a BOS the 
 adds stays, and counts), the templated conversation's for chat. -1 keeps what the context
 window leaves beside the requested output tokens; asking for more than that is an error.
 
+Planning tokenizes, and a prompt of megabytes takes seconds: the front ends plan in a
+worker thread (`asyncio.to_thread`), never on the event loop that serves other streams.
+
 Ids follow vLLM's: a request answers as `cmpl-<id>` / `chatcmpl-<id>`, its id the
 client's own (`request_id`, which the HTTP front end sets from X-Request-Id) or a fresh
 one. A client's id is echoed, never trusted to be unique: the engine runs each choice

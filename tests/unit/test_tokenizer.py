@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import random
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -106,6 +108,33 @@ def test_special_tokens_are_single_ids(tokenizer: Tokenizer) -> None:
 def test_add_bos_token_prepends_bos(tokenizer: Tokenizer) -> None:
     with_bos = Tokenizer(tokenizer.backend, bos_token_id=1, eos_token_ids=(2,), add_bos_token=True)
     assert with_bos.encode("Hello") == [1, *tokenizer.encode("Hello")]
+
+
+def test_encoding_lets_other_threads_run(tokenizer: Tokenizer) -> None:
+    """The router tokenizes in a worker thread; that helps only if the encoder lets go of
+    the GIL (tokenizers' `encode` holds it: the loop would stop for the whole prompt)."""
+    text = "The quick brown fox jumps over the lazy dog. 12345 " * 20_000  # 1 MB
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.002)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    time.sleep(0.05)
+    start = time.perf_counter()
+    ids = tokenizer.encode(text)
+    took = time.perf_counter() - start
+    done.set()
+    ticker.join()
+    assert ids == tokenizer.backend.encode(text, add_special_tokens=False).ids
+    assert max(gaps) < took / 2, f"a {took:.2f} s encode held other threads {max(gaps):.2f} s"
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
