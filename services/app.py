@@ -29,7 +29,7 @@ from services.router.errors import NotReadyError
 from services.router.grpc_api import build_grpc_server
 from services.router.http_api import build_http_app
 from services.router.instrumented_pipeline import InstrumentedPipeline
-from services.router.metrics_page import MetricsPage, pipeline_readings
+from services.router.metrics_page import MetricsPage, RouterSeries, pipeline_readings
 from services.router.pipeline import Pipeline
 from services.router.pool_clients import RayDecodePool, RayPrefillPool, StorePrefixIndex
 from services.serving_config import PoolSection, ServingConfig
@@ -131,6 +131,17 @@ class RouterDeployment:
         telemetry = Telemetry("router", self.pipeline.model_id)
         telemetry.observe(lambda: pipeline_readings(self.pipeline))
         pools = [self.decode.metrics] + ([self.prefill.metrics] if self.prefill else [])
+        # Every router replica's page sums all router replicas' series: a handle to this
+        # deployment asks each replica (this one too) for its `router_series`.
+        deployment = serve.get_replica_context().replica_id.deployment_id
+        routers = serve.get_deployment_handle(deployment.name, deployment.app_name)
+
+        async def router_replicas() -> list[RouterSeries]:
+            results: list[RouterSeries] = await routers.broadcast("router_series").results_async(
+                timeout_s=5
+            )
+            return results
+
         self.grpc = build_grpc_server(
             _current_pipeline,
             config.router.grpc_port,
@@ -140,7 +151,12 @@ class RouterDeployment:
         )
         await self.grpc.start()
         _pipeline["router"] = InstrumentedPipeline(self.pipeline, telemetry)
-        _metrics["router"] = MetricsPage(telemetry, pools)
+        self.page = MetricsPage(telemetry, pools, router_replicas)
+        _metrics["router"] = self.page
+
+    def router_series(self) -> RouterSeries:
+        """This replica's part of every router replica's /metrics (MetricsPage.shared)."""
+        return self.page.shared()
 
     async def drain(self, timeout_s: float) -> int:
         """`baton serve`'s SIGTERM: finish what is in flight, refuse the rest."""

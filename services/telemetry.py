@@ -7,8 +7,8 @@ lengths, bytes moved, fallbacks) is read when the page is collected, through `ob
 Series carry DESIGN.md "Telemetry"'s labels `pool` and `model`.
 
     replica:  collect() -> [Series]          (plain and picklable: it crosses Ray)
-    router:   render(router's series + every replica's)   -> its GET /metrics
-    kvstore:  render(the shard's series)                  -> its GET /metrics
+    router:   render(every router and pool replica's series)  -> its GET /metrics
+    kvstore:  render(the shard's series)                      -> its GET /metrics
 
 Series with the same name and labels (one pool's replicas) merge when rendered: counters
 and histograms add, gauges add too (queue lengths) unless they are ratios, which average
@@ -215,6 +215,11 @@ class Telemetry:
         self._lock = threading.Lock()  # collect() fills _observed for the SDK's callbacks
         self._observed: dict[str, list[Observation]] = {}
 
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        """The metrics this process records or observes: its page declares each."""
+        return tuple(self._metrics.values())
+
     def labels(self, **extra: str) -> dict[str, str]:
         base = {"pool": self.pool}
         if self.model is not None:
@@ -255,7 +260,7 @@ class Telemetry:
     def render(self, *more: Iterable[Series]) -> str:
         """The Prometheus text of this process's series and `more` (other processes')."""
         series = [*self.collect(), *(s for group in more for s in group)]
-        return render(series, self._metrics.values())
+        return render(series, self.metrics)
 
     def _observations(self, name: str, _: CallbackOptions) -> list[Observation]:
         return self._observed.get(name, [])

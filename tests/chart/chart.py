@@ -22,7 +22,7 @@ CHART_DIR = ROOT / "charts" / "baton"
 RELEASE = "llm"
 NAMESPACE = "serving"
 FULLNAME = "llm-baton"
-SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+SCRAPE_CONFIG_API = "monitoring.coreos.com/v1alpha1/ScrapeConfig"
 
 Manifest = dict[str, Any]
 
@@ -83,9 +83,12 @@ VALUE_SETS: dict[str, ValueSet] = {
             "redis": {"enabled": False, "external": {"existingSecret": "baton-redis"}},
         }
     ),
-    "service-monitor": ValueSet(
-        {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
-        api_versions=(SERVICE_MONITOR_API,),
+    "scrape-config": ValueSet(
+        {
+            "metrics": {"scrapeConfig": {"enabled": True, "labels": {"release": "prom"}}},
+            "router": {"replicas": 2},
+        },
+        api_versions=(SCRAPE_CONFIG_API,),
     ),
     "operator-off": ValueSet({"operator": {"enabled": False}}),
     "kvstore-3-shards": ValueSet(

@@ -1,7 +1,7 @@
 """The chart renders for every value set, lints clean, and every object it makes is one the
 API server would admit: built-in kinds against the Kubernetes schemas of a recent release
 (kubernetes-validate, strict: unknown fields are errors), custom resources against their
-CRDs (CapacityPolicy: the chart's own; RayService, ServiceMonitor, InferencePool: trimmed
+CRDs (CapacityPolicy: the chart's own; RayService, ScrapeConfig, InferencePool: trimmed
 copies under tests/chart/crds/), and the pod templates inside the RayService against the
 core PodTemplateSpec."""
 
@@ -38,7 +38,7 @@ CRDS = Path(__file__).parent / "crds"
 CUSTOM_KINDS = {
     ("baton.dev/v1alpha1", "CapacityPolicy"): (CRD_PATH, "v1alpha1"),
     ("ray.io/v1", "RayService"): (CRDS / "rayservice.yaml", "v1"),
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): (CRDS / "servicemonitor.yaml", "v1"),
+    ("monitoring.coreos.com/v1alpha1", "ScrapeConfig"): (CRDS / "scrapeconfig.yaml", "v1alpha1"),
     ("inference.networking.k8s.io/v1", "InferencePool"): (CRDS / "inferencepool.yaml", "v1"),
 }
 SELECTOR = {"app.kubernetes.io/name": "baton", "app.kubernetes.io/instance": RELEASE}
@@ -302,17 +302,28 @@ def test_bundled_redis_is_a_lru_cache() -> None:
     assert args[args.index("--maxmemory") + 1] == str(512 * 2**20 * 80 // 100)
 
 
-def test_service_monitor_only_where_its_api_exists() -> None:
-    (monitor,) = render("service-monitor").of_kind("ServiceMonitor")
-    assert monitor["metadata"]["labels"]["release"] == "prom"
-    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
-    router_service = render("service-monitor").get("Service", f"{FULLNAME}-router")
-    assert router_service["metadata"]["labels"].items() >= (
-        monitor["spec"]["selector"]["matchLabels"].items()
-    )
-    without_api = render_values(VALUE_SETS["service-monitor"].values)
-    assert without_api.of_kind("ServiceMonitor") == []
-    assert "does not serve\nmonitoring.coreos.com/v1 ServiceMonitor" in without_api.notes
+def test_one_scrape_of_the_router_service_per_interval_where_the_api_exists() -> None:
+    """Every router replica serves the whole platform's totals: Prometheus reads them once
+    through the router Service, never once per router pod (no ServiceMonitor)."""
+    release = render("scrape-config")
+    (scrape,) = release.of_kind("ScrapeConfig")
+    assert scrape["metadata"]["name"] == f"{FULLNAME}-router"
+    assert scrape["metadata"]["labels"]["release"] == "prom"
+    router = release.get("Service", f"{FULLNAME}-router")
+    (http,) = [p for p in router["spec"]["ports"] if p["name"] == "http"]
+    assert scrape["spec"] == {
+        "scrapeInterval": "15s",
+        "metricsPath": "/metrics",
+        "staticConfigs": [
+            {"targets": [f"{FULLNAME}-router.{NAMESPACE}.svc.cluster.local:{http['port']}"]}
+        ],
+    }
+    assert release.worker_group("router")["replicas"] == 2
+    assert {"ServiceMonitor", "PodMonitor"}.isdisjoint(o["kind"] for o in release.objects)
+    without_api = render_values(VALUE_SETS["scrape-config"].values)
+    assert without_api.of_kind("ScrapeConfig") == []
+    assert "does not serve\nmonitoring.coreos.com/v1alpha1 ScrapeConfig" in without_api.notes
+    assert render("default").of_kind("ScrapeConfig") == []
 
 
 def test_operator_off() -> None:

@@ -8,11 +8,13 @@ import logging
 import pickle
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from operators.exposition import Exposition
+from operators.exposition import Exposition, PoolSeries
 from operators.pool_policy import Pool
-from services.router.metrics_page import MetricsPage
+from services.router.metrics_page import MetricsPage, RouterSeries
 from services.telemetry import (
+    E2E,
     FALLBACKS,
     ITL,
     KV_USAGE,
@@ -136,3 +138,62 @@ def test_a_failing_pool_keeps_its_totals_and_drops_its_gauges_the_others_stay_li
     ]  # once per outage, not per scrape
     prefill_answers, queues["prefill"] = True, 1
     assert read().of(Pool.PREFILL).gauges == {"num_requests_waiting": (1.0,)}
+
+
+def test_every_router_replica_serves_the_sum_over_all_router_replicas() -> None:
+    routers = [Telemetry("router", "m") for _ in range(2)]
+    for t, seconds in zip(routers, ([0.2, 2.0], [0.2]), strict=True):
+        for s in seconds:
+            t.record(E2E, s)
+    decode = replica(2, 0.5, 100, 0.03)
+
+    async def decode_replicas() -> list[Snapshot]:
+        return [decode.snapshot()]
+
+    async def router_replicas() -> list[RouterSeries]:
+        return [pickle.loads(pickle.dumps(p.shared())) for p in pages]
+
+    pages = [MetricsPage(t, [decode_replicas], router_replicas) for t in routers]
+    for page in pages:
+        text = asyncio.run(page.render())
+        e2e = {
+            (s.name, s.labels.get("le")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name.startswith(E2E.name) and s.labels["pool"] == "router"
+        }
+        assert e2e[f"{E2E.name}_count", None] == 3
+        assert e2e[f"{E2E.name}_bucket", "0.3"] == 2 and e2e[f"{E2E.name}_bucket", "1.5"] == 2
+        assert e2e[f"{E2E.name}_bucket", "2.0"] == 3
+        decode_series = Exposition.parse(text, "m").of(Pool.DECODE)
+        assert decode_series.counters == {"prompt_tokens_total": 100.0}  # once, not per router
+        assert decode_series.gauges["num_requests_running"] == (2.0,)
+
+
+def test_a_router_that_starts_later_hears_the_totals_of_replicas_gone_before() -> None:
+    a, b = replica(2, 0.5, 100, 0.03), replica(1, 0.25, 40, 0.3)
+    live = [a, b]
+    old, new = MetricsPage(Telemetry("router", "m"), []), MetricsPage(Telemetry("router", "m"), [])
+    routers = [old]
+
+    async def decode_replicas() -> list[Snapshot]:
+        return [t.snapshot() for t in live]
+
+    async def router_replicas() -> list[RouterSeries]:
+        return [p.shared() for p in routers]
+
+    for page in (old, new):
+        page.pools, page.peers = [decode_replicas], router_replicas
+
+    def decode(page: MetricsPage) -> PoolSeries:
+        return Exposition.parse(asyncio.run(page.render()), "m").of(Pool.DECODE)
+
+    decode(old)
+    live.remove(b)  # scaled away before the new router replica started
+    routers.append(new)
+    assert decode(new).counters == decode(old).counters == {"prompt_tokens_total": 140.0}
+    routers.remove(old)  # restarted in turn: what it kept stays with the new one
+    after = decode(new)
+    assert after.counters == {"prompt_tokens_total": 140.0}
+    assert after.histograms["time_to_first_token_seconds"].count == 2
+    assert after.gauges == {"num_requests_running": (2.0,), "kv_cache_usage_ratio": (0.5,)}
