@@ -122,7 +122,8 @@ def build_http_app(
         body: ResponsesRequest, request: Request, tenant: Annotated[str, Depends(authorize)]
     ) -> Response:
         pipeline = serving_pipeline(get_pipeline)
-        stream = ChoiceStream(pipeline, plan_response(body, pipeline, tenant=tenant))
+        plan = await asyncio.to_thread(plan_response, body, pipeline, tenant=tenant)
+        stream = ChoiceStream(pipeline, plan)
         if body.stream:  # named events and no [DONE]: see responses_answer
             await _unless_client_gone(request, stream.start())
             events = response_events(stream, body)
