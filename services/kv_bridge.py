@@ -102,7 +102,7 @@ class KVBridge:
                     if not ok:
                         port.release(have + ids[:n])
 
-                self.engine.call(settle)
+                await self.engine.acall(settle)
                 self._moved("get", n, time.perf_counter() - t)
                 span.set_attribute("baton.kv.received_blocks", n)
         return have + ids[:n]
@@ -113,7 +113,7 @@ class KVBridge:
         """Put a finished prefill's held prompt blocks the store lacks (all after the first
         `stored_prefix`), pinning every block of the prompt under the lease `lease_id`."""
         port = self.engine.engine.port
-        held = self.engine.call(lambda _: port.held(request_id))
+        held = await self.engine.acall(lambda _: port.held(request_id))
         lease = Lease.new(self.lease_ttl_s, lease_id)
         with tracer.start_as_current_span("kv put", kind=trace.SpanKind.CLIENT) as span:
             span.set_attributes({"baton.kv.blocks": len(held), "baton.kv.leased": stored_prefix})

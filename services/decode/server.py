@@ -126,6 +126,6 @@ class DecodeServer(PoolWorker):
         if reason is not None:
             self.fallbacks[reason] += 1
             port = self.engine.engine.port
-            self.engine.call(lambda _: port.release(pinned))
+            await self.engine.acall(lambda _: port.release(pinned))
             return []
         return pinned

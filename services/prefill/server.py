@@ -58,7 +58,7 @@ class PrefillServer(PoolWorker):
             ):
                 last = out
             assert last is not None and last.finished
-            block_hashes = [h for h, _ in self.engine.call(lambda _: port.held(rid))]
+            block_hashes = [h for h, _ in await self.engine.acall(lambda _: port.held(rid))]
             if self.bridge is None:
                 block_hashes = []
             elif block_hashes:
@@ -77,7 +77,7 @@ class PrefillServer(PoolWorker):
             # Whether the request finished, failed or was cancelled mid-way: a request that
             # finished before its output was read still holds its prompt blocks.
             if not refused:
-                self.engine.call(lambda _: port.release_held(rid))
+                await self.engine.acall(lambda _: port.release_held(rid))
         return Handoff(
             request_id=rid,
             prompt_token_ids=request.prompt_token_ids,
