@@ -57,7 +57,9 @@ class PrefillServer(PoolWorker):
                 hold_prompt_blocks=True,
             ):
                 last = out
-            assert last is not None and last.finished
+            if last is None or not last.new_token_ids:  # aborted before its first token
+                reason = "no output" if last is None else last.finish_reason
+                raise RuntimeError(f"request {rid}: prefill ended without a token ({reason})")
             block_hashes = [h for h, _ in await self.engine.acall(lambda _: port.held(rid))]
             if self.bridge is None:
                 block_hashes = []

@@ -93,6 +93,20 @@ async def test_a_refused_duplicate_leaves_the_prefill_it_collided_with_alone(
     assert handoff.request_id == "p" and handoff.prompt_token_ids == prompt
 
 
+async def test_a_prefill_aborted_before_its_first_token_fails_and_holds_nothing(
+    engine: AsyncEngine,
+) -> None:
+    server = PrefillServer(engine, None, "m")
+    prompt = [100 + i % 5000 for i in range(900)]  # long enough to still run below
+    prefill = asyncio.ensure_future(server.prefill(PrefillRequest("p", prompt, SamplingParams())))
+    while engine.num_unfinished == 0:
+        await asyncio.sleep(0.001)
+    assert await engine.abort("p")
+    with pytest.raises(RuntimeError, match="prefill ended without a token \\(abort\\)"):
+        await prefill
+    assert engine.call(lambda e: e.pool.num_free_blocks == e.pool.num_blocks)
+
+
 async def test_a_waiting_request_hears_of_progress_not_of_time(
     make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
