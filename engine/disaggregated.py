@@ -71,13 +71,16 @@ class InProcessDisaggregation:
     ) -> list[Completion]:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         handoffs = self.prefill(prompts, plist)
-        decode = self.decode_engine
+        return self.decode_engine.collect(self.hand_over(handoffs, plist))
+
+    def hand_over(self, handoffs: list[Handoff], params: list[SamplingParams]) -> list[str]:
+        """Transfer each handoff's blocks and queue its request on decode; returns the ids."""
         ids = []
-        for h, p in zip(handoffs, plist, strict=True):
+        for h, p in zip(handoffs, params, strict=True):
             pinned = self.transfer(h)
             self.prefill_engine.port.release_held(h.request_id)
             ids.append(
-                decode.add_request(
+                self.decode_engine.add_request(
                     h.prompt_token_ids,
                     p,
                     kv_fingerprint=h.fingerprint,
@@ -86,4 +89,4 @@ class InProcessDisaggregation:
                     pinned_blocks=pinned,
                 )
             )
-        return decode.collect(ids)
+        return ids

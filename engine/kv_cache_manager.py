@@ -80,8 +80,9 @@ class KVCacheManager:
         return blocks
 
     def unpin(self, request: Request) -> None:
-        """Drop the references that kept imported prefix blocks alive until admission."""
-        self.pool.free(request.pinned)
+        """Drop the references that kept imported prefix blocks alive until admission; the
+        tail joins the free queue first, so it is evicted before the head."""
+        self.pool.free(reversed(request.pinned))
         request.pinned = []
 
     def block_ids(self, request: Request) -> list[int]:

@@ -137,7 +137,9 @@ class LLMEngine:
             # after them are its own arithmetic, never to be cached under another's name.
             request.publish_limit = len(pinned_blocks)
         self._requests[request_id] = request
-        self._streams[request_id] = TextStream(self.tokenizer, params.stop)
+        # Output resumed elsewhere (`output_prefix`) is pushed below, after the prompt.
+        prompt_ids = request.token_ids[: request.num_prompt_tokens]
+        self._streams[request_id] = TextStream(self.tokenizer, params.stop, prompt_ids)
         self.scheduler.add(request)
         logprobs = list(prefix_logprobs) + [None] * (len(output_prefix) - len(prefix_logprobs))
         for token, lp in zip(output_prefix, logprobs, strict=True):

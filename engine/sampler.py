@@ -98,7 +98,8 @@ class SamplingTensors:
         Draws one noise vector per sampled row the plan leaves to the host, in row order;
         returns whether there was one."""
         n = len(params)
-        self.temperature[:n] = torch.tensor([p.temperature for p in params])
+        # A greedy row's temperature is 0 whatever its params say (below SAMPLING_EPS).
+        self.temperature[:n] = torch.tensor([0.0 if p.greedy else p.temperature for p in params])
         self.temperature[n:] = 0.0
         self.top_k[:n] = torch.tensor([p.top_k for p in params])
         self.top_p[:n] = torch.tensor([p.top_p for p in params])

@@ -5,6 +5,14 @@ token, a request mid-prefill takes the next chunk the budget allows. What is lef
 waiting requests, whose cached prefix costs nothing. When the pool runs out of blocks the
 newest running request is preempted: its blocks are freed and it waits at the front of
 the queue to recompute (from the prefix cache where its blocks survive).
+
+A queued request may pin imported KV blocks (a disaggregated handoff) until admission.
+Pins are the weakest claim on the pool: the transport took them before the request
+reached the queue, out of turn. When the pool is short, queued requests' pins are
+released, newest first, before a running request is preempted, and before the head of the
+queue is refused with nothing running (else pins behind it could hold every free block
+forever). Released blocks keep their hashes in the free queue: their request finds them
+again as a prefix hit if they survive, and recomputes what was evicted.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.block_pool import KVBlock
 from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.sequence import Request, RequestStatus
@@ -60,7 +69,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate(request, n):
+            while not self._allocate(request, n, release_pins=True):
                 victim = self.running.pop()
                 self._preempt(victim)
                 batch.preempted.append(victim)
@@ -83,7 +92,12 @@ class Scheduler:
             prefix = self.kv.computed_prefix(request)
             num_cached = len(prefix) * self.kv.block_size
             n = min(request.num_tokens - num_cached, budget)
-            if not self.kv.allocate(request, n, prefix):
+            if request.publish_limit is not None:
+                # Past its hit, a request with imported KV computes its own (its pins were
+                # released and evicted): never to be cached under the other engine's names.
+                request.publish_limit = min(request.publish_limit, len(prefix))
+            # With requests running, the head waits for their blocks rather than take pins.
+            if not self._allocate(request, n, prefix, release_pins=not self.running):
                 break
             self.waiting.popleft()
             self.kv.unpin(request)
@@ -101,6 +115,19 @@ class Scheduler:
             else:
                 batch.prefills.append((request, n))
         return batch
+
+    def _allocate(
+        self, request: Request, n: int, prefix: list[KVBlock] | None = None, *, release_pins: bool
+    ) -> bool:
+        """`kv.allocate`; while the pool is short and `release_pins`, first releases the pins
+        of other queued requests, newest first."""
+        while not self.kv.allocate(request, n, prefix):
+            holders = (r for r in reversed(self.waiting) if r.pinned and r is not request)
+            holder = next(holders, None) if release_pins else None
+            if holder is None:
+                return False
+            self.kv.unpin(holder)
+        return True
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

@@ -6,12 +6,18 @@ L characters, the last L - 1 characters are released only once they cannot start
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer)
+    def __init__(
+        self, tokenizer: Tokenizer, stop: tuple[str, ...], prompt_ids: Sequence[int] = ()
+    ) -> None:
+        # The prompt's last tokens are the first token's left context: a sentencepiece
+        # decoder drops the leading space of a text's first token, which is not the output's.
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids)
         self._stop = stop
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self._text = ""

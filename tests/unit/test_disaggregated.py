@@ -53,3 +53,27 @@ def test_decode_copies_only_blocks_it_lacks(make_engine: MakeEngine) -> None:
     assert again.num_cached_tokens == 16 * ((len(prompt) - 1) // 16)
     assert split.transfer(again) == []  # decode still caches every block
     split.prefill_engine.port.release_held(again.request_id)
+
+
+def test_pins_of_queued_handoffs_never_stall_decode(make_engine: MakeEngine) -> None:
+    colocated = make_engine(max_model_len=128, batch_invariant=True)
+    smallest = 8 * colocated.block_format.data_nbytes  # one 128-token sequence, no more
+    split = InProcessDisaggregation(
+        make_engine(max_model_len=128, batch_invariant=True),
+        make_engine(max_model_len=128, kv_cache_bytes=smallest, batch_invariant=True),
+    )
+    decode = split.decode_engine
+    batch = [list(range(1000 + 100 * i, 1033 + 100 * i)) for i in range(4)]  # 2 blocks + 1
+    plist = [SamplingParams(max_tokens=4, temperature=0)] * 4
+    ids = split.hand_over(split.prefill(batch, plist), plist)
+    # Every block is pinned by a queued request, and the head needs one more for its tail.
+    assert decode.pool.num_free_blocks == 0
+    got: dict[str, list[int]] = {rid: [] for rid in ids}
+    for _ in range(50):  # each step must make progress; 50 is far more than the work takes
+        if not decode.has_unfinished:
+            break
+        for out in decode.step():
+            got[out.request_id] += out.new_token_ids
+    assert not decode.has_unfinished
+    # The requests whose pins were released recomputed their prompts to the same tokens.
+    assert list(got.values()) == [c.token_ids for c in colocated.generate(batch, plist)]

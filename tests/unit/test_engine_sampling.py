@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
+from engine.sampler import Sampler, SamplerPlan, SamplingTensors
+from engine.sampling_params import SAMPLING_EPS, SamplingParams
 from tests.unit.conftest import MakeEngine
 
 PROMPT = "Once upon a time, in a small village,"
@@ -31,6 +31,23 @@ def test_top_k_one_is_greedy(make_engine: MakeEngine) -> None:
     top1 = engine.generate([PROMPT], SamplingParams(max_tokens=16, temperature=1.5, top_k=1))[0]
     tiny_p = engine.generate([PROMPT], SamplingParams(max_tokens=16, top_p=1e-6, seed=3))[0]
     assert greedy.token_ids == top1.token_ids == tiny_p.token_ids
+
+
+def test_a_temperature_below_sampling_eps_is_greedy(make_engine: MakeEngine) -> None:
+    engine = make_engine()
+    greedy = engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0))[0]
+    # logits / 1e-40 overflow float32: sampled, the row would be NaN and pick token 0.
+    tiny = engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=1e-40, seed=0))
+    assert tiny[0].token_ids == greedy.token_ids
+    assert SamplingParams(temperature=SAMPLING_EPS / 2).greedy
+    assert not SamplingParams(temperature=SAMPLING_EPS).greedy
+    # A CUDA graph's sampler takes each row's temperature from SamplingTensors, where 0
+    # marks a greedy row.
+    params = [SamplingParams(temperature=1e-40), SamplingParams(temperature=0.5, seed=1)]
+    tensors = SamplingTensors.empty(2, 8)
+    plan = SamplerPlan.of(params, 8, torch.device("cpu"))
+    tensors.fill(params, [None, torch.Generator().manual_seed(1)], plan)
+    assert tensors.temperature.tolist() == [0.0, 0.5]
 
 
 def test_stop_string_cuts_text_and_names_itself(make_engine: MakeEngine) -> None:

@@ -106,3 +106,52 @@ def test_finish_returns_every_block():
     assert pool.num_free_blocks == pool.num_blocks and not sched.has_work
     # Freed last-first: the prompt's tail blocks are evicted before its head.
     assert list(pool.free_queue)[-3:] == [2, 1, 0]
+
+
+def imported(pool, request, num_blocks):
+    """Pin blocks holding the request's first full blocks, as a KV handoff leaves them."""
+    blocks = pool.allocate(num_blocks)
+    for block, block_hash in zip(blocks, request.block_hashes, strict=False):
+        pool.cache(block, block_hash)
+    request.pinned = blocks
+
+
+def test_pins_behind_a_stuck_head_are_released_newest_first():
+    pool, kv, sched = make(num_blocks=4)
+    a, b = req("a", range(33)), req("b", range(100, 133))  # 2 full blocks + 1 token each
+    imported(pool, a, 2)  # blocks 0, 1
+    imported(pool, b, 2)  # blocks 2, 3: nothing is free
+    b.publish_limit = 2  # b's imports are named by another engine's fingerprint
+    sched.add(a)
+    sched.add(b)
+    batch = run_step(sched)
+    # a needs one block for its last token: b's pins go, tail first, and a takes b's tail.
+    assert batch.decodes == [a] and a.num_cached_tokens == 32
+    assert kv.block_ids(a) == [0, 1, 3] and b.pinned == [] and list(sched.waiting) == [b]
+    assert list(pool.free_queue) == [2] and pool.lookup(b.block_hashes[0]) is pool.blocks[2]
+    sched.finish(a, RequestStatus.FINISHED_LENGTH)
+    batch = run_step(sched)
+    # b re-hits the block that survived and recomputes the one a's tail overwrote.
+    assert b.num_cached_tokens == 16
+    assert [(r.request_id, n) for r, n in batch.prefills] == [("b", 17)]
+    assert kv.block_ids(b) == [2, 3, 1]
+    # What b computed itself is never cached under the other engine's names.
+    assert b.publish_limit == 1 and pool.lookup(b.block_hashes[1]) is None
+    pool.check_invariants()
+
+
+def test_a_growing_request_takes_queued_pins_before_preempting():
+    pool, kv, sched = make(num_blocks=4)
+    a, c = req("a", range(31)), req("c", range(100, 133))
+    sched.add(a)
+    run_step(sched)  # a holds blocks 0, 1
+    imported(pool, c, 2)  # blocks 2, 3
+    sched.add(c)
+    batch = run_step(sched)  # position 31 fits a's second block
+    # While a runs, c waits for a's blocks and keeps its pins.
+    assert batch.decodes == [a] and batch.prefills == [] and len(c.pinned) == 2
+    batch = run_step(sched)  # position 32 needs a third block: c's pins go, not a
+    assert batch.preempted == [] and batch.decodes == [a]
+    assert c.pinned == [] and kv.block_ids(a) == [0, 1, 3] and list(pool.free_queue) == [2]
+    assert c.status is RequestStatus.WAITING
+    pool.check_invariants()
