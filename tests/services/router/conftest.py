@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -58,6 +60,29 @@ def wait_until_idle(engine: AsyncEngine, timeout_s: float = 30.0) -> None:
     while not engine_is_idle(engine):
         assert time.monotonic() < deadline, "the engine still holds requests or blocks"
         time.sleep(0.02)
+
+
+def generated_tokens(engine: AsyncEngine) -> int:
+    return engine.call(lambda e: e.stats.generated_tokens)
+
+
+def hang_up_once_generating(base_url: str, engine: AsyncEngine, path: str, body: bytes) -> int:
+    """POSTs `body` to `path` on a raw socket, closes it as soon as the engine generates,
+    and waits for the engine to go idle; returns the tokens generated meanwhile."""
+    before = generated_tokens(engine)
+    url = urlsplit(base_url)
+    with socket.create_connection((url.hostname, url.port)) as conn:
+        conn.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 30
+        while generated_tokens(engine) == before:  # wait until it is really generating
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.01)
+    wait_until_idle(engine)
+    return generated_tokens(engine) - before
 
 
 @pytest.fixture(autouse=True)

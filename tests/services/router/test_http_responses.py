@@ -4,10 +4,7 @@ engine: a Responses request is the chat request it stands for, answered in OpenA
 from __future__ import annotations
 
 import json
-import socket
-import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx2
 import openai
@@ -17,7 +14,14 @@ from engine.async_engine import AsyncEngine
 from services.router.http_api import build_http_app
 from services.router.pipeline import ColocatedPipeline
 
-from .conftest import MODEL_ID, SwitchedPipeline, serve_http, wait_until_idle
+from .conftest import (
+    MODEL_ID,
+    SwitchedPipeline,
+    generated_tokens,
+    hang_up_once_generating,
+    serve_http,
+    wait_until_idle,
+)
 
 QUESTION = "What is the capital of France?"
 INSTRUCTIONS = "Answer in one short sentence."
@@ -359,10 +363,6 @@ def test_a_generation_failing_mid_stream_ends_with_response_failed(
 LONG = 400  # tokens a request would generate if nobody stopped it
 
 
-def generated_tokens(engine: AsyncEngine) -> int:
-    return engine.call(lambda e: e.stats.generated_tokens)
-
-
 def test_closing_a_stream_aborts_its_request(client: openai.OpenAI, engine: AsyncEngine) -> None:
     before = generated_tokens(engine)
     stream = respond(client, max_output_tokens=LONG, stream=True, extra_body={"ignore_eos": True})
@@ -375,18 +375,5 @@ def test_closing_a_stream_aborts_its_request(client: openai.OpenAI, engine: Asyn
 
 
 def test_hanging_up_on_a_plain_request_aborts_it(base_url: str, engine: AsyncEngine) -> None:
-    before = generated_tokens(engine)
     body = json.dumps({"input": QUESTION, "max_output_tokens": LONG, "ignore_eos": True}).encode()
-    url = urlsplit(base_url)
-    with socket.create_connection((url.hostname, url.port)) as conn:
-        conn.sendall(
-            b"POST /v1/responses HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        deadline = time.monotonic() + 30
-        while generated_tokens(engine) == before:  # wait until it is really generating
-            assert time.monotonic() < deadline, "the request never started"
-            time.sleep(0.01)
-    wait_until_idle(engine)
-    assert generated_tokens(engine) - before < LONG
+    assert hang_up_once_generating(base_url, engine, "/v1/responses", body) < LONG
