@@ -72,16 +72,29 @@ class KVBridge:
         caches already, then those the store serves, pulled into reserved slots. Returns
         their slots, in order, pinned for `add_request(pinned_blocks=...)`.
 
-        Raises on transport or integrity errors, having released everything it pinned.
+        Raises on transport or integrity errors, having released everything it pinned; a
+        cancelled fetch, too, ends holding nothing. The loop never waits for a step.
         """
         port = self.engine.engine.port
         wanted = list(hashes)
+        pinned: list[int] = []  # what `begin` pinned; only the engine thread touches it
 
         def begin(_: object) -> tuple[list[int], list[int] | None]:
             have = port.pin_cached(wanted)
-            return have, port.reserve(len(wanted) - len(have))
+            pinned.extend(have)
+            ids = port.reserve(len(wanted) - len(have))
+            pinned.extend(ids or [])
+            return have, ids
 
-        have, ids = self.engine.call(begin)
+        try:
+            have, ids = await self.engine.acall(begin)
+        except BaseException:
+            # Cancelled (or failed) before the answer came: `begin` runs all the same, and
+            # its pins would be lost with its answer. This command, queued behind it, gives
+            # back what it pinned; queued at once, so a second cancel cannot skip it, and
+            # awaited, so a fetch that ends holds nothing.
+            await self.engine.acall(lambda _: port.release(pinned))
+            raise
         missing = wanted[len(have) :]
         if not missing or ids is None:  # nothing to pull, or no room to pull it into
             return have

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from opentelemetry import trace
 
 from engine.async_engine import AsyncEngine
+from engine.llm_engine import LLMEngine
 from services.kv_bridge import KVBridge
 from services.pool_requests import DecodeRequest, ModelCard, PoolStats, PrefillRequest
 from services.router.replica_choice import prefix_key
@@ -40,6 +42,7 @@ class PoolWorker:
         self.model_id = model_id
         self.fallbacks: Counter[str] = Counter()
         self.telemetry = Telemetry(self.pool, model_id)
+        self._observed: PoolStats | None = None  # what `metrics` read for its collection
         self.telemetry.observe(self._readings)
         if bridge is not None:
             bridge.telemetry = self.telemetry
@@ -75,33 +78,41 @@ class PoolWorker:
             vocab_size=e.config.model.vocab_size,
         )
 
-    def stats(self) -> PoolStats:
-        def read(e: object) -> PoolStats:
-            eng = self.engine.engine
-            s = eng.stats
-            return PoolStats(
-                pool=self.pool,
-                running=len(eng.scheduler.running),
-                waiting=len(eng.scheduler.waiting),
-                free_blocks=eng.pool.num_free_blocks,
-                total_blocks=eng.pool.num_blocks,
-                computed_tokens=s.computed_tokens,
-                prompt_tokens=s.prompt_tokens,
-                cached_prompt_tokens=s.cached_prompt_tokens,
-                handed_over_prompt_tokens=s.handed_over_prompt_tokens,
-                generated_tokens=s.generated_tokens,
-                fallbacks=dict(self.fallbacks),
-                kv_transfer_bytes=dict(self.bridge.bytes) if self.bridge else {},
-            )
+    async def stats(self) -> PoolStats:
+        """The engine's load and totals, read between steps by the engine thread (the loop
+        waits for no step), with this worker's own counters, read on the loop that keeps
+        them."""
+        s = await self.engine.acall(self._engine_stats)
+        return replace(
+            s,
+            fallbacks=dict(self.fallbacks),
+            kv_transfer_bytes=dict(self.bridge.bytes) if self.bridge else {},
+        )
 
-        return self.engine.call(read)
+    def _engine_stats(self, e: LLMEngine) -> PoolStats:
+        """Only on the engine thread, between steps."""
+        return PoolStats(
+            pool=self.pool,
+            running=len(e.scheduler.running),
+            waiting=len(e.scheduler.waiting),
+            free_blocks=e.pool.num_free_blocks,
+            total_blocks=e.pool.num_blocks,
+            computed_tokens=e.stats.computed_tokens,
+            prompt_tokens=e.stats.prompt_tokens,
+            cached_prompt_tokens=e.stats.cached_prompt_tokens,
+            handed_over_prompt_tokens=e.stats.handed_over_prompt_tokens,
+            generated_tokens=e.stats.generated_tokens,
+        )
 
-    def metrics(self) -> Snapshot:
+    async def metrics(self) -> Snapshot:
         """This replica's series; the router merges every replica's into its /metrics."""
-        return self.telemetry.snapshot()
+        self._observed = await self.stats()
+        return self.telemetry.snapshot()  # no await in between: it observes these stats
 
     def _readings(self) -> list[Reading]:
-        s = self.stats()
+        s = self._observed
+        if s is None:
+            return []  # collected before `metrics` read the engine
         used = 1 - s.free_blocks / s.total_blocks if s.total_blocks else 0.0
         readings = [
             Reading(RUNNING, s.running),
@@ -129,21 +140,25 @@ class PoolWorker:
         ]
         return readings
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        """Ray Serve calls this periodically; the pools' request routers read it
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve calls this every ROUTING_STATS_PERIOD_S, on the replica's loop, which
+        waits for no step; the pools' request routers read it
         (services.router.replica_choice)."""
-        s = self.stats()
+        prefill = self.pool == "prefill"
+
+        def read(e: LLMEngine) -> tuple[PoolStats, frozenset[int] | None]:
+            cached = frozenset(prefix_key(h) for h in e.pool.cached) if prefill else None
+            return self._engine_stats(e), cached
+
+        s, cached = await self.engine.acall(read)
         out: dict[str, Any] = {
             "running": s.running,
             "waiting": s.waiting,
             "free_blocks": s.free_blocks,
             "total_blocks": s.total_blocks,
         }
-        if self.pool == "prefill":
-            pool = self.engine.engine.pool
-            out["cached_prefixes"] = self.engine.call(
-                lambda _: frozenset(prefix_key(h) for h in pool.cached)
-            )
+        if cached is not None:
+            out["cached_prefixes"] = cached
         return out
 
     async def shutdown(self) -> None:

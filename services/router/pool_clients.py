@@ -37,10 +37,10 @@ class LocalPrefillPool:
         return await server.prefill(request)
 
     async def stats(self) -> list[PoolStats]:
-        return [s.stats() for s in self.servers]
+        return [await s.stats() for s in self.servers]
 
     async def metrics(self) -> list[Snapshot]:
-        return [s.metrics() for s in self.servers]
+        return [await s.metrics() for s in self.servers]
 
 
 class LocalDecodePool:
@@ -55,10 +55,10 @@ class LocalDecodePool:
             yield out
 
     async def stats(self) -> list[PoolStats]:
-        return [s.stats() for s in self.servers]
+        return [await s.stats() for s in self.servers]
 
     async def metrics(self) -> list[Snapshot]:
-        return [s.metrics() for s in self.servers]
+        return [await s.metrics() for s in self.servers]
 
 
 class RayPrefillPool:

@@ -66,8 +66,8 @@ class Stalling:
         finally:
             self.closed += 1
 
-    def stats(self) -> PoolStats:
-        return self.server.stats()
+    async def stats(self) -> PoolStats:
+        return await self.server.stats()
 
 
 @pytest.fixture(scope="module")

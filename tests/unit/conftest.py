@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,3 +44,14 @@ def make_engine(default_checkpoint: LoadedCheckpoint) -> Iterator[MakeEngine]:
     yield make
     for engine in built:
         assert_idle(engine)
+
+
+async def tick_gaps(gaps: list[float], stop: asyncio.Event) -> None:
+    """Every 5 ms on the running loop, appends the time since the last tick: a loop frozen
+    by blocking work shows as one long gap."""
+    last = time.perf_counter()
+    while not stop.is_set():
+        await asyncio.sleep(0.005)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now

@@ -17,7 +17,7 @@ from engine.sampling_params import SamplingParams
 from services.decode.server import DecodeServer
 from services.pool_requests import PrefillRequest
 from services.prefill.server import PrefillServer
-from tests.unit.conftest import MakeEngine
+from tests.unit.conftest import MakeEngine, tick_gaps
 
 
 @pytest.fixture
@@ -289,7 +289,7 @@ async def test_the_loop_keeps_serving_while_a_step_computes(
     monkeypatch.setattr(engine.engine, "step", long_step)
     gaps: list[float] = []
     stop = asyncio.Event()
-    ticker = asyncio.create_task(_tick(gaps, stop))
+    ticker = asyncio.create_task(tick_gaps(gaps, stop))
     first = asyncio.create_task(_collect(engine.generate([1, 2, 3], SamplingParams(max_tokens=2))))
     await asyncio.to_thread(stepping.wait, 30)
     # Each is answered after the step; the loop waits for none of them.
@@ -307,13 +307,3 @@ async def test_the_loop_keeps_serving_while_a_step_computes(
     assert second[-1].finished and not aborted and steps >= 1
     assert len(took) == 1 and took[0] >= 1.0
     assert max(gaps) < took[0] / 4, (max(gaps), took[0])
-
-
-async def _tick(gaps: list[float], stop: asyncio.Event) -> None:
-    """Every 5 ms on the loop, the time since the last tick."""
-    last = time.perf_counter()
-    while not stop.is_set():
-        await asyncio.sleep(0.005)
-        now = time.perf_counter()
-        gaps.append(now - last)
-        last = now
