@@ -47,20 +47,25 @@ class DecodeServer(PoolWorker):
         self, request: DecodeRequest, span: trace.Span
     ) -> AsyncIterator[RequestOutput]:
         handoff = request.handoff
-        fingerprint: KVFingerprint | None = None
-        pinned: list[int] = []
-        prefix: list[int] = []
-        if handoff is not None:
-            prefix = [handoff.first_token]
-            with trace.use_span(span):  # current for the pull only: this generator yields
-                pinned = await self._pull(request)
-            if pinned:
-                fingerprint = handoff.fingerprint
-        elif request.stored_hashes and request.stored_fingerprint is not None:
-            with trace.use_span(span):
-                pinned = await self._import_stored(request)
-            if pinned:
-                fingerprint = request.stored_fingerprint
+        prefix = [handoff.first_token] if handoff is not None else []
+        with trace.use_span(span):  # current for the transfer only: this generator yields
+            transfer = asyncio.ensure_future(self._transfer(request))
+        try:
+            # A KV pull can take a while; it is bounded by `transfer_timeout_s`, so the
+            # keepalives sent meanwhile never hide a hung replica for longer than that.
+            while request.keepalive_s is not None and not transfer.done():
+                await asyncio.wait({transfer}, timeout=request.keepalive_s)
+                if not transfer.done():
+                    yield RequestOutput(request.request_id, [], "", False, 0, 0, 0)
+            fingerprint, pinned = await transfer
+        except BaseException:  # the caller left (or was cancelled) during the transfer
+            transfer.cancel()  # a fetch cancelled mid-way holds nothing (KVBridge.fetch)
+            await asyncio.gather(transfer, return_exceptions=True)
+            if not transfer.cancelled() and transfer.exception() is None:
+                _, unused = transfer.result()  # it finished first: give its pins back
+                port = self.engine.engine.port
+                await self.engine.acall(lambda _: port.release(unused))
+            raise
         if request.output_prefix:  # a migrated request resumes after what was streamed
             prefix = list(request.output_prefix)
         cached_override = handoff.num_cached_tokens if handoff is not None else None
@@ -80,6 +85,17 @@ class DecodeServer(PoolWorker):
                 # Prefix-cache hits happened at prefill; decode's import is not a hit.
                 out.num_cached_tokens = cached_override
             yield out
+
+    async def _transfer(self, request: DecodeRequest) -> tuple[KVFingerprint | None, list[int]]:
+        """The prompt's KV this replica can start from: the handoff's blocks, or the longest
+        stored prefix, pinned, with the fingerprint they were computed under."""
+        if request.handoff is not None:
+            pinned = await self._pull(request)
+            return (request.handoff.fingerprint if pinned else None), pinned
+        if request.stored_hashes and request.stored_fingerprint is not None:
+            pinned = await self._import_stored(request)
+            return (request.stored_fingerprint if pinned else None), pinned
+        return None, []
 
     async def _import_stored(self, request: DecodeRequest) -> list[int]:
         """The longest prefix of the stored blocks the store still serves, pinned; the rest

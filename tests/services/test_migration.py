@@ -204,6 +204,50 @@ def test_a_stalled_decode_replica_is_abandoned(
     wait_idle(stack)
 
 
+def test_a_slow_kv_pull_is_not_taken_for_a_stall(
+    stack: Stack,
+    front: Front,
+    default_checkpoint: LoadedCheckpoint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The replica pulls the handoff's blocks for longer than the stall timeout (within the
+    transfer timeout): it sends keepalives meanwhile, and the request stays where it is."""
+    front.pipeline = pipeline(stack, stack.decode)
+    want, _ = front.stream(temperature=0)
+    server = decode_server(default_checkpoint, stack)
+    assert server.bridge is not None
+    fetch = server.bridge.fetch
+
+    async def slow_fetch(*args: Any, **kwargs: Any) -> list[int]:
+        await asyncio.sleep(2.5)  # a long prompt over a busy network
+        return await fetch(*args, **kwargs)
+
+    monkeypatch.setattr(server.bridge, "fetch", slow_fetch)
+    try:
+        front.pipeline = slow = pipeline(stack, server, stall_timeout_s=1.0)
+        got, _ = front.stream(temperature=0)
+        assert got == want and slow.migrations == 0
+        assert not server.fallbacks  # decode started from the handoff's blocks
+
+        # A client gone during the pull: the pull stops, and nothing stays held.
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": TOKENS, "stream": True}
+        with front.client.stream("POST", "/v1/completions", json=body | {"cache_salt": "gone"}):
+            time.sleep(1.0)  # the replica is in its 2.5 s pull
+        deadline = time.monotonic() + 30
+        while not server.engine.call(
+            lambda e: not e.has_unfinished and e.pool.num_free_blocks == e.pool.num_blocks
+        ):
+            assert time.monotonic() < deadline, "the replica still holds blocks"
+            time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while stack.store_leases():  # the handoff's lease, released by the abandoned pull
+            assert time.monotonic() < deadline, "the handoff's lease was not released"
+            time.sleep(0.1)
+    finally:
+        server.engine.shutdown()
+    wait_idle(stack)
+
+
 def test_a_request_no_replica_would_serve_gets_503(stack: Stack, front: Front) -> None:
     """Every replica tried stalled: the service is unavailable (retry later), not broken."""
     stalled = Stalling(stack.decode, after=0)
