@@ -45,6 +45,9 @@ class KernelBackend(ABC):
     fused_int4_norm: ClassVar[bool] = False
     """Whether `int4_linear_add_norm` exists and the INT4 projections take a `PendingNorm`
     (an RMSNorm split between the GEMM before it and the GEMM after it)."""
+    fp8_row_bytes: ClassVar[int] = 1
+    """What the rows of `fp8_linear`'s operands and output must be a multiple of, in bytes
+    (in_features FP8 values; out_features values of the activation dtype)."""
 
     @abstractmethod
     def rms_norm(

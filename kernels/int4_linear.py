@@ -67,6 +67,9 @@ ZERO_BIAS_BITS = 0x4300
 """bf16 128.0: `ZERO_BIAS_BITS | q` is the bf16 number 128 + q for q in [0, 15]."""
 N_TILE = 16
 LAYOUTS = ("triton", "avx2", "cpu")
+AVX2_GROUP_SIZES = (32, 64, 96, 128, 160, 192, 224, 256)
+"""Groups the "avx2" kernel takes: whole 32-wide blocks, at most 8 of them (its int16 group
+sums overflow past that)."""
 
 
 def int4_group_size(in_features: int) -> int:
@@ -113,8 +116,11 @@ def pack_int4(
     # projection take a fraction of a second there and many seconds on a host core.
     q, scales, zeros = q.to(device), scales.to(device), zeros.to(device)
     if layout == "avx2":
-        if k % 32:
-            raise ValueError(f"the avx2 INT4 layout needs in_features divisible by 32, got {k}")
+        if group_size not in AVX2_GROUP_SIZES:
+            raise ValueError(
+                f"the avx2 INT4 layout takes groups of a multiple of 32 up to 256 input "
+                f"channels, got group_size {group_size}"
+            )
         halves = q.to(torch.uint8).view(n, k // 32, 2, 16)
         packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
         return Int4Weight(

@@ -24,6 +24,12 @@ def check_kv_scales(kv_scales: torch.Tensor, kv_layer: torch.Tensor) -> None:
         kv_scales.dtype,
         kv_scales.shape,
     )
+    # A zero scale caches NaN (0 / 0) or +-448 for every value; inf caches zeros.
+    if not bool((torch.isfinite(kv_scales) & (kv_scales > 0)).all()):
+        raise ValueError(
+            f"FP8 KV scales must be finite and positive, got {kv_scales.tolist()} "
+            "([K | V] x KV heads)"
+        )
 
 
 def write_kv_fp8_torch(
@@ -50,6 +56,8 @@ def paged_attention_fp8_torch(
     kv_scales: torch.Tensor,
 ) -> torch.Tensor:
     check_kv_scales(kv_scales, kv_layer)
+    if meta.batch_size == 0:
+        return torch.empty_like(q)
     bs = meta.block_size
     used = [-(-n // bs) for n in meta.seq_lens_host]
     width = max(used)

@@ -22,6 +22,7 @@ import torch
 from kernels import native
 from kernels.attention_metadata import AttentionMetadata
 from kernels.int4_linear import Int4Weight
+from kernels.paged_attention_cpu import check_block_ids, check_slots
 
 _p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
@@ -162,6 +163,8 @@ class NativeLayers:
         tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
         starts = meta.query_start_loc.contiguous()
         kv_layer = kv_cache[:, 0]
+        check_slots(slots, kv_layer)  # every layer's slice has the same blocks
+        check_block_ids(meta, kv_layer.shape[0])
         step = _LayerStep(
             t,
             cfg.hidden_size,

@@ -32,6 +32,7 @@ class _SequencePlan:
 @dataclass
 class TorchAttentionPlan:
     sequences: list[_SequencePlan]
+    block_ids: tuple[int, int] | None  # the lowest and highest block id the step reads
 
 
 def plan_attention_torch(meta: AttentionMetadata) -> TorchAttentionPlan:
@@ -55,7 +56,17 @@ def plan_attention_torch(meta: AttentionMetadata) -> TorchAttentionPlan:
             mask = torch.arange(slen, device=device)[None, :] <= q_pos[:, None]
         blocks = meta.block_tables[b, : -(-slen // bs)].long()
         plans.append(_SequencePlan(starts[b], qlen, slen, blocks, mask))
-    return TorchAttentionPlan(plans)
+    width = -(-max(meta.seq_lens_host, default=0) // bs)
+    if width > meta.block_tables.shape[1]:
+        raise IndexError(
+            f"a sequence of {max(meta.seq_lens_host)} tokens needs {width} blocks of "
+            f"{bs}; block_tables {tuple(meta.block_tables.shape)} holds "
+            f"{meta.block_tables.shape[1]} a row"
+        )
+    # Once per step, for the native kernels' bounds check (`paged_attention_cpu`).
+    ids = torch.cat([p.blocks for p in plans]) if plans else None
+    block_ids = (int(ids.min()), int(ids.max())) if ids is not None and ids.numel() else None
+    return TorchAttentionPlan(plans, block_ids)
 
 
 def paged_attention_torch(

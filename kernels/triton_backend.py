@@ -20,6 +20,7 @@ class TritonBackend(KernelBackend):
     int4_layout = "triton"
     fused_int4_swiglu = True
     fused_int4_norm = True
+    fp8_row_bytes = 16  # the FP8 GEMM moves its tiles with TMA descriptors
     quantized_activation_dtypes = (torch.bfloat16, torch.float16)
 
     def rms_norm(

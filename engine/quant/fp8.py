@@ -58,6 +58,18 @@ class Fp8Channels(QuantizedWeight):
         return self.q.float() * self.scale.float()[:, None]
 
 
+def _check_row_bytes(shape: tuple[int, ...], dtype: torch.dtype, ops: KernelBackend) -> None:
+    """Refuse, at load, a weight whose rows or output rows the backend's GEMM cannot move."""
+    n, k = shape
+    align, out_bytes = ops.fp8_row_bytes, n * dtype.itemsize
+    if k % align or out_bytes % align:
+        raise ValueError(
+            f"the {ops.name} backend's FP8 GEMM needs rows of a multiple of {align} bytes: "
+            f"in_features {k} (1 byte each) and out_features {n} ({dtype.itemsize} bytes each "
+            f"in {str(dtype).removeprefix('torch.')}); pad the projection or use another format"
+        )
+
+
 class Fp8Format(LinearFormat):
     """W8A8 FP8: per-channel weight scales, per-token dynamic activation scales."""
 
@@ -68,6 +80,7 @@ class Fp8Format(LinearFormat):
         self, weight: torch.Tensor, dtype: torch.dtype, device: str, ops: KernelBackend
     ) -> Fp8Weight:
         check_activation_dtype(self, dtype, ops)
+        _check_row_bytes(weight.shape, dtype, ops)
         return make_fp8_weight(*quantize_fp8_per_channel(weight), device)
 
     def prepare_quantized(
@@ -75,6 +88,7 @@ class Fp8Format(LinearFormat):
     ) -> Fp8Weight:
         check_activation_dtype(self, dtype, ops)
         assert isinstance(weight, Fp8Channels)  # Linear hands a format only its own kind
+        _check_row_bytes(weight.shape, dtype, ops)
         return make_fp8_weight(weight.q, weight.scale.float(), device)
 
     def apply(

@@ -2,9 +2,14 @@
 
 Per group of G input channels (G = 128, or 64 where K is not a multiple of 128):
 
-    s = max(r w_max - r w_min, 1e-5) / 15   (rounded to bf16 first, as stored)
-    z = clamp(round(-r w_min / s), 0, 15)   q = clamp(round(w / s) + z, 0, 15)
+    lo = min(min w, 0)   hi = max(max w, 0)
+    s = max(r hi - r lo, 1e-5) / 15         (rounded to bf16 first, as stored)
+    z = clamp(round(-r lo / s), 0, 15)      q = clamp(round(w / s) + z, 0, 15)
     W ≈ (q - z) * s
+
+The range holds 0, as GPTQ's quantizer makes it: z is an integer in [0, 15], so 0 is
+always on the grid, and a grid fitted to a group of one sign (or a constant group) alone
+could not reach the group's values.
 
 with r = 1 (round-to-nearest, `quantize_int4`) or a per-group clip ratio r <= 1 that a
 calibrated quantizer chose (`engine.quant.awq.search_clip`). A calibrated quantizer may
@@ -85,7 +90,7 @@ def int4_grid(
     if k % g:
         raise ValueError(f"in_features {k} is not a multiple of the group size {g}")
     w = weight.float().reshape(n, k // g, g)
-    w_min, w_max = w.amin(dim=-1), w.amax(dim=-1)
+    w_min, w_max = w.amin(dim=-1).clamp_max(0), w.amax(dim=-1).clamp_min(0)
     if ratios is not None:
         w_min, w_max = w_min * ratios, w_max * ratios
     scales = ((w_max - w_min).clamp_min(1e-5) / 15).to(torch.bfloat16)

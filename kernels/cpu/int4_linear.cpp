@@ -10,13 +10,18 @@
 //
 // A tile is 4 output channels by RM activation rows: each 32-wide block's nibbles are
 // unpacked once for the RM rows, products add up in int16 within a group (at most
-// 2 * 15 * 127 per block, 4 blocks per group of 128: far below 2^15), and the four
-// channels' group sums are reduced together into one SSE vector for the float epilogue.
+// 2 * 15 * 127 = 3810 per block: 8 blocks fit under 2^15, so groups are at most 256 wide,
+// which the launcher checks), and the four channels' group sums are reduced together into
+// one SSE vector for the float epilogue.
+//
+// A row holding NaN or +-inf gives NaN in every output of that row (its int8 codes would
+// be garbage), as torch gives a non-finite result there, never a finite wrong one.
 // A row's result takes the same operations whatever RM, M and the thread are, so results
 // are batch-invariant.
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -51,14 +56,20 @@ QuantizedX quantize_rows(const void* x, bool bf16, int64_t m, int64_t k, int64_t
   QuantizedX out{std::vector<int8_t>(m * k), std::vector<float>(m * groups),
                  std::vector<int32_t>(m * groups)};
   const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 inf = _mm256_set1_ps(INFINITY);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t base = r * k + g * group;
       __m256 vmax = _mm256_setzero_ps();
-      for (int64_t i = 0; i < group; i += 8)
-        vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, load8(x, bf16, base + i)));
-      const float amax = baton::hmax(vmax);
+      __m256 finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+      for (int64_t i = 0; i < group; i += 8) {
+        const __m256 a = _mm256_andnot_ps(sign, load8(x, bf16, base + i));
+        vmax = _mm256_max_ps(vmax, a);  // (drops a NaN: `finite` catches it)
+        finite = _mm256_and_ps(finite, _mm256_cmp_ps(a, inf, _CMP_LT_OQ));
+      }
+      // A NaN scale makes every product of the row NaN.
+      const float amax = _mm256_movemask_ps(finite) == 0xFF ? baton::hmax(vmax) : NAN;
       const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       __m256i sum = _mm256_setzero_si256();
       for (int64_t i = 0; i < group; i += 32) {

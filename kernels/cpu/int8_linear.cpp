@@ -48,7 +48,17 @@ extern "C" void baton_int8_linear_avx2(const void* x, const int8_t* w, const flo
                       : static_cast<const float*>(x)[at];
       }
       float amax = 0.f;
-      for (float v : row) amax = std::max(amax, std::fabs(v));
+      bool finite = true;
+      for (float v : row) {
+        amax = std::max(amax, std::fabs(v));  // (drops a NaN: `finite` catches it)
+        finite &= std::isfinite(v);
+      }
+      // A NaN or inf makes the row's outputs NaN through its scale, never finite garbage
+      // (its codes are zeroed: converting a NaN to an integer is undefined).
+      if (!finite) {
+        amax = NAN;
+        std::fill(row, row + kGroup, 0.f);
+      }
       xs[i * groups + g] = amax / 127.f;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       for (int64_t j = 0; j < kGroup; ++j) {

@@ -21,3 +21,23 @@ def test_argmax_rows_is_torch_argmax_ties_included(device, dtype):
     assert got.dtype == torch.int64
     assert got.tolist() == x.argmax(dim=-1).tolist()
     assert got[1:6].tolist() == [5, CHUNK + 3, n - 1, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_rows_takes_nan_as_the_maximum(device, dtype):
+    """NaN beats every number, as in torch.argmax: a row with NaN gives its first NaN's
+    index, never an index past the vocabulary (which the next embedding lookup would
+    fault on)."""
+    rows, n = (5, 2 * CHUNK + 37) if device.type == "cpu" else (33, 128256)
+    x = torch.randn(rows, n, device=device).to(dtype)
+    nan, top = float("nan"), x.float().max().item() + 1
+    x[0] = nan  # every element
+    x[1, : CHUNK + 5] = nan  # the whole first chunk, and into the second
+    x[2, [7, CHUNK + 1]] = top
+    x[2, [2 * CHUNK + 3, 2 * CHUNK + 9]] = nan  # in the last chunk only, after the maximum
+    x[3] = float("-inf")  # every element ties at -inf
+    x[4, n - 1] = nan  # the last element
+    with torch.no_grad():
+        got = argmax_rows(x)
+    assert got.tolist() == x.argmax(dim=-1).tolist()
+    assert got[:5].tolist() == [0, 0, 2 * CHUNK + 3, 0, n - 1]

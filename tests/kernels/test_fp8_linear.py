@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+from engine.linear import linear_format
+from engine.quant.fp8 import Fp8Channels, quantize_fp8_per_channel
+from kernels.backend import get_backend
 from kernels.fp8_linear import FP8_DTYPE, FP8_MAX, make_fp8_weight, quantize_fp8_torch
 from kernels.fp8_linear_triton import Fp8GemmConfig, fp8_gemm, fp8_linear, quantize_fp8
 from tests.kernels.bounds import (
@@ -78,3 +81,22 @@ def test_fp8_linear_quantizes_then_multiplies(device):
         fp8_linear(xq, weight, None, xs, torch.float32),
         fp8_gemm(xq, xs, weight, None, torch.float32),
     )
+
+
+def test_fp8_weights_the_triton_gemm_cannot_move_are_refused_at_load(device):
+    """The Triton GEMM moves 16-byte rows (TMA): an out_features whose bf16 output row is
+    not a multiple of 16 bytes, or an in_features not a multiple of 16, is refused when
+    the weight is prepared, naming the size, not at the first forward inside Triton. The
+    torch path takes any shape."""
+    fmt, triton = linear_format("fp8"), get_backend("triton")
+    bf16 = torch.bfloat16
+    with pytest.raises(ValueError, match=r"out_features 12 \(2 bytes each in bfloat16\)"):
+        fmt.prepare(torch.randn(12, 64), bf16, device.type, triton)
+    with pytest.raises(ValueError, match="multiple of 16 bytes: in_features 40"):
+        fmt.prepare_quantized(
+            Fp8Channels(*quantize_fp8_per_channel(torch.randn(16, 40))), bf16, device.type, triton
+        )
+    fmt.prepare(torch.randn(12, 40), bf16, "cpu", get_backend("torch"))
+    weight = fmt.prepare(torch.randn(8, 64), bf16, device.type, triton)  # 16-byte rows
+    x = torch.randn(3, 64, device=device).to(bf16)
+    assert torch.equal(fp8_linear(x, weight, None), fp8_gemm(*quantize_fp8(x), weight, None, bf16))

@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.quant.int8 import quantize_int8
 from kernels import native
@@ -83,6 +84,49 @@ def test_int4_linear_rows_do_not_depend_on_the_batch_or_threads(n, m):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(batched, alone) and torch.equal(batched, two)
+
+
+def test_int4_linear_groups_up_to_256_wide():
+    """The kernel's int16 group sums hold 8 blocks of 32 at the largest products (q = 15,
+    x at its scale's 127): exact at 256; a wider group is refused when it is packed."""
+    n, k = 4, 512
+    q = torch.full((n, k), 15, dtype=torch.uint8)
+    scales, zeros = torch.full((n, 2), 2**-4).to(BF16), torch.zeros(n, 2).to(BF16)
+    weight = pack_int4(q, scales, zeros, 256, "avx2")
+    x = torch.ones(1, k)
+    assert torch.equal(get_backend("torch").int4_linear(x, weight, None), torch.full((1, n), 480.0))
+    with pytest.raises(ValueError, match="up to 256 input channels, got group_size 512"):
+        pack_int4(q, scales[:, :1], zeros[:, :1], 512, "avx2")
+
+
+def _non_finite_rows(x):
+    """x with a NaN, +inf and -inf in rows 1-3 (in the middle of a later group), and a
+    mask of those rows."""
+    x = x.clone()
+    for row, bad in enumerate(("nan", "inf", "-inf"), start=1):
+        x[row, x.shape[1] // 2 + 3] = float(bad)
+    bad_rows = torch.zeros(x.shape[0], dtype=torch.bool)
+    bad_rows[1:4] = True
+    return x, bad_rows
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("x_dtype", [BF16, torch.float32])
+def test_non_finite_activations_give_non_finite_rows(fmt, x_dtype):
+    """A NaN or inf in a row makes that row's outputs non-finite, as torch's product does,
+    never a finite wrong answer; the other rows are untouched."""
+    k = 576
+    if fmt == "int4":
+        weight, _ = _int4_weight(6, k, 64)
+        run = lambda x: get_backend("torch").int4_linear(x, weight, None)  # noqa: E731
+    else:
+        weight8 = quantize_int8(torch.randn(6, k))
+        run = lambda x: int8_linear(x, weight8)  # noqa: E731
+    clean = torch.randn(5, k).to(x_dtype)
+    x, bad_rows = _non_finite_rows(clean)
+    out = run(x)
+    assert not torch.isfinite(out[bad_rows]).any()
+    assert torch.equal(out[~bad_rows], run(clean)[~bad_rows])
 
 
 @pytest.mark.parametrize("m", [1, 8])
@@ -178,6 +222,58 @@ def test_write_kv_matches_the_torch_path():
     assert torch.equal(kv.view(torch.int16), expected.view(torch.int16))  # NaN slots too
 
 
+def test_write_kv_refuses_slots_outside_the_layer():
+    """A slot past the layer's blocks would land in the next layer's (the cache is
+    block-major across layers): refused, and nothing is written."""
+    _, kv, _, (_, hk, d) = _batch(torch.device("cpu"), BF16)  # layer 1 of 2
+    k, v = _kv_rows(1, hk, d, "cpu")
+    capacity = kv.shape[0] * kv.shape[2]
+    cache = torch.tensor([], dtype=BF16).set_(kv.untyped_storage())  # every layer's slots
+    before = cache.clone()
+    for slot in (capacity, capacity + 3, -1):
+        with pytest.raises(IndexError, match=rf"slots in \[{slot}, {slot}\]; the layer's cache "):
+            write_kv_cpu(k, v, kv, torch.tensor([slot]))
+    assert torch.equal(cache.view(torch.int16), before.view(torch.int16))
+
+
+def test_paged_attention_refuses_block_ids_outside_the_cache():
+    """Block-table entries a sequence reads must name blocks of the cache; the entries
+    past its length (padding) are never read, so they may hold anything."""
+    meta, kv, cached, (hq, hk, d) = _batch(torch.device("cpu"), BF16)
+    write_kv_cpu(*_kv_rows(cached.numel(), hk, d, "cpu"), kv, cached)
+    write_kv_cpu(*_kv_rows(meta.num_tokens, hk, d, "cpu"), kv, meta.slot_mapping)
+    q = torch.randn(meta.num_tokens, hq, d).to(BF16)
+    blocks = kv.shape[0]
+    last = -(-meta.seq_lens_host[0] // meta.block_size) - 1  # sequence 0's last block
+    for bad in (blocks, -1):
+        tables = meta.block_tables.clone()
+        tables[0, last] = bad
+        broken = dataclasses.replace(meta, block_tables=tables)
+        broken.plan = plan_attention_torch(broken)
+        with pytest.raises(IndexError, match=f"the layer's cache has {blocks} blocks"):
+            paged_attention_cpu(q, kv, broken, d**-0.5)
+    padded = dataclasses.replace(meta, block_tables=F.pad(meta.block_tables, (0, 2), value=-1))
+    padded.plan = plan_attention_torch(padded)
+    meta.plan = plan_attention_torch(meta)
+    assert torch.equal(
+        paged_attention_cpu(q, kv, padded, d**-0.5), paged_attention_cpu(q, kv, meta, d**-0.5)
+    )
+    short = dataclasses.replace(meta, block_tables=meta.block_tables[:, :1])
+    with pytest.raises(IndexError, match="holds 1 a row"):
+        plan_attention_torch(short)
+
+
+def test_native_launchers_name_the_tensor_they_refuse():
+    q = torch.randn(3, 64, 4).to(BF16).transpose(1, 2)  # heads strided, not packed
+    cos = sin = torch.randn(3, 32)
+    with pytest.raises(AssertionError, match=r"RoPE of \(3, 4, 64\) with strides \(256, 1, 4\)"):
+        apply_rope_cpu(q, q, cos, sin)
+    kv = torch.zeros(4, 2, 16, 4, 64, dtype=BF16)
+    k = torch.randn(3, 4, 128).to(BF16)[..., :64]  # head_dim sliced: heads 128 apart
+    with pytest.raises(AssertionError, match=r"k \(3, 4, 64\) has strides \(512, 128, 1\)"):
+        write_kv_cpu(k, k, kv, torch.tensor([0, 1, 2]))
+
+
 # (query heads, KV heads, head dim): the tests' default; SmolLM2's; a group of 6 (decode
 # slices of 4 and 2, prefill tiles of 2 rows) with a head dim that ends in a half 16-wide
 # chunk; no grouping (prefill tiles of 12 rows); a group of 16 (prefill slices of 12 and 4).
@@ -208,20 +304,19 @@ def _alone(meta, b, row=None):
     rows = range(start, start + qlen) if row is None else range(start + row, start + row + 1)
     seen = slen if row is None else slen - qlen + row + 1
     q_len = len(rows)
-    return (
-        dataclasses.replace(
-            meta,
-            slot_mapping=meta.slot_mapping[rows.start : rows.stop],
-            query_start_loc=torch.tensor([0, q_len], dtype=torch.int32),
-            seq_lens=torch.tensor([seen], dtype=torch.int32),
-            block_tables=meta.block_tables[b : b + 1],
-            num_decodes=int(q_len == 1),
-            query_lens_host=[q_len],
-            seq_lens_host=[seen],
-            plan=None,
-        ),
-        rows,
+    sub = dataclasses.replace(
+        meta,
+        slot_mapping=meta.slot_mapping[rows.start : rows.stop],
+        query_start_loc=torch.tensor([0, q_len], dtype=torch.int32),
+        seq_lens=torch.tensor([seen], dtype=torch.int32),
+        block_tables=meta.block_tables[b : b + 1],
+        num_decodes=int(q_len == 1),
+        query_lens_host=[q_len],
+        seq_lens_host=[seen],
+        plan=None,
     )
+    sub.plan = plan_attention_torch(sub)
+    return sub, rows
 
 
 @pytest.mark.parametrize("heads", [(9, 3, 64), (16, 1, 32)])
@@ -233,6 +328,7 @@ def test_paged_attention_rows_are_computed_as_decodes(heads, monkeypatch):
     write_kv_cpu(*_kv_rows(cached.numel(), hk, d, "cpu"), kv, cached)
     write_kv_cpu(*_kv_rows(meta.num_tokens, hk, d, "cpu"), kv, meta.slot_mapping)
     q = torch.randn(meta.num_tokens, hq, d).to(BF16)
+    meta.plan = plan_attention_torch(meta)
     batched = paged_attention_cpu(q, kv, meta, d**-0.5)
     for b in range(meta.batch_size):
         sub, rows = _alone(meta, b)

@@ -7,6 +7,7 @@ import torch
 from engine.linear import Linear, linear_format
 from engine.quant.awq import ActivationStats, search_clip, search_scales
 from engine.quant.fp8 import quantize_fp8_per_channel
+from engine.quant.gptq import gptq_int4
 from engine.quant.int4 import Int4Groups, quantize_int4
 from engine.quant.smooth import smooth_scales
 from kernels.backend import get_backend
@@ -45,6 +46,30 @@ def test_int4_rtn_groups(k):
     s = groups.scales.float().repeat_interleave(g, 1)
     # Half a step of rounding, plus the bf16 rounding of the scale over at most 15 steps.
     assert_within(groups.dequantize(), w.double(), (0.5 + 15 * 2**-8) * s.double(), "RTN")
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "awq_clip", "gptq"])
+def test_int4_groups_of_one_sign_keep_their_values(quantizer):
+    """The grid's zero point is an integer in [0, 15], so each group's range takes in 0:
+    a group of one sign (or a constant one) is then reached to within half a step of
+    max|w| / 15, by every quantizer that uses the grid."""
+    k = 128
+    w = torch.stack(
+        [
+            torch.full((k,), 0.5),
+            torch.full((k,), -0.5),
+            1.0 + 0.1 * torch.rand(k),
+            -1.0 - 0.1 * torch.rand(k),
+        ]
+    )
+    if quantizer == "rtn":
+        groups = quantize_int4(w)
+    elif quantizer == "awq_clip":
+        groups = quantize_int4(w, ratios=search_clip(w, torch.randn(64, k)))
+    else:  # uncorrelated inputs: GPTQ leaves each column as round-to-nearest would
+        groups = gptq_int4(w, torch.eye(k))
+    step = w.double().abs().amax(1, keepdim=True) / 15
+    assert_within(groups.dequantize(), w.double(), (0.5 + 15 * 2**-8) * step, quantizer)
 
 
 def test_int4_rejects_bad_shapes():

@@ -133,3 +133,28 @@ def test_row_invariant_chunk_attends_each_row_as_its_decode_step(cached):
     plain = _one_sequence(seq, qlen, table, page, row_invariant=False)
     ops.plan_attention(plain)
     assert_within(ops.paged_attention(q, kv, plain, d**-0.5), chunk.double(), 1e-5, "chunk")
+
+
+def test_fp8_kv_cache_torch_path_edges():
+    """An empty step attends to nothing (and writes nothing); scales that would cache NaN,
+    saturated or zeroed values are refused."""
+    cache = torch.zeros(4, 2, 8, 2, 32, dtype=FP8_DTYPE)
+    scales = torch.ones(2, 2)
+    empty = torch.empty(0, 2, 32, dtype=torch.bfloat16)
+    ops.write_kv_fp8(empty, empty, cache, torch.empty(0, dtype=torch.long), scales)
+    none = torch.empty(0, dtype=torch.int32)
+    meta = AttentionMetadata(
+        torch.empty(0, dtype=torch.long), torch.zeros(1, dtype=torch.int32), none,
+        torch.empty(0, 1, dtype=torch.int32), 0, 8, [], [],
+    )  # fmt: skip
+    q = torch.empty(0, 4, 32, dtype=torch.bfloat16)
+    assert ops.paged_attention_fp8(q, cache, meta, 0.125, scales).shape == (0, 4, 32)
+    k = torch.ones(1, 2, 32, dtype=torch.bfloat16)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        broken = scales.clone()
+        broken[1, 0] = bad
+        with pytest.raises(ValueError, match="FP8 KV scales must be finite and positive"):
+            ops.write_kv_fp8(k, k, cache, torch.tensor([0]), broken)
+        with pytest.raises(ValueError, match="FP8 KV scales must be finite and positive"):
+            ops.paged_attention_fp8(q, cache, meta, 0.125, broken)
+    assert not cache.float().any()
