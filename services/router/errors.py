@@ -32,6 +32,14 @@ class ApiError(Exception):
         self.param = param
 
 
+def as_api_error(error: Exception) -> ApiError:
+    """How a client hears of `error`: an ApiError as it is; anything else, a pipeline's
+    failure rather than the request's fault, as an internal error naming its cause."""
+    if isinstance(error, ApiError):
+        return error
+    return ApiError(f"generation failed: {remote_cause(error)!r}")
+
+
 class InvalidRequestError(ApiError):
     """Input the client must fix: a malformed field, or a prompt the model cannot take."""
 

@@ -32,7 +32,7 @@ from services.router.errors import (
     InvalidRequestError,
     NotReadyError,
     OverloadedError,
-    remote_cause,
+    as_api_error,
 )
 from services.router.openai_protocol import (
     MAX_REQUEST_BYTES,
@@ -102,7 +102,7 @@ class InferenceServicer:
             await context.abort(e.grpc_code, e.message)
         except Exception as e:  # a pipeline failure, not the request's fault
             log.exception("Generate failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {remote_cause(e)!r}")
+            await context.abort(grpc.StatusCode.INTERNAL, as_api_error(e).message)
 
     async def ListModels(self, raw: bytes, context: Context) -> pb.ListModelsResponse:
         try:

@@ -36,6 +36,7 @@ from services.router.errors import (
     InvalidRequestError,
     OverloadedError,
     RequestTooLargeError,
+    as_api_error,
     remote_cause,
 )
 from services.router.openai_chat import chat_chunks, chat_response
@@ -217,11 +218,9 @@ async def _server_sent_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator
         async for chunk in chunks:
             yield f"data: {chunk.model_dump_json()}\n\n"
     except Exception as e:  # the status line is sent: the error becomes the last event
-        failed = ApiError(f"generation failed: {remote_cause(e)!r}")
-        error = e if isinstance(e, ApiError) else failed
         if not isinstance(e, ApiError):
             log.exception("stream failed")
-        yield f"data: {_error_body(error).model_dump_json()}\n\n"
+        yield f"data: {_error_body(as_api_error(e)).model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from services.router.choice_stream import ChoiceStream, Usage
-from services.router.errors import ApiError, remote_cause
+from services.router.errors import ApiError, as_api_error
 from services.router.request_plan import RequestPlan
 from services.router.responses_request import ResponsesRequest
 
@@ -284,7 +284,6 @@ def _sse(event: _Event) -> str:
 
 
 def _api_error(error: Exception) -> ApiError:
-    if isinstance(error, ApiError):
-        return error
-    log.exception("stream failed")
-    return ApiError(f"generation failed: {remote_cause(error)!r}")
+    if not isinstance(error, ApiError):
+        log.exception("stream failed")
+    return as_api_error(error)
