@@ -3,21 +3,16 @@ whose decoder drops the leading space of the first token it sees."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import tokenizers
-import torch
 from tokenizers import decoders, models, pre_tokenizers
 
-from engine.config import ModelConfig
 from engine.engine_args import EngineArgs
 from engine.llm_engine import LLMEngine
-from engine.loaders import LoadedCheckpoint
-from engine.loaders.tensor_layout import expected_shapes
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from tests.unit.conftest import assert_idle
+from tests.unit.tiny_model import tiny_model
 
 VOCAB = 64
 PROMPT = "w1 w2 w3"
@@ -30,30 +25,7 @@ def engine() -> LLMEngine:
     )
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
-    config = ModelConfig(
-        architecture="llama",
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=1,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_theta=1e4,
-        tie_word_embeddings=True,
-        eos_token_ids=(),
-    )
-    g = torch.Generator().manual_seed(0)
-    checkpoint = LoadedCheckpoint(
-        config=config,
-        tensors={n: torch.randn(s, generator=g) * 0.2 for n, s in expected_shapes(config).items()},
-        tokenizer=Tokenizer(backend, bos_token_id=None, eos_token_ids=()),
-        model_id="metaspace-toy",
-        weights_digest="0" * 64,
-        source=Path("<memory>"),
-    )
+    checkpoint = tiny_model(Tokenizer(backend, bos_token_id=None, eos_token_ids=()), VOCAB)
     return EngineArgs(dtype="float32", max_model_len=64).create_engine(checkpoint)
 
 
