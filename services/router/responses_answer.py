@@ -151,22 +151,23 @@ class ContentPartEvent(_Event):
     part: OutputText
 
 
-class TextDeltaEvent(_Event):
+class _TextEvent(_Event):
+    """An event about the one output_text part of the one message item."""
+
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    logprobs: list[Any] = []
+
+
+class TextDeltaEvent(_TextEvent):
     type: str = "response.output_text.delta"
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     delta: str
-    logprobs: list[Any] = []
 
 
-class TextDoneEvent(_Event):
+class TextDoneEvent(_TextEvent):
     type: str = "response.output_text.done"
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     text: str
-    logprobs: list[Any] = []
 
 
 class _Answer:
