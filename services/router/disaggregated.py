@@ -69,9 +69,6 @@ class PrefixIndex(Protocol):
         """Unpins a handoff's lease in the background, trying again while it fails (a
         second release is a no-op); the request never waits for it."""
 
-    async def close(self) -> None:
-        """Stops the releases still trying (their leases expire with their TTLs)."""
-
 
 class DisaggregatedPipeline(Pipeline):
     def __init__(
@@ -130,11 +127,6 @@ class DisaggregatedPipeline(Pipeline):
         while self.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
         return self.inflight
-
-    async def close(self) -> None:
-        """Stops the lease releases still trying; call once no request is in flight."""
-        if self.index is not None:
-            await self.index.close()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if self.inflight >= self.max_inflight:
