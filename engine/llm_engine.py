@@ -196,13 +196,7 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("prompt is empty: it must contain at least one token")
         self._check_tokens(token_ids, "prompt")
-        limit = self.config.scheduler.max_model_len
-        if len(token_ids) + params.max_tokens > limit:
-            raise ValueError(
-                f"this model's context window is {limit} tokens, but the request needs "
-                f"{len(token_ids) + params.max_tokens} ({len(token_ids)} in the prompt, "
-                f"{params.max_tokens} for max_tokens); shorten the prompt or lower max_tokens"
-            )
+        params.check_fits(len(token_ids), self.config.scheduler.max_model_len)
 
     def _check_tokens(self, token_ids: list[int], what: str) -> None:
         vocab = self.config.model.vocab_size

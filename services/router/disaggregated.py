@@ -143,13 +143,7 @@ class DisaggregatedPipeline(Pipeline):
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         prompt = request.prompt_token_ids
-        needed = len(prompt) + request.params.max_tokens
-        if needed > self.max_model_len:
-            raise ValueError(
-                f"this model's context window is {self.max_model_len} tokens, but the request "
-                f"needs {needed} ({len(prompt)} in the prompt, {request.params.max_tokens} "
-                "for max_tokens); shorten the prompt or lower max_tokens"
-            )
+        request.params.check_fits(len(prompt), self.max_model_len)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (request.deadline_s or self.request_timeout_s)
         hashes = block_hashes(self.fingerprint, prompt, request.cache_salt)

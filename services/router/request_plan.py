@@ -146,9 +146,16 @@ def plan_chat(
     requested = request.max_output_tokens or 0  # vLLM's: nothing asked, nothing set aside
     keep = _prompt_tokens_kept(request, pipeline.max_model_len, requested, output_param)
     prompt = _last(prompt, keep)
-    # Chat's default is the rest of the context window; at least 1, so a prompt that
-    # fills the window gets the engine's context-length error rather than this one's.
-    max_tokens = request.max_output_tokens or max(1, pipeline.max_model_len - len(prompt))
+    # Chat's default is the rest of the context window.
+    room = pipeline.max_model_len - len(prompt)
+    if request.max_output_tokens is None and room < 1:
+        raise InvalidRequestError(
+            f"the conversation is {len(prompt)} tokens, which leaves no room for a reply in "
+            f"this model's context window of {pipeline.max_model_len} tokens; shorten the "
+            "messages",
+            param="messages",
+        )
+    max_tokens = request.max_output_tokens or room
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     _check_token_ids([prompt], request, pipeline.vocab_size)
     params = _choice_params(request, 1, max_tokens, logprobs)

@@ -61,6 +61,25 @@ def test_chat_defaults_to_the_rest_of_the_context_window(pipeline: ColocatedPipe
     assert plan.params[0].logprobs is None
 
 
+def test_a_conversation_that_fills_the_context_window_is_refused_naming_it(
+    pipeline: ColocatedPipeline,
+) -> None:
+    """With no max_tokens the reply gets the rest of the window; the message said "1 for
+    max_tokens" and "lower max_tokens", which the client never sent."""
+    messages = [{"role": "user", "content": "hello " * 1030}]
+    n = len(pipeline.tokenizer.encode_chat(messages))
+    with pytest.raises(InvalidRequestError) as failure:
+        plan_chat(ChatCompletionRequest(messages=messages), pipeline)
+    assert str(failure.value) == (
+        f"the conversation is {n} tokens, which leaves no room for a reply in this model's "
+        "context window of 1024 tokens; shorten the messages"
+    )
+    assert failure.value.param == "messages"
+    fits = [{"role": "user", "content": "hello " * 40}]
+    room = 1024 - len(pipeline.tokenizer.encode_chat(fits))
+    assert plan_chat(ChatCompletionRequest(messages=fits), pipeline).params[0].max_tokens == room
+
+
 @pytest.mark.parametrize(
     ("fields", "max_tokens", "logprobs"),
     [
