@@ -51,7 +51,12 @@ from services.router.openai_protocol import (
 )
 from services.router.openai_responses import ErrorInfo, ErrorResponse, ModelCard, ModelList
 from services.router.pipeline import Pipeline
-from services.router.request_plan import plan_chat, plan_completion, serving_pipeline
+from services.router.request_plan import (
+    plan_chat,
+    plan_completion,
+    served_model,
+    serving_pipeline,
+)
 from services.router.responses_answer import response_events, response_object
 from services.router.responses_request import ResponsesRequest, plan_response
 
@@ -131,13 +136,21 @@ def build_http_app(
             return StreamingResponse(events, media_type="text/event-stream")
         return _json(await _unless_client_gone(request, response_object(stream, body)))
 
-    @v1.get("/models", response_model=ModelList)
-    async def list_models() -> Response:
-        pipeline = get_pipeline()
-        card = ModelCard(
+    def model_card(pipeline: Pipeline) -> ModelCard:
+        return ModelCard(
             id=pipeline.model_id, created=started, max_model_len=pipeline.max_model_len
         )
-        return _json(ModelList(data=[card]))
+
+    @v1.get("/models", response_model=ModelList)
+    async def list_models() -> Response:
+        return _json(ModelList(data=[model_card(get_pipeline())]))
+
+    # OpenAI's retrieve; a model id may hold slashes ("HuggingFaceTB/SmolLM2-135M").
+    @v1.get("/models/{model:path}", response_model=ModelCard)
+    async def retrieve_model(model: str) -> Response:
+        pipeline = get_pipeline()
+        served_model(model, pipeline)
+        return _json(model_card(pipeline))
 
     app.include_router(v1)
 

@@ -219,15 +219,23 @@ def _salt(request: SamplingRequest, tenant: str) -> bytes:
 
 def _served_model(request: SamplingRequest, pipeline: Pipeline) -> str:
     """The served model's id; a request naming none ("" as vLLM reads it, or no field)
-    gets it. An unknown name is echoed cut short: it lands in a gRPC status message,
-    whose metadata limit would otherwise turn NOT_FOUND into RESOURCE_EXHAUSTED."""
-    if request.model and request.model != pipeline.model_id:
-        name = request.model if len(request.model) <= 80 else request.model[:80] + "..."
+    gets it."""
+    if request.model:
+        served_model(request.model, pipeline)
+    return pipeline.model_id
+
+
+def served_model(model: str, pipeline: Pipeline) -> str:
+    """`model`, if it is the served model's id; else ModelNotFoundError. An unknown name
+    is echoed cut short: it lands in a gRPC status message, whose metadata limit would
+    otherwise turn NOT_FOUND into RESOURCE_EXHAUSTED."""
+    if model != pipeline.model_id:
+        name = model if len(model) <= 80 else model[:80] + "..."
         raise ModelNotFoundError(
             f"the model {name!r} does not exist here; this server serves {pipeline.model_id!r}",
             param="model",
         )
-    return pipeline.model_id
+    return model
 
 
 def _choice_params(

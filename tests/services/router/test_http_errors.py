@@ -284,6 +284,21 @@ def test_models_lists_the_served_model(client: openai.OpenAI, base_url: str) -> 
     assert card["max_model_len"] == 1024 and card["owned_by"] == "baton"
 
 
+def test_a_model_is_retrieved_by_its_id(client: openai.OpenAI, base_url: str) -> None:
+    """OpenAI's GET /v1/models/{model}, which answered 404 for the served model too."""
+    model = client.models.retrieve(MODEL_ID)
+    assert (model.id, model.object, model.owned_by) == (MODEL_ID, "model", "baton")
+    with pytest.raises(openai.NotFoundError) as failure:
+        client.models.retrieve("org/other-model")
+    assert error_of(failure) == {
+        "message": f"the model 'org/other-model' does not exist here; this server serves "
+        f"'{MODEL_ID}'",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+
+
 def test_health_and_requests_follow_readiness(pipeline: ColocatedPipeline) -> None:
     switched = SwitchedPipeline(pipeline)
     with serve_http(build_http_app(lambda: switched)) as url:
