@@ -97,8 +97,13 @@ class InferenceServicer:
                 yield _response(plan.request_id, out, stream.usage if stream.done else None)
         except ApiError as e:
             if isinstance(e, OverloadedError):
+                # HTTP's header, and gRPC's server pushback, which a channel with a retry
+                # policy waits out before its next attempt
                 retry_after = str(max(1, math.ceil(e.retry_after_s)))
-                context.set_trailing_metadata((("retry-after", retry_after),))
+                pushback = str(max(1, math.ceil(e.retry_after_s * 1000)))
+                context.set_trailing_metadata(
+                    (("retry-after", retry_after), ("grpc-retry-pushback-ms", pushback))
+                )
             await context.abort(e.grpc_code, e.message)
         except Exception as e:  # a pipeline failure, not the request's fault
             log.exception("Generate failed")
@@ -166,10 +171,11 @@ def build_grpc_server(
     host: str = "127.0.0.1",
     api_keys: ApiKeys | None = None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
-) -> grpc.aio.Server:
-    """An unstarted server on host:port with Inference, health and reflection; `await
-    server.start()` in the event loop that will serve it. With `api_keys`, Inference calls
-    need one; messages over `max_request_bytes` are RESOURCE_EXHAUSTED."""
+) -> tuple[grpc.aio.Server, int]:
+    """An unstarted server on host:port with Inference, health and reflection, and the
+    port it listens on (port 0 picks a free one); `await server.start()` in the event loop
+    that will serve it. With `api_keys`, Inference calls need one; messages over
+    `max_request_bytes` are RESOURCE_EXHAUSTED."""
     # so_reuseport 0: a second router on this port fails instead of splitting its clients
     options = [("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
@@ -189,7 +195,7 @@ def build_grpc_server(
         bound = 0
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (in use?)")
-    return server
+    return server, bound
 
 
 def _authorization(context: Context) -> str | None:

@@ -225,7 +225,8 @@ def test_health_and_errors_follow_the_pipeline(pipeline: ColocatedPipeline) -> N
         switched.full = True
         error = failure(channel, prompt="Hi")
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert dict(error.trailing_metadata())["retry-after"] == "3"
+        trailers = dict(error.trailing_metadata())
+        assert (trailers["retry-after"], trailers["grpc-retry-pushback-ms"]) == ("3", "2500")
 
         switched.full, switched.fail_after = False, 1
         error = failure(channel, prompt="Hi")
