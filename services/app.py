@@ -38,6 +38,9 @@ from services.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 ROUTING_STATS_PERIOD_S = 1.0
+SERVER_STOP_GRACE_S = 1.0
+"""What a drained router replica's gRPC server gives the calls left (health watches, a
+request that outlasted the drain) before it cancels them."""
 
 
 def _engine(config: ServingConfig, pool: PoolSection) -> AsyncEngine:
@@ -114,6 +117,7 @@ class RouterDeployment:
                 ClientConfig(timeout_s=kv.timeout_s, security=kv.client_security()),
             )
             index = StorePrefixIndex(client)
+        self.index = index
         self.pipeline = DisaggregatedPipeline(
             prefill_card,
             decode_card,
@@ -142,7 +146,7 @@ class RouterDeployment:
             )
             return results
 
-        self.grpc = build_grpc_server(
+        self.grpc, self.grpc_bound_port = build_grpc_server(
             _current_pipeline,
             config.router.grpc_port,
             config.router.host,
@@ -161,6 +165,31 @@ class RouterDeployment:
     async def drain(self, timeout_s: float) -> int:
         """`baton serve`'s SIGTERM: finish what is in flight, refuse the rest."""
         return await self.pipeline.drain(timeout_s)
+
+    def grpc_port(self) -> int:
+        """The port this replica's gRPC server listens on (the config's, or the one it
+        picked when the config says 0)."""
+        return self.grpc_bound_port
+
+    async def __del__(self) -> None:
+        """Serve is removing this replica (scale-down, upgrade, the application deleted).
+        Serve has let the HTTP requests it handed over finish, but the gRPC server is the
+        router's own, unknown to Serve: its calls are drained here. New calls are refused
+        (UNAVAILABLE, health NOT_SERVING, so clients go to another replica) while those in
+        flight finish, for up to the drain timeout; then the server stops (ending health
+        watches) and the lease releases still trying end."""
+        if not hasattr(self, "page"):  # __init__ did not finish: nothing was served
+            return
+        cut = await self.pipeline.drain(self.router_config.drain_timeout_s)
+        if cut:
+            log.warning(
+                "router replica removed: %d requests did not finish in %g s",
+                cut,
+                self.router_config.drain_timeout_s,
+            )
+        await self.grpc.stop(grace=SERVER_STOP_GRACE_S)
+        if self.index is not None:
+            await self.index.close()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(
@@ -209,6 +238,9 @@ def build_app(config: ServingConfig) -> Any:
         # a queue as bounded (a few KiB a request), beyond which the proxy says 503.
         max_ongoing_requests=10 * limit + 64,
         max_queued_requests=10 * limit,
+        # Removal drains the router's own gRPC calls in __del__ after Serve's HTTP ones.
+        graceful_shutdown_timeout_s=config.router.drain_timeout_s + SERVER_STOP_GRACE_S + 5,
+        graceful_shutdown_wait_loop_s=1.0,
     )
     return router(RouterDeployment).bind(blob, decode, prefill)
 

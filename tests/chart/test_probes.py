@@ -249,7 +249,7 @@ async def test_router_readiness_follows_raylet_proxy_and_grpc_server() -> None:
     router = _Router()
     with agent.serving(), proxy.serving():
         assert await probe() == (1, "router gRPC health: UNAVAILABLE")  # not listening yet
-        server = build_grpc_server(router.pipeline, grpc_port, "127.0.0.1")
+        server, _ = build_grpc_server(router.pipeline, grpc_port, "127.0.0.1")
         await server.start()
         try:
             assert await probe() == (1, "router gRPC health: NOT_SERVING")  # replica starting

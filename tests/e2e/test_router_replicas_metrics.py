@@ -1,6 +1,7 @@
-"""Two router replicas in a real local Ray Serve application serve one cluster-wide
-/metrics: whichever replica the Serve proxy hands a scrape to, the router's own totals are
-the sum over both replicas, and they stay when one replica is scaled away.
+"""Two router replicas in a real local Ray Serve application: they serve one cluster-wide
+/metrics (whichever replica the Serve proxy hands a scrape to, the router's own totals are
+the sum over both replicas, and they stay when one replica is scaled away), and a replica
+scaled away finishes the gRPC streams it serves.
 
 The application is `services.app.build_app` (colocated: a router and one decode replica of
 the default model), resized the way `baton serve`'s autoscaler and the chart resize it.
@@ -9,14 +10,18 @@ the default model), resized the way `baton serve`'s autoscaler and the chart res
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import httpx2 as httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proto.baton.v1 import inference_pb2 as pb
+from proto.baton.v1 import inference_pb2_grpc as pb_grpc
 from services.app import build_app
 from services.router.metrics_page import RouterSeries
 from services.serving_config import ServingConfig
@@ -59,6 +64,13 @@ class App:
             sum(sum(s.counts) for s in a.own.series if s.metric == E2E)  # pool="router"
             for a in answers
         )
+
+    def grpc_ports(self) -> list[int]:
+        from ray import serve
+
+        routers = serve.get_deployment_handle("router", APP)
+        ports: list[int] = routers.broadcast("grpc_port").results(timeout_s=30)
+        return ports
 
     def scale_router(self, replicas: int) -> None:
         from baton.local_autoscaler import ServeReplicas
@@ -128,3 +140,51 @@ def test_every_router_replica_serves_the_sum_of_both(app: App) -> None:
     assert app.requests_on_the_page() == sent
     app.complete()
     eventually(lambda: app.requests_on_the_page() == sent + 1)
+
+
+class GrpcStream:
+    """One greedy generation streamed from a router replica's gRPC port, on a thread: the
+    tokens, finish reason or error it ended with."""
+
+    def __init__(self, port: int, max_tokens: int) -> None:
+        self.tokens = 0
+        self.finish_reason = ""
+        self.error: grpc.RpcError | None = None
+        request = pb.GenerateRequest(
+            prompt="1, 2, 3,", max_tokens=max_tokens, temperature=0, ignore_eos=True
+        )
+        self._thread = threading.Thread(target=self._run, args=(port, request), daemon=True)
+        self._thread.start()
+
+    def _run(self, port: int, request: pb.GenerateRequest) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                for out in pb_grpc.InferenceStub(channel).Generate(request, timeout=120):
+                    self.tokens += len(out.token_ids)
+                    self.finish_reason = out.finish_reason or self.finish_reason
+            except grpc.RpcError as e:
+                self.error = e
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        self._thread.join(timeout=120)
+        assert not self._thread.is_alive(), "the stream did not end"
+
+
+def test_a_router_replica_scaled_away_finishes_its_grpc_streams(app: App) -> None:
+    """Serve lets a replica it removes finish the HTTP requests the proxy handed over, but
+    the router's gRPC server is its own: its streams were cut when the replica stopped."""
+    app.scale_router(2)
+    ports = app.grpc_ports()
+    assert len(set(ports)) == 2
+    streams = [GrpcStream(port, max_tokens=200) for port in ports]
+    eventually(lambda: all(s.tokens > 0 or not s.running() for s in streams), timeout_s=60)
+    assert all(s.running() for s in streams)  # the removal begins while both run
+    app.scale_router(1)
+    for s in streams:
+        s.join()
+    assert [(s.error, s.finish_reason, s.tokens) for s in streams] == [(None, "length", 200)] * 2
+    (port,) = app.grpc_ports()
+    assert port in ports

@@ -120,7 +120,7 @@ def serve_grpc(get_pipeline: Callable[[], Pipeline], **options: Any) -> Iterator
     stop = asyncio.Event()
 
     async def run() -> None:
-        server = build_grpc_server(get_pipeline, port, host="127.0.0.1", **options)
+        server, _ = build_grpc_server(get_pipeline, port, host="127.0.0.1", **options)
         await server.start()
         started.set()
         await stop.wait()

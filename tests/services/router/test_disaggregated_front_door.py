@@ -69,7 +69,7 @@ def front(stack: Stack) -> Iterator[Front]:
     http = uvicorn.Server(config)
 
     async def run() -> None:
-        grpc_server = build_grpc_server(lambda: stack.pipeline, grpc_port, api_keys=KEYS)
+        grpc_server, _ = build_grpc_server(lambda: stack.pipeline, grpc_port, api_keys=KEYS)
         await grpc_server.start()
         serving = asyncio.create_task(http.serve())
         while not http.started:
