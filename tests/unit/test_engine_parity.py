@@ -11,6 +11,8 @@ from engine.sampling_params import SamplingParams
 from tests.unit.conftest import MakeEngine
 
 NEW_TOKENS = 48
+STAGGERED_TOKENS = 24
+"""Past the eight steps that stagger the batch's arrivals, what is left is decoding."""
 TEXTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -54,7 +56,8 @@ def test_greedy_matches_transformers(make_engine: MakeEngine, hf_gguf_model: Any
 def test_staggered_batch_equals_each_request_alone(make_engine: MakeEngine) -> None:
     engine = make_engine(batch_invariant=True)
     batch = prompts(engine)
-    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0)
+    n = STAGGERED_TOKENS
+    params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0)
     alone = []
     for p in batch:
         engine.pool.reset_prefix_cache()
