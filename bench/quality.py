@@ -17,6 +17,7 @@ FP8-smooth prefill writes the KV cache, INT4-AWQ-GPTQ decode continues from it.
     int4-rtn        INT4 round to nearest (the format's default)
     int4-awq        AWQ scales and clipping (`engine.quant.awq`), then round to nearest
     int4-awq-gptq   AWQ scales and clipping, then GPTQ rounding (`gptq_int4`)
+    kv-fp8          dense bf16 weights over an fp8_e4m3 KV cache (`engine.kv_scales`)
 
 Calibration runs the dense model over `calibration.txt` with each projection's input
 shown to an observer (`calibrate`): `Hessian`s for GPTQ, `ActivationStats` for the scale
@@ -43,10 +44,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.paged_runner import Runner  # noqa: E402
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from engine.kv_scales import calibrate_kv_scales  # noqa: E402
 from engine.linear import Linear, QuantizedWeight  # noqa: E402
 from engine.loaders import LoadedCheckpoint, load_checkpoint  # noqa: E402
 from engine.loaders.tensor_layout import PROJECTIONS, layer_tensors  # noqa: E402
 from engine.model import LlamaModel  # noqa: E402
+from engine.quant import CALIBRATION_TEXT  # noqa: E402
 from engine.quant.awq import ActivationStats, search_clip, search_scales  # noqa: E402
 from engine.quant.fp8 import Fp8Channels, quantize_fp8_per_channel  # noqa: E402
 from engine.quant.gptq import Hessian, gptq_fp8, gptq_int4  # noqa: E402
@@ -67,6 +70,7 @@ def build(
     tensors: Mapping[str, torch.Tensor | QuantizedWeight],
     linear: str,
     args: argparse.Namespace,
+    kv_scales: torch.Tensor | None = None,
 ) -> LlamaModel:
     config = EngineConfig(
         model=ck.config,
@@ -76,8 +80,9 @@ def build(
         linear=linear,
         kernel_backend=args.backend,
         device=args.device,
+        kv_cache_dtype="auto" if kv_scales is None else "fp8_e4m3",
     )
-    return LlamaModel(config, tensors)
+    return LlamaModel(config, tensors, kv_scales)
 
 
 @torch.inference_mode()
@@ -181,7 +186,7 @@ def calibrate(
             per_layer[name] = observer(linear.in_features)
             setattr(layer, name, _Recorder(linear, per_layer[name]))
         seen.append(per_layer)
-    tokens = ck.tokenizer.encode((DATA / "calibration.txt").read_text())
+    tokens = ck.tokenizer.encode(CALIBRATION_TEXT.read_text())
     runner = Runner(ck.config, 1, WINDOW, args.device)
     for lo in range(0, len(tokens), WINDOW):
         runner.step(model, [(0, tokens[lo : lo + WINDOW], 0)], 0)
@@ -268,7 +273,7 @@ def prompts_from(text: str, ck: LoadedCheckpoint, count: int, length: int) -> li
 
 
 ROWS = ["bf16", "fp8", "fp8-w", "fp8-a", "fp8-gptq", "fp8-smooth", "int4-rtn", "int4-awq",
-        "int4-awq-gptq"]  # fmt: skip
+        "int4-awq-gptq", "kv-fp8"]  # fmt: skip
 
 
 def main() -> None:
@@ -279,12 +284,13 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(ROWS), help="rows to measure (bf16 always)")
     ap.add_argument("--prompts", type=int, default=32, help="0: no greedy agreement")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=None, help="held-out tokens read (all)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     ck = load_checkpoint()
-    held = ck.tokenizer.encode((DATA / HELD_OUT).read_text())
+    held = ck.tokenizer.encode((DATA / HELD_OUT).read_text())[: args.tokens]
     runner = Runner(ck.config, 1, WINDOW, args.device)
     rows = ["bf16"] + [r for r in args.only.split(",") if r in ROWS and r != "bf16"]
     print(f"{ck.model_id}: held-out {HELD_OUT} {len(held)} tokens; device {args.device}, "
@@ -308,6 +314,8 @@ def main() -> None:
             return build(ck, weights, "dense", args)
         if row == "fp8-a":
             return fp8_inputs(build(ck, ck.tensors, "dense", args))
+        if row == "kv-fp8":
+            return build(ck, ck.tensors, "dense", args, calibrate_kv_scales(ck))
         if row == "fp8-gptq":
             return build(ck, fp8_tensors(ck, hessians), "fp8", args)
         assert stats is not None
@@ -318,9 +326,10 @@ def main() -> None:
 
     nll: dict[str, torch.Tensor] = {}
     models = {}
+    fp8_kv = Runner(ck.config, 1, WINDOW, args.device, torch.float8_e4m3fn)
     for row in rows:
         models[row] = model(row)
-        nll[row] = window_nll(models[row], runner, held)
+        nll[row] = window_nll(models[row], fp8_kv if row == "kv-fp8" else runner, held)
         ppl, ref = perplexity(nll[row]), perplexity(nll["bf16"])
         se = paired_se(nll[row], nll["bf16"])
         vs = "" if row == "bf16" else f"  ({ppl / ref - 1:+.2%} vs bf16, se {se:.2%})"

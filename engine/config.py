@@ -11,6 +11,8 @@ from functools import cached_property
 
 import torch
 
+from engine.kv_format import KVBlockFormat, check_kv_cache_dtype, kv_cache_dtype
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 """Llama-family decoders the model implements (SmolLM2 and Llama 2/3 are `llama`)."""
 
@@ -145,8 +147,10 @@ class SchedulerConfig:
 class EngineConfig:
     """Everything an `LLMEngine` needs besides the loaded weights.
 
-    `dtype` is the activation and KV dtype; `linear` names the weight format of the
-    decoder projections and `lm_head_linear` that of the LM head (see `engine.linear`).
+    `dtype` is the activation dtype; `kv_cache_dtype` that of the paged KV cache ("auto":
+    `dtype`; "fp8" or "fp8_e4m3": fp8_e4m3 with scales calibrated at load, see
+    `engine.kv_scales`). `linear` names the weight format of the decoder projections and
+    `lm_head_linear` that of the LM head (see `engine.linear`).
     `batch_invariant` makes every request's arithmetic independent of its batch mates
     (see `engine.linear.Linear`), at the cost of one weight pass per row.
     `cuda_graph_max_batch` is the largest decode batch replayed from a CUDA graph on a GPU
@@ -168,9 +172,11 @@ class EngineConfig:
     batch_invariant: bool = False
     cuda_graph_max_batch: int = 64
     prefill_threads: int | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.prefill_threads is not None and self.prefill_threads < 1:
             raise ValueError(f"prefill_threads must be >= 1, got {self.prefill_threads}")
         if self.cuda_graph_max_batch < 0:
@@ -180,6 +186,19 @@ class EngineConfig:
     @cached_property
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype)
+
+    @cached_property
+    def kv_dtype(self) -> str:
+        """Wire name of the paged cache's dtype (engine.kv_format): the fingerprint's."""
+        return kv_cache_dtype(self.kv_cache_dtype, self.torch_dtype)
+
+    @cached_property
+    def block_format(self) -> KVBlockFormat:
+        """One block of the paged cache, as it leaves and enters the engine."""
+        m = self.model
+        return KVBlockFormat(
+            m.num_layers, m.num_kv_heads, m.head_dim, self.cache.block_size, self.kv_dtype
+        )
 
     @property
     def uses_cuda_graphs(self) -> bool:

@@ -5,9 +5,10 @@ One block holds every layer's K and V for `block_size` tokens, contiguous, littl
     payload = data[num_layers, 2 (K|V), block_size, num_kv_heads, head_dim]   (dtype)
               ‖ scales[num_layers, 2, num_kv_heads] fp32                      (fp8_e4m3 only)
 
-The engine's paged cache stores blocks in exactly this order (block-major), so a block
-leaves or enters the cache as one contiguous slice with no gather. The checksum is
-xxh3-64 over the whole payload.
+The engine's paged cache stores blocks in exactly this order (block-major), one payload a
+row, so a block leaves or enters the cache as one contiguous slice with no gather: an
+fp8_e4m3 cache is a byte tensor whose rows end with their block's scales (`empty_blocks`,
+`data_view`, `scales_view`). The checksum is xxh3-64 over the whole payload.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ KV_DTYPES: dict[str, torch.dtype] = {
 
 _ENGINE_TO_KV = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8_e4m3"}
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+"""Choices of the `kv_cache_dtype` engine option (vLLM's `--kv-cache-dtype` spellings):
+"auto" caches KV in the model's dtype, "fp8" and "fp8_e4m3" in fp8_e4m3 with scales."""
+
 assert sys.byteorder == "little", "KV payloads are little-endian; big-endian hosts unsupported"
 
 
@@ -41,6 +46,18 @@ def kv_dtype_name(dtype: torch.dtype) -> str:
         raise ValueError(
             f"KV cache dtype {dtype} has no wire format; choose one of {sorted(KV_DTYPES)}"
         ) from None
+
+
+def check_kv_cache_dtype(option: str) -> None:
+    if option not in KV_CACHE_DTYPES:
+        choices = ", ".join(repr(c) for c in KV_CACHE_DTYPES)
+        raise ValueError(f"kv_cache_dtype must be one of {choices}, got {option!r}")
+
+
+def kv_cache_dtype(option: str, model_dtype: torch.dtype) -> str:
+    """Wire name of the cache dtype the `kv_cache_dtype` option picks for a model dtype."""
+    check_kv_cache_dtype(option)
+    return kv_dtype_name(model_dtype) if option == "auto" else "fp8_e4m3"
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,35 @@ class KVBlockFormat:
     def nbytes(self) -> int:
         """Payload size of one block on the wire."""
         return self.data_nbytes + self.scales_nbytes
+
+    @cached_property
+    def scales_shape(self) -> tuple[int, int, int]:
+        return (self.num_layers, 2, self.num_kv_heads)
+
+    def empty_blocks(self, num_blocks: int, device: str | torch.device) -> torch.Tensor:
+        """`num_blocks` zeroed payloads, one a row: [n, *shape] of the dtype, or for
+        fp8_e4m3 [n, nbytes] bytes (data, then scales: see `data_view`, `scales_view`)."""
+        if self.scales_nbytes:
+            # Rows padded to 16 bytes: every block's data starts aligned for vector loads.
+            row = -(-self.nbytes // 16) * 16
+            rows = torch.zeros((num_blocks, row), dtype=torch.uint8, device=device)
+            return rows[:, : self.nbytes]
+        return torch.zeros((num_blocks, *self.shape), dtype=self.torch_dtype, device=device)
+
+    def data_view(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The K/V data of `empty_blocks`' rows, [n, *shape] of the dtype (their block
+        stride is the payload's: the kernels take strided blocks)."""
+        if not self.scales_nbytes:
+            return blocks
+        data = blocks[:, : self.data_nbytes].view(self.torch_dtype)
+        return data.view(blocks.shape[0], *self.shape)
+
+    def scales_view(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The scales that end each of an fp8_e4m3 cache's rows, [n, num_layers, 2,
+        num_kv_heads] fp32: what the block's K/V were divided by."""
+        assert self.scales_nbytes, f"a {self.dtype} block carries no scales"
+        scales = blocks[:, self.data_nbytes :].view(torch.float32)
+        return scales.view(blocks.shape[0], *self.scales_shape)
 
 
 def payload_checksum(payload: bytes | bytearray | memoryview) -> int:

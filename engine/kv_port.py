@@ -9,6 +9,11 @@
 Every method runs between engine steps (`AsyncEngine.call`), except reading or writing a
 `block(id)` view, which is safe from any thread while the block is pinned: the engine never
 writes a pinned block, and a reserved block is invisible to every request.
+
+A block is its payload (engine.kv_format). An fp8_e4m3 block carries the scales its K/V
+were divided by; `publish` refuses blocks whose scales are not this engine's, so a
+request never reads KV quantized with other scales, and `release` gives a refused (or
+half-filled) block this engine's scales back before the pool reuses it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from engine.block_pool import BlockPool, KVBlock
+from engine.kv_format import KVBlockFormat
 
 
 def copy_blocks(
@@ -34,13 +40,27 @@ def copy_blocks(
 
 
 class KVPort:
-    def __init__(self, pool: BlockPool, kv_cache: torch.Tensor) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        kv_cache: torch.Tensor,
+        fp8: tuple[KVBlockFormat, torch.Tensor] | None = None,
+    ) -> None:
+        """`kv_cache` holds one block payload a row; `fp8`, for an fp8_e4m3 cache, is its
+        format and this engine's scales [num_layers, 2, num_kv_heads] fp32."""
         self.pool = pool
         self.kv_cache = kv_cache
         self._held: dict[str, list[KVBlock]] = {}
+        self._scales: torch.Tensor | None = None
+        self._block_scales: torch.Tensor | None = None  # [blocks, layers, 2, kv heads]
+        if fp8 is not None:
+            fmt, self._scales = fp8
+            self._block_scales = fmt.scales_view(kv_cache)
+        self._filling: set[int] = set()  # reserved, not yet published: scales unchecked
 
     def block(self, block_id: int) -> torch.Tensor:
-        """One block of every layer, [num_layers, 2, block_size, kv_heads, head_dim], contiguous."""
+        """One block's payload, contiguous: every layer's [num_layers, 2, block_size,
+        kv_heads, head_dim] (for fp8_e4m3 as bytes, then its scales)."""
         return self.kv_cache[block_id]
 
     # -- staging (a cache in device memory, a transport in host memory) ---------------
@@ -112,17 +132,51 @@ class KVPort:
     def reserve(self, n: int) -> list[int] | None:
         """`n` private blocks to fill, or None if the pool is short."""
         blocks = self.pool.allocate(n)
-        return None if blocks is None else [b.block_id for b in blocks]
+        if blocks is None:
+            return None
+        ids = [b.block_id for b in blocks]
+        if self._scales is not None:
+            self._filling.update(ids)
+        return ids
 
     def publish(self, block_ids: list[int], hashes: list[bytes]) -> None:
-        """Name filled blocks so requests find them; they stay pinned (see add_request)."""
+        """Name filled blocks so requests find them; they stay pinned (see add_request).
+
+        Raises ValueError, naming none of them, if an fp8 block carries scales other than
+        this engine's: its K/V were quantized by an engine that calibrated differently.
+        The caller still holds the pins (`release` them)."""
         assert len(block_ids) == len(hashes)
+        self._check_scales(block_ids, hashes)
+        self._filling.difference_update(block_ids)
         for i, h in zip(block_ids, hashes, strict=True):
             self.pool.cache(self.pool.blocks[i], h)
 
     def release(self, block_ids: list[int]) -> None:
         """Drop pins (from `reserve` or `pin_cached`) not handed to a request."""
+        unchecked = [i for i in block_ids if i in self._filling]
+        if unchecked:
+            assert self._block_scales is not None and self._scales is not None
+            ids = torch.tensor(unchecked, device=self._block_scales.device)
+            self._block_scales[ids] = self._scales  # what this engine writes its KV with
+            self._filling.difference_update(unchecked)
         self.pool.free(self.pool.blocks[i] for i in reversed(block_ids))
+
+    def _check_scales(self, block_ids: list[int], hashes: list[bytes]) -> None:
+        if self._block_scales is None or self._scales is None or not block_ids:
+            return
+        ids = torch.tensor(block_ids, device=self._block_scales.device)
+        same = (self._block_scales[ids] == self._scales).flatten(1).all(dim=1).tolist()
+        if all(same):
+            return
+        bad = same.index(False)
+        theirs = self._block_scales[block_ids[bad]]
+        differ = int((theirs != self._scales).sum())
+        raise ValueError(
+            f"KV block {hashes[bad].hex()[:16]} carries FP8 scales that differ from this "
+            f"engine's in {differ} of {theirs.numel()} (layer, K|V, head) entries: it was "
+            "quantized by an engine with other KV scales (another checkpoint, calibration "
+            "text or Baton version); refusing it rather than reading it with the wrong scales"
+        )
 
     @property
     def num_held(self) -> int:

@@ -25,8 +25,9 @@ from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.hashing import KVFingerprint, root_hash
 from engine.kv_cache_manager import KVCacheManager
-from engine.kv_format import KV_LAYOUT_VERSION, KVBlockFormat, kv_dtype_name
+from engine.kv_format import KV_LAYOUT_VERSION
 from engine.kv_port import KVPort
+from engine.kv_scales import calibrate_kv_scales
 from engine.loaders import LoadedCheckpoint
 from engine.model import LlamaModel
 from engine.model_runner import ModelRunner, StepResult
@@ -63,27 +64,27 @@ class LLMEngine:
             raise ValueError("EngineConfig.model must be the checkpoint's config")
         self.config = config
         self.tokenizer = checkpoint.tokenizer
-        self.model = LlamaModel(config, checkpoint.tensors)
+        # An fp8 cache's scales are a function of the checkpoint alone (engine.kv_scales):
+        # every engine of these weights, whatever its own format, derives the same ones.
+        fp8 = config.kv_dtype == "fp8_e4m3"
+        kv_scales = calibrate_kv_scales(checkpoint) if fp8 else None
+        self.model = LlamaModel(config, checkpoint.tensors, kv_scales)
         self.fingerprint = KVFingerprint(
             model_id=checkpoint.model_id,
             weights_digest=checkpoint.weights_digest,
-            kv_dtype=kv_dtype_name(config.torch_dtype),
+            kv_dtype=config.kv_dtype,
             kv_layout_version=KV_LAYOUT_VERSION,
             prefill_quant=self.model.format.scheme,
             block_size=config.cache.block_size,
         )
-        self.block_format = KVBlockFormat(
-            config.model.num_layers,
-            config.model.num_kv_heads,
-            config.model.head_dim,
-            config.cache.block_size,
-            self.fingerprint.kv_dtype,
-        )
+        self.block_format = config.block_format
         self.pool = BlockPool(config.cache.num_blocks, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(config, self.model)
-        self.port = KVPort(self.pool, self.runner.kv_cache)
+        scales = self.model.kv_scales
+        fp8_port = None if scales is None else (self.block_format, scales)
+        self.port = KVPort(self.pool, self.runner.kv_blocks, fp8_port)
         self.stats = EngineStats()
         self._requests: dict[str, Request] = {}
         self._streams: dict[str, TextStream] = {}

@@ -5,7 +5,9 @@ weight format, so kernels and quantization change without touching this file. Q/
 gate/up are merged into one projection each: fewer, larger GEMMs.
 
 The paged cache is block-major (engine.kv_format): `kv_cache[:, layer]` is that layer's
-[num_blocks, 2, block_size, num_kv_heads, head_dim] view.
+[num_blocks, 2, block_size, num_kv_heads, head_dim] view. With `kv_scales` (an fp8_e4m3
+cache, engine.kv_scales) each layer divides its K/V by its [2, num_kv_heads] slice of
+them as it writes them and multiplies them back as it attends.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class DecoderLayer:
         fmt: LinearFormat,
         ops: KernelBackend,
         batch_invariant: bool,
+        kv_scales: torch.Tensor | None = None,
     ) -> None:
         names = layer_tensors(i)
 
@@ -85,6 +88,8 @@ class DecoderLayer:
         self.cfg = cfg
         self.ops = ops
         self.scale = cfg.head_dim**-0.5
+        self.kv_scales = kv_scales
+        """This layer's [2, num_kv_heads] fp32 scales of an fp8 cache, else None."""
         self.takes_fp8 = self.qkv_proj.takes_fp8
         """Whether this layer's input should come quantized from the norm before it."""
         self.fp8_mlp = self.gate_up_proj.takes_fp8
@@ -110,16 +115,15 @@ class DecoderLayer:
         cfg, ops = self.cfg, self.ops
         q, k, v = self.qkv_proj(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         t = q.shape[0]
-        attn = ops.rope_attention(
-            q.view(t, cfg.num_heads, cfg.head_dim),
-            k.view(t, cfg.num_kv_heads, cfg.head_dim),
-            v.view(t, cfg.num_kv_heads, cfg.head_dim),
-            cos,
-            sin,
-            kv_layer,
-            meta,
-            self.scale,
-        )
+        q = q.view(t, cfg.num_heads, cfg.head_dim)
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+        if self.kv_scales is None:
+            attn = ops.rope_attention(q, k, v, cos, sin, kv_layer, meta, self.scale)
+        else:  # the fused op writes the model dtype; an fp8 cache takes the scaled write
+            q, k = ops.apply_rope(q, k, cos, sin)
+            ops.write_kv_fp8(k, v, kv_layer, meta.slot_mapping, self.kv_scales)
+            attn = ops.paged_attention_fp8(q, kv_layer, meta, self.scale, self.kv_scales)
         h, residual = self.o_proj.add_norm(
             attn.reshape(t, cfg.q_size),
             residual,
@@ -135,12 +139,22 @@ class DecoderLayer:
 
 
 class LlamaModel:
-    """Embedding, decoder layers, final norm and LM head."""
+    """Embedding, decoder layers, final norm and LM head; `kv_scales` [num_layers, 2,
+    num_kv_heads] fp32 for an fp8_e4m3 cache (engine.kv_scales), else None."""
 
     def __init__(
-        self, config: EngineConfig, tensors: Mapping[str, torch.Tensor | QuantizedWeight]
+        self,
+        config: EngineConfig,
+        tensors: Mapping[str, torch.Tensor | QuantizedWeight],
+        kv_scales: torch.Tensor | None = None,
     ) -> None:
         cfg = config.model
+        assert (kv_scales is not None) == (config.kv_dtype == "fp8_e4m3"), config.kv_dtype
+        # One static tensor the layers view (a CUDA graph captures their addresses).
+        self.kv_scales = None if kv_scales is None else kv_scales.to(config.device).contiguous()
+        if self.kv_scales is not None:
+            assert self.kv_scales.dtype == torch.float32, self.kv_scales.dtype
+            assert self.kv_scales.shape == config.block_format.scales_shape, self.kv_scales.shape
         self.cfg = cfg
         self.ops = get_backend(config.kernel_backend)
         w = _Weights(tensors, config.torch_dtype, config.device)
@@ -148,8 +162,10 @@ class LlamaModel:
         self.format = fmt
         self.embed = w.get("model.embed_tokens.weight")
         invariant = config.batch_invariant
+        scales = self.kv_scales
         self.layers = [
-            DecoderLayer(cfg, w, i, fmt, self.ops, invariant) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, w, i, fmt, self.ops, invariant, None if scales is None else scales[i])
+            for i in range(cfg.num_layers)
         ]
         self.norm = w.get("model.norm.weight")
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
@@ -201,6 +217,7 @@ class LlamaModel:
         None: op by op."""
         if (
             not self.native_layers
+            or self.kv_scales is not None  # the native layer writes and reads bf16 KV only
             or self.ops.name != "torch"
             or x.dtype != torch.bfloat16
             or x.device.type != "cpu"

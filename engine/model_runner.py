@@ -51,19 +51,15 @@ class ModelRunner:
                 pad_block=config.cache.num_blocks,
                 vocab_size=cfg.vocab_size,
             )
-        # Block-major: one block of every layer is one contiguous transferable slice.
-        self.kv_cache = torch.zeros(
-            (
-                config.cache.num_blocks + pad_blocks,
-                cfg.num_layers,
-                2,
-                self.block_size,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-            ),
-            dtype=config.torch_dtype,
-            device=config.device,
-        )
+        # Block-major: one block of every layer is one contiguous transferable slice, its
+        # payload (engine.kv_format): an fp8 block's ends with the scales it was written with.
+        fmt = config.block_format
+        self.kv_blocks = fmt.empty_blocks(config.cache.num_blocks + pad_blocks, config.device)
+        """One block payload a row: what leaves and enters the engine (engine.kv_port)."""
+        if model.kv_scales is not None:
+            fmt.scales_view(self.kv_blocks).copy_(model.kv_scales)
+        self.kv_cache = fmt.data_view(self.kv_blocks)
+        """[blocks, layers, 2, block_size, kv_heads, head_dim]: what the model reads."""
         self.sampler = Sampler()
 
     def defers(self, batch: ScheduledBatch) -> bool:

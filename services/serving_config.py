@@ -18,7 +18,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engine.config import torch_dtype
 from engine.engine_args import EngineArgs
+from engine.kv_format import kv_cache_dtype
 from engine.linear import linear_format
 from services.kvstore.index import INDEX_BACKENDS, redact_url
 from services.kvstore.main import parse_size
@@ -57,6 +59,11 @@ class PoolSection(_Strict):
         "of a step in bf16 there, quality-neutral in int8), else dense",
     )
     kv_cache_bytes: int = Field(512 * 2**20, ge=2**20, description="paged KV cache per replica")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
+        "auto",
+        description="dtype of the paged KV cache: auto (model.dtype) or fp8 / fp8_e4m3 (half "
+        "the bytes a token; per-head scales calibrated at load); prefill and decode must agree",
+    )
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(512, ge=16)
     batch_invariant: bool = Field(
@@ -256,6 +263,15 @@ class ServingConfig(_Strict):
                 "kvstore.targets must name at least one KV store shard (host:port) in "
                 "disaggregated mode; colocated mode needs none"
             )
+        if self.mode == "disaggregated":
+            dtype = torch_dtype(self.model.dtype)
+            kv = {p: kv_cache_dtype(getattr(self, p).kv_cache_dtype, dtype) for p in POOL_LINEAR}
+            if kv["prefill"] != kv["decode"]:
+                raise ValueError(
+                    f"prefill.kv_cache_dtype ({kv['prefill']}) and decode.kv_cache_dtype "
+                    f"({kv['decode']}) differ: decode reads the KV blocks prefill writes, so "
+                    "both pools must cache KV alike"
+                )
         return self
 
     @classmethod
@@ -279,6 +295,7 @@ class ServingConfig(_Strict):
             device=m.device,
             max_model_len=m.max_model_len,
             kv_cache_bytes=pool.kv_cache_bytes,
+            kv_cache_dtype=pool.kv_cache_dtype,
             max_num_seqs=pool.max_num_seqs,
             max_num_batched_tokens=pool.max_num_batched_tokens,
             batch_invariant=pool.batch_invariant,

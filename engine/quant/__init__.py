@@ -13,4 +13,10 @@ GPTQ's rounding (engine.quant.gptq) leave `Int4Groups` / `Fp8Channels`, which th
 serve as they are.
 """
 
+from pathlib import Path
+
 from engine.quant import fp8, int4, int8  # noqa: F401  (each registers its format)
+
+CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+"""Prose shipped for every calibration (the quantizers' statistics, the FP8 KV cache's
+scales, engine.kv_scales); never the held-out text quality is measured on."""

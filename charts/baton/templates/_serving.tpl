@@ -53,6 +53,7 @@ router:
   "linear" .linear
   "lm_head_linear" .lmHeadLinear
   "kv_cache_bytes" (int64 .kvCacheBytes)
+  "kv_cache_dtype" .kvCacheDtype
   "max_num_seqs" (int .maxNumSeqs)
   "max_num_batched_tokens" (int .maxNumBatchedTokens)
   "batch_invariant" .batchInvariant
