@@ -7,6 +7,7 @@
         # the engine's decode steps against an earlier tree (`git archive` into DIR)
     python bench/engine_gpu.py --sections handoff  # prefill and decode in two processes
     python bench/engine_gpu.py --sections ablate   # each op family's share of a b1 step
+    python bench/engine_gpu.py --sections kv --batches 32  # FP8 KV cache against bf16
 
 Builds the model three times from the same random weights (bf16 dense, FP8, INT4; one at
 a time, so at most one copy is on the card) with the Triton kernel backend and measures,
@@ -73,7 +74,7 @@ from engine.tokenizer import Tokenizer
 from kernels.pending_norm import PendingNorm
 
 CONTEXT = 512
-SECTIONS = ("compile", "formats", "engine", "handoff", "profile", "ablate")
+SECTIONS = ("compile", "formats", "engine", "kv", "handoff", "profile", "ablate")
 HANDOFF_RUNS = 3
 
 
@@ -164,6 +165,8 @@ def random_engine(cfg: ModelConfig, linear: str, **args: Any) -> LLMEngine:
     """An engine on the GPU (Triton kernels) over `RandomWeights`, a word-per-id tokenizer."""
     vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    # a word a token: the FP8 KV cache's calibration prose reads as many tokens
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     checkpoint = LoadedCheckpoint(
         config=cfg, tensors=RandomWeights(cfg, "cuda"),  # type: ignore[arg-type]
         tokenizer=Tokenizer(backend, bos_token_id=None, eos_token_ids=cfg.eos_token_ids),
@@ -181,23 +184,27 @@ def engine_decode_rate(
     batch: int,
     sampled: bool = False,
     lm_head: str = "dense",
+    kv_cache_dtype: str = "auto",
+    context: int = CONTEXT,
 ) -> tuple[float, float | None]:
     """Tokens/s of `LLMEngine.step` (scheduler, model runner, sampler) once `batch` requests
-    with 512-token prompts all decode, greedy or `sampled` (temperature and top-p, unseeded);
-    `graphs` is the engine's cuda_graph_max_batch, `lm_head` its LM head's weight format.
+    with `context`-token prompts all decode, greedy or `sampled` (temperature and top-p,
+    unseeded); `graphs` is the engine's cuda_graph_max_batch, `lm_head` its LM head's weight
+    format, `kv_cache_dtype` its paged cache's.
     With graphs, also the ms of one replay of
     the step's graph alone (forward, LM head, sampler; CUDA events): the GPU's share of a
     step, the rest being the host's."""
+    kv_bytes = max(4 << 30, 2 * batch * (context + 256) * cfg.num_layers * cfg.kv_size * 2)
     engine = random_engine(
-        cfg, linear, max_model_len=CONTEXT + 256, kv_cache_bytes=4 << 30, max_num_seqs=batch,
-        max_num_batched_tokens=CONTEXT * batch, cuda_graph_max_batch=graphs,
-        lm_head_linear=lm_head,
+        cfg, linear, max_model_len=context + 256, kv_cache_bytes=kv_bytes, max_num_seqs=batch,
+        max_num_batched_tokens=min(context * batch, 16384), cuda_graph_max_batch=graphs,
+        lm_head_linear=lm_head, kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
     for b in range(batch):
         params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
         if sampled:
             params = SamplingParams(max_tokens=200, temperature=0.8, top_p=0.9, ignore_eos=True)
-        engine.add_request([(b * 31 + i) % cfg.vocab_size for i in range(CONTEXT)], params)
+        engine.add_request([(b * 31 + i) % cfg.vocab_size for i in range(context)], params)
     started: set[str] = set()
     while len(started) < batch:  # prefill chunks until every request has its first token
         started.update(out.request_id for out in engine.step())
@@ -813,6 +820,22 @@ def main() -> None:
                 was = rates[f"{linear} baseline engine b{batch}"]
                 now = rates[f"{linear} engine b{batch}"]
                 ratios.append((f"{linear} engine b{batch} / baseline", f"{now / was:.2f}x"))
+    if "kv" in args.sections:  # the FP8 KV cache against the bf16 one, INT4 weights
+        for context in (512, 2048):
+            for batch in args.batches:
+                kv_rates = {}
+                for kv in ("auto", "fp8"):
+                    key = f"int4 engine b{batch} ctx {context} kv {kv}"
+                    kv_rates[kv] = engine_decode_rate(
+                        cfg, "int4", 64, batch, lm_head="int4", kv_cache_dtype=kv, context=context
+                    )[0]
+                    report(key, kv_rates[kv])
+                ratios.append(
+                    (
+                        f"fp8 / bf16 KV b{batch} ctx {context}",
+                        f"{kv_rates['fp8'] / kv_rates['auto']:.2f}x",
+                    )
+                )
     if "profile" in args.sections:
         for linear, head in (("int4", "int4"), ("int4", "dense"), ("dense", "dense")):
             print(f"{linear} engine ({head} LM head) b1 decode step, per step:")

@@ -32,6 +32,8 @@ def _checkpoint(device: torch.device) -> LoadedCheckpoint:
     cfg = dataclasses.replace(_shapes(device)[0], max_position_embeddings=1024)
     vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1"))
+    # a word a token: text (the FP8 KV cache's calibration prose) reads as many tokens
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer = Tokenizer(backend, bos_token_id=None, eos_token_ids=cfg.eos_token_ids)
     return LoadedCheckpoint(
         config=cfg, tensors=_weights(cfg, device), tokenizer=tokenizer,

@@ -4,7 +4,10 @@ blocks carry their scales from engine to engine and are refused under other scal
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import tokenizers
 import torch
 from pydantic import ValidationError
 
@@ -16,6 +19,7 @@ from engine.llm_engine import LLMEngine
 from engine.loaders import LoadedCheckpoint
 from engine.quant import CALIBRATION_TEXT
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 from kernels.fp8_linear import FP8_MAX
 from kernels.layer_cpu import NativeLayers
 from services.serving_config import ServingConfig
@@ -110,6 +114,24 @@ def test_scales_depend_on_the_checkpoint_alone(
     assert bool((HEADROOM * amax > FP8_MAX * scales / 2).all())
     other = tiny_checkpoint(default_checkpoint, seed=1)
     assert not torch.equal(calibrate_kv_scales(other), scales)
+
+
+def test_a_tokenizer_that_reads_the_calibration_text_as_a_few_ids_is_refused(
+    tiny: LoadedCheckpoint,
+) -> None:
+    """A word-level tokenizer with no pre-tokenizer reads the whole prose as one token:
+    scales from one token's K/V say nothing about the cache's."""
+    vocab = {f"t{i}": i for i in range(tiny.config.vocab_size)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1"))
+    one_token = Tokenizer(backend, bos_token_id=None, eos_token_ids=tiny.config.eos_token_ids)
+    checkpoint = dataclasses.replace(tiny, tokenizer=one_token)
+    with pytest.raises(ValueError) as failure:
+        calibrate_kv_scales(checkpoint)
+    assert str(failure.value) == (
+        "the FP8 KV cache calibrates its scales on calibration.txt, which this model's "
+        "tokenizer reads as 1 tokens (at least 64 needed); use kv_cache_dtype auto with "
+        "this tokenizer"
+    )
 
 
 def test_the_default_models_scales_are_far_from_floating_point_noise(
