@@ -17,10 +17,11 @@ from engine.sampling_params import SamplingParams
 
 class InProcessDisaggregation:
     def __init__(self, prefill: LLMEngine, decode: LLMEngine) -> None:
-        if prefill.port.kv_cache.shape[1:] != decode.port.kv_cache.shape[1:]:
-            raise ValueError("prefill and decode engines have different KV block shapes")
-        if prefill.port.kv_cache.dtype != decode.port.kv_cache.dtype:
-            raise ValueError("prefill and decode engines have different KV dtypes")
+        if prefill.block_format != decode.block_format:
+            raise ValueError(
+                f"prefill and decode engines cache KV blocks differently: "
+                f"{prefill.block_format} and {decode.block_format}"
+            )
         self.prefill_engine = prefill
         self.decode_engine = decode
 
@@ -63,7 +64,11 @@ class InProcessDisaggregation:
         if ids is None:
             return []  # decode is full: it will recompute the prompt itself
         copy_blocks(src.kv_cache, [held[h] for h in missing], dst.kv_cache, ids)
-        dst.publish(ids, missing)
+        try:
+            dst.publish(ids, missing)
+        except ValueError:  # fp8 blocks under other scales: nothing is kept
+            dst.release(ids)
+            raise
         return ids
 
     def generate(

@@ -292,3 +292,20 @@ def test_a_block_under_other_scales_is_refused(
     assert dst.model.kv_scales is not None
     assert torch.equal(own, dst.model.kv_scales.expand_as(own))  # reused with this engine's
     assert_idle(dst)
+
+
+def test_in_process_pools_must_cache_alike_and_a_refused_transfer_keeps_nothing(
+    make_engine: MakeEngine, tiny: LoadedCheckpoint, default_checkpoint: LoadedCheckpoint
+) -> None:
+    """A bf16 engine beside an fp8 one was "different KV block shapes"; a decode engine
+    that refused the transferred blocks (other scales) kept their pins."""
+    fp8 = _tiny_engine(make_engine, tiny)
+    with pytest.raises(ValueError, match=r"cache KV blocks differently: .*'fp32'.*'fp8_e4m3'"):
+        InProcessDisaggregation(_tiny_engine(make_engine, tiny, kv_cache_dtype="auto"), fp8)
+    other = _tiny_engine(make_engine, tiny_checkpoint(default_checkpoint, seed=1))
+    split = InProcessDisaggregation(other, fp8)  # alike in shape, not in scales
+    (handoff,) = split.prefill([_text_prompt(other, 40)], [GREEDY])
+    with pytest.raises(ValueError, match="carries FP8 scales that differ"):
+        split.transfer(handoff)
+    assert fp8.pool.num_free_blocks == fp8.pool.num_blocks
+    other.port.release_held(handoff.request_id)
