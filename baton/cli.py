@@ -12,6 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from engine.engine_args import EngineArgs
+from engine.kv_format import KV_CACHE_DTYPES
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from operators.policy_spec import describe
@@ -41,7 +42,13 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="bfloat16",
         choices=["bfloat16", "float32"],
-        help="activation and KV cache dtype",
+        help="activation dtype",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="paged KV cache dtype: auto (--dtype) or fp8 (per-head scales calibrated at load)",
     )
     p.add_argument("--linear", default="dense", help="weight format of the projections")
     p.add_argument("--max-model-len", type=int, default=None, help="context window to serve")
@@ -63,7 +70,11 @@ def _build_engine(args: argparse.Namespace) -> LLMEngine:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return EngineArgs(
-        model=args.model, dtype=args.dtype, linear=args.linear, max_model_len=args.max_model_len
+        model=args.model,
+        dtype=args.dtype,
+        linear=args.linear,
+        max_model_len=args.max_model_len,
+        kv_cache_dtype=args.kv_cache_dtype,
     ).create_engine()
 
 
