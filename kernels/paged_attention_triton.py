@@ -562,8 +562,10 @@ def paged_attention(
     nd = plan.num_decodes
     if nd:
         # An fp8 tile of as many keys is half the bytes for the same softmax and MMA
-        # work: twice the keys a tile keep the bytes a step (bench/RESULTS.md, session 27).
+        # work: twice the keys a tile keep the bytes a step, in two stages (H200 sweep of
+        # keys a tile x warps x stages, bench/RESULTS.md, session 27).
         block_n = plan.decode_block_n * (2 if fp8 and not INTERPRET else 1)
+        stages = 1 if INTERPRET else 2 if fp8 else 3
         splits = _decode_splits(nd, hk, plan.decode_max_len, num_sms(q.device), block_n)
         merge_here = splits <= MERGE_IN_KERNEL_MAX
         part_o = part_lse = counters = out
@@ -581,7 +583,7 @@ def paged_attention(
             HK=hk, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), D=d,
             PAGE=meta.block_size, BLOCK_N=block_n, SPLIT=splits > 1,
             MERGE_HERE=merge_here, S_P2=s_p2, FP8=fp8, UPCAST=INTERPRET,
-            num_warps=4, num_stages=1 if INTERPRET else 3, PDL=pdl(q.device, nd),
+            num_warps=4, num_stages=stages, PDL=pdl(q.device, nd),
             ROPE=rope is not None, **pdl_options(q.device, nd),
         )  # fmt: skip
         if not merge_here:
