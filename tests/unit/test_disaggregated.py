@@ -14,8 +14,8 @@ def test_split_prefill_decode_matches_one_engine(make_engine: MakeEngine) -> Non
         make_engine(batch_invariant=True), make_engine(batch_invariant=True)
     )
     batch = prompts(colocated)
-    greedy = SamplingParams(max_tokens=24, min_tokens=24, temperature=0)
-    seeded = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=11)
+    greedy = SamplingParams(max_tokens=16, min_tokens=16, temperature=0)
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=11)
     plist = [greedy] * 4 + [seeded] * 4
     want = colocated.generate(batch, plist)
     got = split.generate(batch, plist)

@@ -10,7 +10,7 @@ import torch
 from engine.sampling_params import SamplingParams
 from tests.unit.conftest import MakeEngine
 
-NEW_TOKENS = 48
+NEW_TOKENS = 32
 STAGGERED_TOKENS = 24
 """Past the eight steps that stagger the batch's arrivals, what is left is decoding."""
 TEXTS = [
@@ -36,7 +36,7 @@ def prompts(engine: Any) -> list[list[int]]:
 def test_greedy_matches_transformers(make_engine: MakeEngine, hf_gguf_model: Any) -> None:
     engine = make_engine()
     batch = prompts(engine)
-    # min_tokens mirrors transformers' min_new_tokens: EOS is masked so all 48 tokens count.
+    # min_tokens mirrors transformers' min_new_tokens: EOS is masked so every token counts.
     params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0)
     ours = engine.generate(batch, params)
     for prompt, out in zip(batch, ours, strict=True):
