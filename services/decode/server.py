@@ -29,7 +29,7 @@ class DecodeServer(PoolWorker):
         span = self.begin(request)
         last: RequestOutput | None = None
         if request.keepalive_s is not None:
-            yield RequestOutput(request.request_id, [], "", False, 0, 0, 0)
+            yield _keepalive(request)
         try:
             async for out in self._generate(request, span):
                 last = out
@@ -51,12 +51,18 @@ class DecodeServer(PoolWorker):
         with trace.use_span(span):  # current for the transfer only: this generator yields
             transfer = asyncio.ensure_future(self._transfer(request))
         try:
-            # A KV pull can take a while; it is bounded by `transfer_timeout_s`, so the
-            # keepalives sent meanwhile never hide a hung replica for longer than that.
+            # A KV pull can take a while: keepalives say this replica works on it, for up
+            # to `transfer_timeout_s`. Past that the pull should have ended; if it has not
+            # (a hung engine step holds its release), silence lets the router's stall
+            # clock find the replica.
+            deadline = asyncio.get_running_loop().time() + request.transfer_timeout_s
             while request.keepalive_s is not None and not transfer.done():
-                await asyncio.wait({transfer}, timeout=request.keepalive_s)
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                await asyncio.wait({transfer}, timeout=min(request.keepalive_s, left))
                 if not transfer.done():
-                    yield RequestOutput(request.request_id, [], "", False, 0, 0, 0)
+                    yield _keepalive(request)
             fingerprint, pinned = await transfer
         except BaseException:  # the caller left (or was cancelled) during the transfer
             transfer.cancel()  # a fetch cancelled mid-way holds nothing (KVBridge.fetch)
@@ -145,3 +151,8 @@ class DecodeServer(PoolWorker):
             await self.engine.acall(lambda _: port.release(pinned))
             return []
         return pinned
+
+
+def _keepalive(request: DecodeRequest) -> RequestOutput:
+    """An output with no token: the router's sign that this replica is working on it."""
+    return RequestOutput(request.request_id, [], "", False, 0, 0, 0)

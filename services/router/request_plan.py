@@ -225,9 +225,9 @@ def _served_model(request: SamplingRequest, pipeline: Pipeline) -> str:
     return pipeline.model_id
 
 
-def served_model(model: str, pipeline: Pipeline) -> str:
-    """`model`, if it is the served model's id; else ModelNotFoundError. An unknown name
-    is echoed cut short: it lands in a gRPC status message, whose metadata limit would
+def served_model(model: str, pipeline: Pipeline) -> None:
+    """ModelNotFoundError unless `model` is the served model's id. An unknown name is
+    echoed cut short: it lands in a gRPC status message, whose metadata limit would
     otherwise turn NOT_FOUND into RESOURCE_EXHAUSTED."""
     if model != pipeline.model_id:
         name = model if len(model) <= 80 else model[:80] + "..."
@@ -235,7 +235,6 @@ def served_model(model: str, pipeline: Pipeline) -> str:
             f"the model {name!r} does not exist here; this server serves {pipeline.model_id!r}",
             param="model",
         )
-    return model
 
 
 def _choice_params(

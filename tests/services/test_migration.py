@@ -25,6 +25,7 @@ from engine.async_engine import AsyncEngine
 from engine.engine_args import EngineArgs
 from engine.loaders import LoadedCheckpoint
 from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
 from services.decode.server import DecodeServer
 from services.kv_bridge import KVBridge
 from services.pool_requests import DecodeRequest, PoolStats
@@ -246,6 +247,45 @@ def test_a_slow_kv_pull_is_not_taken_for_a_stall(
     finally:
         server.engine.shutdown()
     wait_idle(stack)
+
+
+def test_a_pull_stuck_past_its_transfer_timeout_goes_silent(
+    stack: Stack, default_checkpoint: LoadedCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull whose end waits on a hung engine step (its release queues behind the step)
+    outlives its transfer timeout: keepalives sent for all of it would hide the hung
+    replica from the router's stall clock, so they stop at the transfer timeout."""
+    server = decode_server(default_checkpoint, stack)
+    assert server.bridge is not None
+    card = server.describe()
+
+    async def stuck_fetch(*args: Any, **kwargs: Any) -> list[int]:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(2.0)  # the release it queued waits for the hung step
+            raise
+        return []
+
+    monkeypatch.setattr(server.bridge, "fetch", stuck_fetch)
+    prompt = card.tokenizer.encode(PROMPT)
+    request = DecodeRequest(
+        "stuck", prompt, SamplingParams(max_tokens=2, temperature=0), transfer_timeout_s=0.5,
+        stored_hashes=[b"\0" * 32], stored_fingerprint=card.fingerprint, keepalive_s=0.1,
+    )  # fmt: skip
+
+    async def outputs() -> list[tuple[float, RequestOutput]]:
+        start = time.monotonic()
+        return [(time.monotonic() - start, out) async for out in server.generate(request)]
+
+    try:
+        timed = asyncio.run(outputs())
+    finally:
+        server.engine.shutdown()
+    keepalives = [t for t, out in timed if not out.new_token_ids and not out.finished]
+    first_token = min(t for t, out in timed if out.new_token_ids)
+    assert max(keepalives) < 1.0 and first_token > 2.0, (keepalives, first_token)
+    assert server.fallbacks["kv_timeout"] == 1  # then it prefilled the prompt itself
 
 
 def test_a_request_no_replica_would_serve_gets_503(stack: Stack, front: Front) -> None:
