@@ -48,7 +48,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         default="auto",
         choices=KV_CACHE_DTYPES,
-        help="paged KV cache dtype: auto (--dtype) or fp8 (per-head scales calibrated at load)",
+        help="paged KV cache dtype: auto (--dtype) or fp8 (half the memory, per-head scales "
+        "calibrated at load; slower decode on a CPU)",
     )
     p.add_argument("--linear", default="dense", help="weight format of the projections")
     p.add_argument("--max-model-len", type=int, default=None, help="context window to serve")
