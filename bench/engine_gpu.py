@@ -52,13 +52,13 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import tokenizers
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.paged_runner import BLOCK, Runner
+from bench.word_tokenizer import word_tokenizer
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.engine_args import EngineArgs
 from engine.handoff import prefill_params
@@ -70,7 +70,6 @@ from engine.model import LlamaModel
 from engine.rope import RotaryTable
 from engine.sampler import SamplerPlan
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
 from kernels.pending_norm import PendingNorm
 
 CONTEXT = 512
@@ -163,13 +162,9 @@ def decode_rates(model: LlamaModel, cfg: ModelConfig, batch: int) -> tuple[float
 
 def random_engine(cfg: ModelConfig, linear: str, **args: Any) -> LLMEngine:
     """An engine on the GPU (Triton kernels) over `RandomWeights`, a word-per-id tokenizer."""
-    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
-    # a word a token: the FP8 KV cache's calibration prose reads as many tokens
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     checkpoint = LoadedCheckpoint(
         config=cfg, tensors=RandomWeights(cfg, "cuda"),  # type: ignore[arg-type]
-        tokenizer=Tokenizer(backend, bos_token_id=None, eos_token_ids=cfg.eos_token_ids),
+        tokenizer=word_tokenizer(cfg.vocab_size, cfg.eos_token_ids),
         model_id="random-llama-3-8b-shapes", weights_digest="0" * 64, source=Path("<memory>"),
     )  # fmt: skip
     return EngineArgs(

@@ -39,8 +39,9 @@ from kernels.fp8_linear import FP8_MAX
 CALIBRATION_TOKENS = 256
 """Tokens of calibration text one pass reads (fewer where the model's window is shorter)."""
 MIN_CALIBRATION_TOKENS = 64
-"""Fewer tokens than this (a tokenizer that reads the prose as a handful of ids) would give
-scales that say nothing about the K/V the model writes: refused."""
+"""Fewer distinct ids than this among the calibration tokens (a tokenizer that reads the
+prose as a handful of tokens, or as one unknown id repeated) would give scales that say
+nothing about the K/V the model writes: refused."""
 HEADROOM = 2.0
 _BLOCK = 16
 
@@ -53,12 +54,13 @@ def kv_amax(checkpoint: LoadedCheckpoint) -> torch.Tensor:
     text = CALIBRATION_TEXT.read_text(encoding="utf-8")
     tokens = checkpoint.tokenizer.encode(text)
     tokens = tokens[: min(CALIBRATION_TOKENS, cfg.max_position_embeddings)]
-    n = len(tokens)
-    if n < MIN_CALIBRATION_TOKENS:
+    n, distinct = len(tokens), len(set(tokens))
+    if distinct < MIN_CALIBRATION_TOKENS:
         raise ValueError(
             f"the FP8 KV cache calibrates its scales on {CALIBRATION_TEXT.name}, which this "
-            f"model's tokenizer reads as {n} tokens (at least {MIN_CALIBRATION_TOKENS} needed); "
-            "use kv_cache_dtype auto with this tokenizer"
+            f"model's tokenizer reads as {n} tokens, {distinct} of them distinct (at least "
+            f"{MIN_CALIBRATION_TOKENS} distinct needed); use kv_cache_dtype auto with this "
+            "tokenizer"
         )
     blocks = -(-n // _BLOCK)
     config = EngineConfig(

@@ -15,14 +15,13 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import tokenizers
 import torch
 
+from bench.word_tokenizer import word_tokenizer
 from engine.engine_args import EngineArgs
 from engine.loaders import LoadedCheckpoint
 from engine.sampler import GREEDY, SamplerPlan
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
 from tests.kernels.test_gpu_pipeline import _shapes, _weights
 
 pytestmark = pytest.mark.gpu
@@ -30,11 +29,8 @@ pytestmark = pytest.mark.gpu
 
 def _checkpoint(device: torch.device) -> LoadedCheckpoint:
     cfg = dataclasses.replace(_shapes(device)[0], max_position_embeddings=1024)
-    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1"))
-    # a word a token: text (the FP8 KV cache's calibration prose) reads as many tokens
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = Tokenizer(backend, bos_token_id=None, eos_token_ids=cfg.eos_token_ids)
+    # the calibration prose's words as ids: the FP8 KV cache calibrates on distinct tokens
+    tokenizer = word_tokenizer(cfg.vocab_size, cfg.eos_token_ids)
     return LoadedCheckpoint(
         config=cfg, tensors=_weights(cfg, device), tokenizer=tokenizer,
         model_id="tiny-random-llama", weights_digest="0" * 64, source=Path("<memory>"),

@@ -116,21 +116,29 @@ def test_scales_depend_on_the_checkpoint_alone(
     assert not torch.equal(calibrate_kv_scales(other), scales)
 
 
+@pytest.mark.parametrize(
+    ("split", "tokens", "distinct"),
+    [(False, 1, 1), (True, 256, 1)],
+    ids=["one-token", "every-word-unknown"],
+)
 def test_a_tokenizer_that_reads_the_calibration_text_as_a_few_ids_is_refused(
-    tiny: LoadedCheckpoint,
+    tiny: LoadedCheckpoint, split: bool, tokens: int, distinct: int
 ) -> None:
-    """A word-level tokenizer with no pre-tokenizer reads the whole prose as one token:
-    scales from one token's K/V say nothing about the cache's."""
+    """A word-level tokenizer with no pre-tokenizer reads the whole prose as one token; with
+    one, but a vocabulary of none of its words, as 256 unknown ids. Scales from one id's
+    K/V say nothing about the cache's."""
     vocab = {f"t{i}": i for i in range(tiny.config.vocab_size)}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1"))
-    one_token = Tokenizer(backend, bos_token_id=None, eos_token_ids=tiny.config.eos_token_ids)
-    checkpoint = dataclasses.replace(tiny, tokenizer=one_token)
+    if split:
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    few_ids = Tokenizer(backend, bos_token_id=None, eos_token_ids=tiny.config.eos_token_ids)
+    checkpoint = dataclasses.replace(tiny, tokenizer=few_ids)
     with pytest.raises(ValueError) as failure:
         calibrate_kv_scales(checkpoint)
     assert str(failure.value) == (
         "the FP8 KV cache calibrates its scales on calibration.txt, which this model's "
-        "tokenizer reads as 1 tokens (at least 64 needed); use kv_cache_dtype auto with "
-        "this tokenizer"
+        f"tokenizer reads as {tokens} tokens, {distinct} of them distinct (at least 64 "
+        "distinct needed); use kv_cache_dtype auto with this tokenizer"
     )
 
 
