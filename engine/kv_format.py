@@ -29,7 +29,7 @@ KV_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,  # exact-arithmetic test configurations only
 }
 
-_ENGINE_TO_KV = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8_e4m3"}
+_WIRE_NAMES = {dtype: name for name, dtype in KV_DTYPES.items()}
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 """Choices of the `kv_cache_dtype` engine option (vLLM's `--kv-cache-dtype` spellings):
@@ -41,7 +41,7 @@ assert sys.byteorder == "little", "KV payloads are little-endian; big-endian hos
 def kv_dtype_name(dtype: torch.dtype) -> str:
     """Wire name of a cache dtype."""
     try:
-        return _ENGINE_TO_KV[dtype]
+        return _WIRE_NAMES[dtype]
     except KeyError:
         raise ValueError(
             f"KV cache dtype {dtype} has no wire format; choose one of {sorted(KV_DTYPES)}"

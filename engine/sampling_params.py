@@ -72,14 +72,17 @@ class SamplingParams:
                 f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
             )
 
-    def check_fits(self, prompt_tokens: int, max_model_len: int) -> None:
-        """Refuses a request whose prompt and `max_tokens` overrun the context window."""
+    def check_fits(
+        self, prompt_tokens: int, max_model_len: int, output_field: str = "max_tokens"
+    ) -> None:
+        """Refuses a request whose prompt and `max_tokens` overrun the context window;
+        `output_field` is the request's name for `max_tokens`."""
         needed = prompt_tokens + self.max_tokens
         if needed > max_model_len:
             raise ValueError(
                 f"this model's context window is {max_model_len} tokens, but the request "
                 f"needs {needed} ({prompt_tokens} in the prompt, {self.max_tokens} for "
-                "max_tokens); shorten the prompt or lower max_tokens"
+                f"{output_field}); shorten the prompt or lower {output_field}"
             )
 
     @property

@@ -200,7 +200,12 @@ class RouterSection(_Strict):
         description="remote prefills the router keeps in flight; beyond, a prompt prefills on "
         "its decode replica (conditional disaggregation); null: no bound",
     )
-    request_timeout_s: float = Field(300.0, gt=0, description="deadline of a whole request")
+    request_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="deadline of a whole request, queueing included: room for the longest "
+        "answer the model writes (32k tokens at 20 tok/s take 27 min)",
+    )
     drain_timeout_s: float = Field(
         60.0, ge=0, description="on SIGTERM, how long requests in flight may finish"
     )
@@ -211,7 +216,10 @@ class RouterSection(_Strict):
         30.0, gt=0, description="a prefill slower than this is abandoned; decode prefills"
     )
     max_inflight_requests: int = Field(
-        256, ge=1, description="requests in flight beyond which the router answers 429"
+        256,
+        ge=1,
+        description="choices in flight (each prompt x n of a request counts one) beyond "
+        "which the router answers 429; a request of more choices is refused (400)",
     )
     max_request_bytes: int = Field(
         4 * 2**20,

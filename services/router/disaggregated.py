@@ -82,7 +82,7 @@ class DisaggregatedPipeline(Pipeline):
         prefill_timeout_s: float,
         transfer_timeout_s: float,
         max_inflight: int = 256,
-        request_timeout_s: float = 300.0,
+        request_timeout_s: float = 3600.0,
         stall_timeout_s: float = 60.0,
         max_migrations: int = 2,
         max_remote_prefills: int | None = None,
@@ -118,6 +118,10 @@ class DisaggregatedPipeline(Pipeline):
     def ready(self) -> bool:
         return not self.draining
 
+    @property
+    def max_choices(self) -> int:
+        return self.max_inflight
+
     async def drain(self, timeout_s: float) -> int:
         """Takes no new request (they get 503) and waits up to `timeout_s` for those in
         flight to finish; returns how many were still running."""
@@ -131,7 +135,8 @@ class DisaggregatedPipeline(Pipeline):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if self.inflight >= self.max_inflight:
             raise OverloadedError(
-                f"the server is at its limit of {self.max_inflight} requests in flight",
+                f"the server is at its limit of {self.max_inflight} choices in flight (each "
+                "prompt x n choice of a request counts one)",
                 retry_after_s=RETRY_AFTER_S,
             )
         self.inflight += 1

@@ -39,6 +39,10 @@ class InstrumentedPipeline(Pipeline):
     def ready(self) -> bool:
         return self.inner.ready()
 
+    @property
+    def max_choices(self) -> int | None:
+        return self.inner.max_choices
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         arrival = time.perf_counter()
         attributes = request_attributes(

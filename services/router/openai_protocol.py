@@ -85,6 +85,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "web_search_options": (None,),
     "continuous_usage_stats": (None, False),
+    "return_token_ids": (None, False),
 }
 
 
@@ -99,6 +100,27 @@ def checked_request_id(value: str) -> str:
     return value
 
 
+class OpenAIModel(BaseModel):
+    """A request shape where `null` means a field's default, as OpenAI's nullable fields
+    and vLLM's `Optional[...] = default` read it: clients (and wrappers that forward
+    `n=kwargs.get("n")`) send `"n": null`, `"stream": null`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None
+            or key not in fields
+            or fields[key].is_required()
+            or fields[key].default is None
+        }
+
+
 def _neutral_only(neutral: dict[str, tuple[Any, ...]], value: Any, info: ValidationInfo) -> Any:
     assert info.field_name is not None
     values = neutral[info.field_name]
@@ -107,7 +129,7 @@ def _neutral_only(neutral: dict[str, tuple[Any, ...]], value: Any, info: Validat
     return value
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(OpenAIModel):
     include_usage: bool = Field(False, description="End the stream with a usage-only chunk.")
     continuous_usage_stats: bool | None = Field(None, description="Extension; unsupported.")
 
@@ -117,7 +139,7 @@ class StreamOptions(BaseModel):
         return _neutral_only(_NEUTRAL, value, info)
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(OpenAIModel):
     """What completions and chat requests share. Floats must be finite: a NaN would pass
     no bound check with a message that makes sense."""
 
@@ -130,9 +152,20 @@ class SamplingRequest(BaseModel):
     top_k: int | None = Field(
         None, ge=-1, le=MAX_TOP_K, description="Extension: 0 or -1 disables top-k."
     )
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Choice i of n samples with seed+i.")
+    seed: int | None = Field(
+        None, ge=-(2**63), lt=2**63, description="Choice i of n samples with seed+i (mod 2^63)."
+    )
     stop: NonEmptyStr | StopList | None = Field(None, description="Strings that end a choice.")
     stop_token_ids: list[TokenId] | None = Field(None, description="Extension: ids that end it.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per choice; default 16 (completions), the rest of the context "
+        "window (chat).",
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Tokens per choice, over max_tokens (OpenAI's newer name)."
+    )
     n: int = Field(1, ge=1, le=MAX_N, description="Choices to generate for each prompt.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -194,6 +227,7 @@ class SamplingRequest(BaseModel):
     priority: int | None = None
     echo: bool | None = None
     add_special_tokens: bool | None = None
+    return_token_ids: bool | None = None
 
     @field_validator(*_NEUTRAL, check_fields=False)
     @classmethod
@@ -236,15 +270,34 @@ class SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def max_output_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def output_param(self) -> str:
+        """The field that set the output's length, for errors that name it."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
 
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
     prompt: NonEmptyStr | Annotated[list[str], Field(min_length=1)] | TokenIds | list[TokenIds]
-    max_tokens: int | None = Field(None, ge=1, description="Tokens per choice; default 16.")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives.")
+    top_logprobs: int | None = Field(None, description="Chat's; completions take logprobs.")
     suffix: str | None = None  # unsupported (insertion): only empty
     prompt_embeds: Any = None  # unsupported
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _chat_only(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError(
+                "a chat field; completions take logprobs, the number of alternatives per "
+                "token (0-20)"
+            )
+        return value
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -358,10 +411,6 @@ class ChatCompletionRequest(SamplingRequest):
     }
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI for the next.")
-    max_completion_tokens: int | None = Field(
-        None, ge=1, description="Tokens per choice; default: the rest of the context window."
-    )
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = Field(
@@ -418,10 +467,6 @@ class ChatCompletionRequest(SamplingRequest):
         if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs set to true")
         return value
-
-    @property
-    def max_output_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
 
 
 def invalid_request(errors: Sequence[ErrorDetails]) -> InvalidRequestError:

@@ -38,6 +38,12 @@ class Pipeline(ABC):
     max_model_len: int
     vocab_size: int  # token ids a prompt may hold: [0, vocab_size)
 
+    @property
+    def max_choices(self) -> int | None:
+        """Choices it runs at once (each prompt x n of a request counts one); None: no
+        bound. A request of more could never be admitted whole."""
+        return None
+
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Outputs of one request, in order; the last has `finished` set."""

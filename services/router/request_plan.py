@@ -107,11 +107,12 @@ def plan_completion(
     """The plan of a completions request. `request_id`: the id to answer under, as it is
     (gRPC's own); without it, vLLM's (see the module's docstring)."""
     model = _served_model(request, pipeline)
-    max_tokens = request.max_tokens or DEFAULT_COMPLETION_TOKENS
-    keep = _prompt_tokens_kept(request, pipeline.max_model_len, max_tokens, "max_tokens")
+    max_tokens = request.max_output_tokens or DEFAULT_COMPLETION_TOKENS
+    keep = _prompt_tokens_kept(request, pipeline.max_model_len, max_tokens, request.output_param)
     prompts = [_completion_prompt(p, pipeline.tokenizer, keep) for p in request.prompts]
     _check_token_ids(prompts, request, pipeline.vocab_size)
-    params = _choice_params(request, len(prompts), max_tokens, request.logprobs)
+    params = _choice_params(request, len(prompts), max_tokens, request.logprobs, pipeline)
+    _check_fits(prompts, params[0], pipeline.max_model_len, request.output_param)
     salt = _salt(request, tenant)
     shown, run = _ids(request_id, request.request_id, "cmpl")
     return RequestPlan(
@@ -142,9 +143,8 @@ def plan_chat(
         )
     except ValueError as e:  # no chat template, or the template rejected the conversation
         raise InvalidRequestError(str(e), param="messages") from e
-    output_param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     requested = request.max_output_tokens or 0  # vLLM's: nothing asked, nothing set aside
-    keep = _prompt_tokens_kept(request, pipeline.max_model_len, requested, output_param)
+    keep = _prompt_tokens_kept(request, pipeline.max_model_len, requested, request.output_param)
     prompt = _last(prompt, keep)
     # Chat's default is the rest of the context window.
     room = pipeline.max_model_len - len(prompt)
@@ -158,7 +158,8 @@ def plan_chat(
     max_tokens = request.max_output_tokens or room
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     _check_token_ids([prompt], request, pipeline.vocab_size)
-    params = _choice_params(request, 1, max_tokens, logprobs)
+    params = _choice_params(request, 1, max_tokens, logprobs, pipeline)
+    _check_fits([prompt], params[0], pipeline.max_model_len, request.output_param)
     shown, run = _ids(request_id, request.request_id, "chatcmpl")
     salt = _salt(request, tenant)
     return RequestPlan(
@@ -238,12 +239,24 @@ def served_model(model: str, pipeline: Pipeline) -> None:
 
 
 def _choice_params(
-    request: SamplingRequest, num_prompts: int, max_tokens: int, logprobs: int | None
+    request: SamplingRequest,
+    num_prompts: int,
+    max_tokens: int,
+    logprobs: int | None,
+    pipeline: Pipeline,
 ) -> list[SamplingParams]:
-    if num_prompts * request.n > MAX_CHOICES:
+    choices = num_prompts * request.n
+    if choices > MAX_CHOICES:
         raise InvalidRequestError(
-            f"n: {num_prompts} prompts x n={request.n} is {num_prompts * request.n} choices; "
+            f"n: {num_prompts} prompts x n={request.n} is {choices} choices; "
             f"at most {MAX_CHOICES} per request",
+            param="n",
+        )
+    if pipeline.max_choices is not None and choices > pipeline.max_choices:
+        # Never admitted whole, however idle the server: refused, not 429 for ever.
+        raise InvalidRequestError(
+            f"n: {num_prompts} prompts x n={request.n} is {choices} choices; this server runs "
+            f"at most {pipeline.max_choices} at a time",
             param="n",
         )
     if request.min_tokens > max_tokens:
@@ -270,6 +283,18 @@ def _choice_params(
         ]
     except ValueError as e:  # a limit of the engine's that the request models do not state
         raise InvalidRequestError(str(e)) from e
+
+
+def _check_fits(
+    prompts: list[list[int]], params: SamplingParams, max_model_len: int, output_param: str
+) -> None:
+    """Each prompt and its output fit the context window (the pipeline checks again, as
+    the engine does: here the error names the field)."""
+    for prompt in prompts:
+        try:
+            params.check_fits(len(prompt), max_model_len, output_param)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param=output_param) from e
 
 
 def _new_id(prefix: str) -> str:

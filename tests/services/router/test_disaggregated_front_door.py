@@ -239,7 +239,10 @@ def test_a_full_router_says_when_to_retry_on_both_protocols(
                     )
                 )
             assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert full.value.details() == "the server is at its limit of 1 requests in flight"
+            assert full.value.details() == (
+                "the server is at its limit of 1 choices in flight (each prompt x n choice of "
+                "a request counts one)"
+            )
             assert dict(full.value.trailing_metadata() or ())["retry-after"] == "1"
             parts = urlsplit(url)
             with socket.create_connection((parts.hostname, parts.port)) as conn:

@@ -22,6 +22,8 @@ from services.router.request_plan import RequestPlan, plan_chat, plan_completion
 
 from .conftest import MODEL_ID
 
+CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+
 
 @pytest.mark.parametrize(
     ("prompt", "expected"),
@@ -120,6 +122,69 @@ def test_validation_errors_name_the_field(body: dict[str, Any], param: str) -> N
         ChatCompletionRequest.model_validate(body)
     error = invalid_request(raised.value.errors())
     assert error.param == param and error.message.startswith(f"{param}: ")
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["n", "stream", "stream_options", "min_tokens", "ignore_eos", "include_stop_str_in_output"],
+)
+def test_null_means_the_default(field: str) -> None:
+    """The openai package sends an explicit None as null (`n=kwargs.get("n")`)."""
+    for shape, body in ((CompletionRequest, {"prompt": "Hi"}), (ChatCompletionRequest, CHAT)):
+        request = shape.model_validate({**body, field: None})
+        assert request == shape.model_validate(body)
+    chat = ChatCompletionRequest.model_validate({**CHAT, "logprobs": None})
+    assert chat.logprobs is False
+    options = {"stream": True, "stream_options": {"include_usage": None}}
+    assert not ChatCompletionRequest.model_validate({**CHAT, **options}).include_usage
+    with pytest.raises(ValidationError):  # a required field is still required
+        ChatCompletionRequest.model_validate({"messages": None})
+
+
+def test_completions_take_max_completion_tokens_and_refuse_chats_top_logprobs(
+    pipeline: ColocatedPipeline,
+) -> None:
+    both = CompletionRequest(prompt="Hi", max_tokens=9, max_completion_tokens=300)
+    assert plan_completion(both, pipeline).params[0].max_tokens == 300
+    for field, value in (("top_logprobs", 2), ("return_token_ids", True)):
+        with pytest.raises(ValidationError) as raised:
+            CompletionRequest.model_validate({"prompt": "Hi", field: value})
+        assert invalid_request(raised.value.errors()).param == field
+
+
+def test_a_prompt_that_does_not_fit_is_refused_naming_the_output_field(
+    pipeline: ColocatedPipeline,
+) -> None:
+    prompt = list(range(1, 1001))
+    for fields, param in (
+        ({"max_tokens": 30}, "max_tokens"),
+        ({"max_completion_tokens": 30}, "max_completion_tokens"),
+    ):
+        with pytest.raises(InvalidRequestError) as failure:
+            plan_completion(CompletionRequest(prompt=prompt, **fields), pipeline)
+        assert failure.value.param == param
+        assert str(failure.value) == (
+            "this model's context window is 1024 tokens, but the request needs 1030 (1000 "
+            f"in the prompt, 30 for {param}); shorten the prompt or lower {param}"
+        )
+
+
+def test_more_choices_than_the_server_runs_at_once_are_refused(
+    pipeline: ColocatedPipeline,
+) -> None:
+    """A pipeline that runs 4 choices at once would answer 429 to 3 prompts x n=2 for ever."""
+
+    class Bounded(ColocatedPipeline):
+        max_choices = 4
+
+    bounded = Bounded(pipeline.engine, MODEL_ID)
+    plan_completion(CompletionRequest(prompt=["a", "b"], n=2), bounded)
+    with pytest.raises(InvalidRequestError) as failure:
+        plan_completion(CompletionRequest(prompt=["a", "b", "c"], n=2), bounded)
+    assert failure.value.param == "n"
+    assert str(failure.value) == (
+        "n: 3 prompts x n=2 is 6 choices; this server runs at most 4 at a time"
+    )
 
 
 def test_unknown_fields_are_ignored() -> None:
