@@ -1,6 +1,10 @@
 """POST /v1/chat/completions answers: a started `ChoiceStream` as one `chat.completion`, or
 as `chat.completion.chunk`s: each choice's role first, then its content deltas, the last
-one with its finish reason, then (if asked) one chunk with the usage and no choices."""
+one with its finish reason, then (if asked) one chunk with the usage and no choices.
+
+With `return_token_ids` (vLLM's) the answer carries the prompt's token ids (a stream: in
+its first chunk) and each choice its own (a stream: each chunk's new ones; a chunk whose
+text is held back for a forming stop string still carries its ids)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from services.router.openai_responses import (
 
 async def chat_response(stream: ChoiceStream) -> ChatCompletionResponse:
     results = await stream.collect()
+    plan = stream.plan
     choices = []
     for r in results:
         assert r.finish_reason is not None, "collect() returns finished choices"
@@ -32,17 +37,19 @@ async def chat_response(stream: ChoiceStream) -> ChatCompletionResponse:
             ChatChoice(
                 index=r.index,
                 message=ChatResponseMessage(content=r.text),
-                logprobs=_logprobs(r.logprobs, stream.plan.return_tokens_as_token_ids),
+                logprobs=_logprobs(r.logprobs, plan.return_tokens_as_token_ids),
                 finish_reason=r.finish_reason,
                 stop_reason=r.stop_reason,
+                token_ids=r.token_ids if plan.return_token_ids else None,
             )
         )
     return ChatCompletionResponse(
-        id=stream.plan.request_id,
+        id=plan.request_id,
         created=int(time.time()),
-        model=stream.plan.model,
+        model=plan.model,
         choices=choices,
         usage=UsageInfo.of(stream.usage),
+        prompt_token_ids=plan.prompts[0] if plan.return_token_ids else None,
     )
 
 
@@ -58,9 +65,13 @@ async def chat_chunks(
         )
 
     for index in range(plan.num_choices):
-        yield chunk(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
+        first = chunk(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
+        if index == 0 and plan.return_token_ids:
+            first.prompt_token_ids = plan.prompts[0]
+        yield first
     async for out in stream:
-        if not out.text and not out.logprobs and out.finish_reason is None:
+        token_ids = out.token_ids if plan.return_token_ids else []
+        if not out.text and not out.logprobs and not token_ids and out.finish_reason is None:
             continue  # text held back (a stop string may be forming) and nothing else to say
         yield chunk(
             ChatChunkChoice(
@@ -69,6 +80,7 @@ async def chat_chunks(
                 logprobs=_logprobs(out.logprobs, plan.return_tokens_as_token_ids),
                 finish_reason=out.finish_reason,
                 stop_reason=out.stop_reason,
+                token_ids=token_ids if plan.return_token_ids else None,
             )
         )
     if include_usage:

@@ -1,6 +1,10 @@
 """POST /v1/completions answers: a started `ChoiceStream` as one `text_completion` object,
 or as the chunks of a stream (same object type, one choice increment each).
 
+With `return_token_ids` (vLLM's) each choice carries its prompt's token ids and its own:
+a stream sends the prompt's with the choice's first chunk, then each chunk's new ids (a
+chunk whose text is held back for a forming stop string still carries its ids).
+
 `text_offset` is where a token's text starts in the choice's text, counted in characters
 of the text as sent (a token holding part of a character starts where that character
 does); a token a stop string cut off sits at the text's end. A stream sends a token's
@@ -24,7 +28,8 @@ from services.router.openai_responses import (
 
 async def completion_response(stream: ChoiceStream) -> CompletionResponse:
     results = await stream.collect()
-    as_token_ids = stream.plan.return_tokens_as_token_ids
+    plan = stream.plan
+    as_token_ids = plan.return_tokens_as_token_ids
     choices = []
     for r in results:
         logprobs = None if r.logprobs is None else _logprobs(r.logprobs, len(r.text), as_token_ids)
@@ -35,6 +40,10 @@ async def completion_response(stream: ChoiceStream) -> CompletionResponse:
                 logprobs=logprobs,
                 finish_reason=r.finish_reason,
                 stop_reason=r.stop_reason,
+                prompt_token_ids=plan.prompts[plan.prompt_of(r.index)]
+                if plan.return_token_ids
+                else None,
+                token_ids=r.token_ids if plan.return_token_ids else None,
             )
         )
     return CompletionResponse(
@@ -53,6 +62,7 @@ async def completion_chunks(
     created = int(time.time())
     sent = [0] * plan.num_choices  # characters of each choice's text
     held: list[list[SampledLogprob]] = [[] for _ in range(plan.num_choices)]
+    unsent_prompt = set(range(plan.num_choices)) if plan.return_token_ids else set()
     async for out in stream:
         sent[out.index] += len(out.text)
         logprobs = None
@@ -64,7 +74,13 @@ async def completion_chunks(
                 ready = sum(1 for lp in pending if lp.text_offset <= sent[out.index])
             held[out.index] = pending[ready:]
             logprobs = _logprobs(pending[:ready], sent[out.index], plan.return_tokens_as_token_ids)
-        if not out.text and not (logprobs and logprobs.tokens) and out.finish_reason is None:
+        token_ids = out.token_ids if plan.return_token_ids else []
+        if (
+            not out.text
+            and not (logprobs and logprobs.tokens)
+            and not token_ids
+            and out.finish_reason is None
+        ):
             continue  # text held back (a stop string may be forming) and nothing else to say
         choice = CompletionChoice(
             index=out.index,
@@ -73,6 +89,11 @@ async def completion_chunks(
             finish_reason=out.finish_reason,
             stop_reason=out.stop_reason,
         )
+        if plan.return_token_ids:
+            choice.token_ids = token_ids
+            if out.index in unsent_prompt:
+                unsent_prompt.discard(out.index)
+                choice.prompt_token_ids = plan.prompts[plan.prompt_of(out.index)]
         yield CompletionResponse(
             id=plan.request_id, created=created, model=plan.model, choices=[choice]
         )

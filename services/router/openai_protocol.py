@@ -85,7 +85,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "web_search_options": (None,),
     "continuous_usage_stats": (None, False),
-    "return_token_ids": (None, False),
 }
 
 
@@ -190,6 +189,12 @@ class SamplingRequest(OpenAIModel):
         description="Extension: keep only the prompt's last k tokens (after the chat template "
         "for chat); -1 keeps as many as the context window leaves beside max_tokens.",
     )
+    return_token_ids: bool = Field(
+        False,
+        description="Extension (vLLM's): the answer carries each prompt's token ids and "
+        "each choice's (a stream: the prompt's with a choice's first chunk, then each "
+        "chunk's new ones).",
+    )
     return_tokens_as_token_ids: bool | None = Field(
         None,
         description="Extension: logprobs name each token `token_id:<id>` instead of its text.",
@@ -227,7 +232,6 @@ class SamplingRequest(OpenAIModel):
     priority: int | None = None
     echo: bool | None = None
     add_special_tokens: bool | None = None
-    return_token_ids: bool | None = None
 
     @field_validator(*_NEUTRAL, check_fields=False)
     @classmethod

@@ -10,6 +10,11 @@ from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_seri
 from services.router.choice_stream import TopLogprob, Usage
 
 
+def _token_ids() -> Any:
+    """A field of `return_token_ids` answers only (vLLM's), left out of the JSON otherwise."""
+    return Field(None, exclude_if=lambda ids: ids is None)
+
+
 def token_name(logprob: TopLogprob, as_token_id: bool) -> str:
     """A logprob's token as a response names it: its text, or (vLLM's
     `return_tokens_as_token_ids`) `token_id:<id>`, unambiguous where text is not."""
@@ -53,6 +58,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = Field(None, description="Extension: stop string or id.")
+    prompt_token_ids: list[int] | None = _token_ids()
+    token_ids: list[int] | None = _token_ids()
 
 
 class CompletionResponse(BaseModel):
@@ -93,6 +100,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = _token_ids()
 
 
 class ChatCompletionResponse(BaseModel):
@@ -102,6 +110,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = _token_ids()
 
 
 class ChatDelta(BaseModel):
@@ -120,6 +129,7 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = _token_ids()
 
 
 class ChatCompletionChunk(BaseModel):
@@ -129,6 +139,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = _token_ids()
 
 
 class ModelCard(BaseModel):

@@ -64,6 +64,7 @@ class RequestPlan:
     include_stop_str_in_output: bool = False  # the router adds it: the engine cuts it off
     operation: str = "text_completion"  # gen_ai.operation.name of the API called
     return_tokens_as_token_ids: bool = False  # logprobs name tokens `token_id:<id>`
+    return_token_ids: bool = False  # answers carry prompt and output token ids
 
     def __post_init__(self) -> None:
         assert len(self.params) == len(self.prompts) * self.n
@@ -125,6 +126,7 @@ def plan_completion(
         run,
         request.include_stop_str_in_output,
         return_tokens_as_token_ids=bool(request.return_tokens_as_token_ids),
+        return_token_ids=request.return_token_ids,
     )
 
 
@@ -173,6 +175,7 @@ def plan_chat(
         request.include_stop_str_in_output,
         operation="chat",
         return_tokens_as_token_ids=bool(request.return_tokens_as_token_ids),
+        return_token_ids=request.return_token_ids,
     )
 
 

@@ -56,6 +56,26 @@ def test_stream_sends_the_role_then_content_then_usage(client: openai.OpenAI) ->
     )
 
 
+def test_return_token_ids_gives_the_templated_prompt_and_each_choices_ids(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    tok = pipeline.tokenizer
+    ask = {"n": 2, "seed": 3, "temperature": 1.0, "extra_body": {"return_token_ids": True}}
+    whole = chat(client, **ask)
+    assert whole.prompt_token_ids == tok.encode_chat(MESSAGES)
+    for c in whole.choices:
+        assert tok.decode(c.token_ids) == c.message.content and len(c.token_ids) == 5
+    chunks = list(chat(client, stream=True, **ask))
+    assert chunks[0].prompt_token_ids == whole.prompt_token_ids
+    assert all("prompt_token_ids" not in (c.model_extra or {}) for c in chunks[1:])
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    for chunk in chunks[2:]:  # after each choice's role
+        for c in chunk.choices:
+            streamed[c.index] += c.token_ids
+    assert streamed == {c.index: c.token_ids for c in whole.choices}
+    assert "prompt_token_ids" not in (chat(client).model_extra or {})
+
+
 def test_text_content_parts_join_with_newlines(
     client: openai.OpenAI, pipeline: ColocatedPipeline
 ) -> None:

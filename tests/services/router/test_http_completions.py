@@ -88,6 +88,40 @@ def test_stream_reassembles_the_non_streamed_text_and_ends_with_usage(
     assert usage_chunk.choices == [] and usage_chunk.usage == expected.usage
 
 
+def test_return_token_ids_gives_each_choice_its_prompts_ids_and_its_own(
+    client: openai.OpenAI, pipeline: ColocatedPipeline
+) -> None:
+    """vLLM's `return_token_ids`, as RL trainers read it: a stop string cuts the text, not
+    the ids (every generated token, as usage counts them); a stream carries the same ids,
+    the prompt's once per choice."""
+    tok = pipeline.tokenizer
+    prompts = [PROMPT, "One, two, three,"]
+    plain = greedy(client, max_tokens=8).choices[0]
+    assert "token_ids" not in (plain.model_extra or {})  # only when asked for
+    stop = plain.text.split()[2]
+    ask = {
+        "model": MODEL_ID, "prompt": prompts, "n": 2, "stop": stop, "max_tokens": 8,
+        "temperature": 0, "extra_body": {"return_token_ids": True},
+    }  # fmt: skip
+    whole = client.completions.create(**ask)
+    assert whole.usage is not None
+    assert sum(len(c.token_ids) for c in whole.choices) == whole.usage.completion_tokens
+    for c in whole.choices:
+        assert c.prompt_token_ids == tok.encode(prompts[c.index // 2])
+        assert tok.decode(c.token_ids).startswith(c.text) and c.token_ids
+    first = whole.choices[0]
+    assert first.finish_reason == "stop" and stop in tok.decode(first.token_ids)
+    streamed: dict[int, list[int]] = {}
+    prompt_ids: dict[int, list[Any]] = {}
+    for chunk in client.completions.create(stream=True, **ask):
+        for c in chunk.choices:
+            streamed.setdefault(c.index, []).extend(c.token_ids)
+            if c.model_extra.get("prompt_token_ids") is not None:
+                prompt_ids.setdefault(c.index, []).append(c.prompt_token_ids)
+    assert streamed == {c.index: c.token_ids for c in whole.choices}
+    assert prompt_ids == {c.index: [c.prompt_token_ids] for c in whole.choices}
+
+
 def test_stream_without_include_usage_sends_no_usage(client: openai.OpenAI) -> None:
     chunks = list(greedy(client, max_tokens=3, stream=True))
     assert chunks and all(c.usage is None and len(c.choices) == 1 for c in chunks)
