@@ -110,6 +110,14 @@ def test_thread_and_remote_prefill_bounds_follow_the_values() -> None:
     assert (config.decode.prefill_threads, config.prefill.prefill_threads) == (2, None)
 
 
+def test_both_spellings_of_the_fp8_kv_cache_pair_up() -> None:
+    """vLLM's "fp8" and the wire name "fp8_e4m3" are one cache; the chart's check of the
+    pools' pairing (tests/chart/test_values_schema.py) takes them as one, as Baton does."""
+    pools = {"prefill": {"kvCacheDtype": "fp8"}, "decode": {"kvCacheDtype": "fp8_e4m3"}}
+    config = ServingConfig.model_validate(render_values({"pools": pools}).serving_config)
+    assert (config.prefill.kv_cache_dtype, config.decode.kv_cache_dtype) == ("fp8", "fp8_e4m3")
+
+
 @value_sets
 def test_each_deployment_is_pinned_to_its_worker_group(value_set: str) -> None:
     """A replica needs one unit of `baton_<group>`, which only its group's pods offer, one

@@ -150,6 +150,11 @@ TEMPLATE_ERRORS = [
         "inferencePool.enabled needs inferencePool.endpointPicker.name",
     ),
     (
+        {"pools": {"decode": {"kvCacheDtype": "fp8"}}},
+        "pools.prefill.kvCacheDtype (auto) and pools.decode.kvCacheDtype (fp8) differ: decode "
+        "reads the KV blocks prefill writes, so both pools must cache KV alike",
+    ),
+    (
         {"router": {"httpPort": 50051}},
         "router.httpPort (50051) and router.grpcPort (50051) clash in the Ray worker pods: "
         "each needs a port of its own",

@@ -63,6 +63,12 @@ router replica router.grpcPort in its pod: beside the ports Ray binds there. */}
 {{- if and (include "baton.kvstoreEnabled" .) (gt (int .Values.kvstore.shards) 1) (not (include "baton.redisConfigured" .)) }}
 {{- fail "kvstore.shards > 1 needs a prefix index the shards share: set redis.enabled, redis.external.url or redis.external.existingSecret" }}
 {{- end }}
+{{- /* Decode reads the blocks prefill writes: both pools cache KV alike ("fp8" is "fp8_e4m3"). */}}
+{{- $prefillKV := replace "fp8_e4m3" "fp8" .Values.pools.prefill.kvCacheDtype }}
+{{- $decodeKV := replace "fp8_e4m3" "fp8" .Values.pools.decode.kvCacheDtype }}
+{{- if and (eq .Values.mode "disaggregated") (ne $prefillKV $decodeKV) }}
+{{- fail (printf "pools.prefill.kvCacheDtype (%s) and pools.decode.kvCacheDtype (%s) differ: decode reads the KV blocks prefill writes, so both pools must cache KV alike" .Values.pools.prefill.kvCacheDtype .Values.pools.decode.kvCacheDtype) }}
+{{- end }}
 {{- if and .Values.inferencePool.enabled (not .Values.inferencePool.endpointPicker.name) }}
 {{- fail "inferencePool.enabled needs inferencePool.endpointPicker.name: the Service of the endpoint picker you deploy" }}
 {{- end }}
