@@ -49,7 +49,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=KV_CACHE_DTYPES,
         help="paged KV cache dtype: auto (--dtype) or fp8 (half the memory, per-head scales "
-        "calibrated at load; slower decode on a CPU)",
+        "calibrated at load)",
     )
     p.add_argument("--linear", default="dense", help="weight format of the projections")
     p.add_argument("--max-model-len", type=int, default=None, help="context window to serve")

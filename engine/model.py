@@ -217,7 +217,6 @@ class LlamaModel:
         None: op by op."""
         if (
             not self.native_layers
-            or self.kv_scales is not None  # the native layer writes and reads bf16 KV only
             or self.ops.name != "torch"
             or x.dtype != torch.bfloat16
             or x.device.type != "cpu"

@@ -1,4 +1,5 @@
-"""FP8 (e4m3) KV cache, torch path: the reference for the Triton kernels and the CPU path.
+"""FP8 (e4m3) KV cache, torch path: the reference for the Triton and native CPU kernels, and
+the CPU path where the native ones do not run.
 
 A layer's scales are [2 (K|V), num_kv_heads] fp32, fixed per (layer, K|V, head) as
 DESIGN.md's block format says; a cached value is `fp8(clamp(value / scale, ±448))`.
@@ -10,6 +11,7 @@ to point into it.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -18,18 +20,22 @@ from kernels.fp8_linear import FP8_DTYPE, FP8_MAX
 from kernels.paged_attention import paged_attention_torch, plan_attention_torch
 
 
-def check_kv_scales(kv_scales: torch.Tensor, kv_layer: torch.Tensor) -> None:
+def check_kv_scales(kv_scales: torch.Tensor, kv_layer: torch.Tensor) -> list[float]:
+    """The layer's scales as a host list (K's heads, then V's), checked: one small copy,
+    which the native kernels take as their argument (`kernels.paged_attention_cpu`)."""
     assert kv_layer.dtype == FP8_DTYPE, kv_layer.dtype
     assert kv_scales.dtype == torch.float32 and kv_scales.shape == (2, kv_layer.shape[3]), (
         kv_scales.dtype,
         kv_scales.shape,
     )
+    values = kv_scales.flatten().tolist()
     # A zero scale caches NaN (0 / 0) or +-448 for every value; inf caches zeros.
-    if not bool((torch.isfinite(kv_scales) & (kv_scales > 0)).all()):
+    if not all(math.isfinite(s) and s > 0 for s in values):
         raise ValueError(
             f"FP8 KV scales must be finite and positive, got {kv_scales.tolist()} "
             "([K | V] x KV heads)"
         )
+    return values
 
 
 def write_kv_fp8_torch(

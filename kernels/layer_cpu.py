@@ -6,8 +6,9 @@ its 30 ms between them (argument checks, tensor allocations, ctypes, the GIL tak
 after each call). The native layer runs the same kernels on the same buffers in the same
 order, so its output is bit for bit the op-by-op one (tests/kernels/test_layer_cpu.py).
 
-It serves any step (decode rows, prefill chunks, both) of a model with bf16 activations
-and KV, INT4 weights in the `"avx2"` layout without biases, and no batch-invariant
+It serves any step (decode rows, prefill chunks, both) of a model with bf16 activations,
+a bf16 or an FP8 KV cache (whose scales are checked once, here: they are fixed at load), INT4
+weights in the `"avx2"` layout without biases, and no batch-invariant
 splitting; `NativeLayers.
 build` returns None for any other model, which then runs op by op.
 """
@@ -21,7 +22,9 @@ import torch
 
 from kernels import native
 from kernels.attention_metadata import AttentionMetadata
+from kernels.fp8_linear import FP8_DTYPE
 from kernels.int4_linear import Int4Weight
+from kernels.kv_cache_fp8 import check_kv_scales
 from kernels.paged_attention_cpu import check_block_ids, check_slots
 
 _p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -47,6 +50,7 @@ class _LayerWeights(ctypes.Structure):
         ("gate_up", _Int4Proj),
         ("down", _Int4Proj),
         ("cache", _p),
+        ("kv_scales", _p),
     ]
 
 
@@ -110,7 +114,7 @@ class NativeLayers:
         cfg = model.cfg
         if (
             native.library() is None
-            or kv_cache.dtype != torch.bfloat16
+            or kv_cache.dtype not in (torch.bfloat16, FP8_DTYPE)
             or kv_cache.device.type != "cpu"
             or cfg.head_dim % 16
             or cfg.hidden_size % 8
@@ -132,8 +136,19 @@ class NativeLayers:
             kv_layer = kv_cache[:, i]
             if kv_layer.stride()[2:] != (cfg.num_kv_heads * cfg.head_dim, cfg.head_dim, 1):
                 return None
+            scales = layer.kv_scales
+            assert (scales is None) == (kv_layer.dtype == torch.bfloat16), kv_layer.dtype
+            if scales is not None:
+                check_kv_scales(scales, kv_layer)
+                assert scales.is_contiguous() and scales.device.type == "cpu"
             layers.append(
-                _LayerWeights(norms[0].data_ptr(), norms[1].data_ptr(), *projs, kv_layer.data_ptr())
+                _LayerWeights(
+                    norms[0].data_ptr(),
+                    norms[1].data_ptr(),
+                    *projs,
+                    kv_layer.data_ptr(),
+                    None if scales is None else scales.data_ptr(),
+                )
             )
         return cls(layers, cfg, model.layers[0].scale, cfg.rms_norm_eps, kv_cache)
 

@@ -99,14 +99,12 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def handles(*tensors: torch.Tensor) -> bool:
-    """Whether the native kernels take these: bf16 CPU tensors whose rows are whole AVX2
-    vectors (last dim a multiple of 8), with the library built."""
+def handles(*tensors: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the native kernels take these: CPU tensors of `dtype` (bf16 unless said, as
+    for an fp8 KV cache) whose rows are whole AVX2 vectors (last dim a multiple of 8), with
+    the library built."""
     return (
-        all(
-            t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.shape[-1] % 8 == 0
-            for t in tensors
-        )
+        all(t.dtype == dtype and t.device.type == "cpu" and t.shape[-1] % 8 == 0 for t in tensors)
         and library() is not None
     )
 
@@ -134,8 +132,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "baton_rms_norm_bf16": [p, p, p, p, p, i64, i64, f32, i32],
         "baton_rope_bf16": [p, i64, p, p, p, i64, i64, i64, i32],
         "baton_write_kv_bf16": [p, i64, p, i64, p, i64, i64, i64, p, i64, i64],
+        "baton_write_kv_fp8": [p, i64, p, i64, p, i64, i64, i64, p, i64, i64, i64, p],
         "baton_silu_and_mul_bf16": [p, p, i64, i64, i32],
         "baton_paged_attention_bf16": [p, p, p, i64, i64, p, i64, p, p, *[i64] * 5, f32, i32],
+        "baton_paged_attention_fp8": [p, p, p, i64, i64, p, i64, p, p, *[i64] * 5, f32, p, i32],
         # (LayerWeights*, LayerStep*): structures of kernels/layer_cpu.py
         "baton_layer_bf16": [p, p],
     }

@@ -1,12 +1,16 @@
 """Paged attention on the CPU (decode rows and prefill chunks), and KV writes: launchers of
-`kernels/cpu/paged_attention.cpp` and `kernels/cpu/kv_cache.cpp` (bf16 cache)."""
+`kernels/cpu/paged_attention.cpp` and `kernels/cpu/kv_cache.cpp`, for a bf16 cache or, given
+its `kv_scales`, a float8_e4m3fn one (`kernels.kv_cache_fp8`)."""
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
 from kernels import native
 from kernels.attention_metadata import AttentionMetadata
+from kernels.kv_cache_fp8 import check_kv_scales
 from kernels.paged_attention import TorchAttentionPlan
 
 
@@ -50,10 +54,21 @@ def _check_cache(kv_layer: torch.Tensor, kv_heads: int, dim: int) -> None:
     )
 
 
+def _host_scales(kv_scales: torch.Tensor, kv_layer: torch.Tensor) -> ctypes.Array[ctypes.c_float]:
+    values = check_kv_scales(kv_scales, kv_layer)
+    return (ctypes.c_float * len(values))(*values)
+
+
 def write_kv_cpu(
-    k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
-    """Same contract as `kernels.paged_attention.write_kv_torch`, for bf16 rows and cache."""
+    """Same contract as `kernels.paged_attention.write_kv_torch` for bf16 rows into a bf16
+    cache; with `kv_scales`, as `kernels.kv_cache_fp8.write_kv_fp8_torch` (the same bytes)
+    into a float8_e4m3fn one."""
     tokens, kv_heads, dim = k.shape
     assert v.shape == k.shape and kv_layer.shape[3:] == (kv_heads, dim), (
         f"k {tuple(k.shape)} and v {tuple(v.shape)} must match, and kv_layer "
@@ -64,19 +79,13 @@ def write_kv_cpu(
     _check_cache(kv_layer, kv_heads, dim)
     slots = slot_mapping.to(torch.int64).contiguous()
     check_slots(slots, kv_layer)
-    native.lib().baton_write_kv_bf16(
-        k.data_ptr(),
-        k.stride(0),
-        v.data_ptr(),
-        v.stride(0),
-        kv_layer.data_ptr(),
-        kv_layer.stride(0),
-        kv_layer.stride(1),
-        kv_layer.shape[2],
-        slots.data_ptr(),
-        tokens,
-        kv_heads * dim,
-    )
+    rows = (k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), kv_layer.data_ptr())
+    layout = (kv_layer.stride(0), kv_layer.stride(1), kv_layer.shape[2], slots.data_ptr(), tokens)
+    if kv_scales is None:
+        native.lib().baton_write_kv_bf16(*rows, *layout, kv_heads * dim)
+    else:
+        scales = _host_scales(kv_scales, kv_layer)
+        native.lib().baton_write_kv_fp8(*rows, *layout, kv_heads, dim, scales)
 
 
 def paged_attention_cpu(
@@ -85,11 +94,14 @@ def paged_attention_cpu(
     meta: AttentionMetadata,
     scale: float,
     seqs: int | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every query row of the step's first `seqs` sequences (all of them by
     default): [rows, num_heads, head_dim]. The contract of `paged_attention_torch` for
-    those rows, decode rows and prefill chunks alike. Every row comes out bit for bit as
-    the decode step at its position would compute it, so `meta.row_invariant` holds."""
+    those rows, decode rows and prefill chunks alike (with `kv_scales`, of
+    `paged_attention_fp8_torch` over a float8_e4m3fn cache). Every row comes out bit for
+    bit as the decode step at its position would compute it, so `meta.row_invariant`
+    holds."""
     seqs = meta.batch_size if seqs is None else seqs
     _, heads, dim = q.shape
     kv_heads = kv_layer.shape[3]
@@ -108,11 +120,12 @@ def paged_attention_cpu(
         f"{meta.block_tables.dtype}, {meta.seq_lens.dtype} and {meta.query_start_loc.dtype}"
     )
     check_block_ids(meta, kv_layer.shape[0])
+    scales = None if kv_scales is None else _host_scales(kv_scales, kv_layer)
     starts = meta.query_start_loc.contiguous()
     queries = q[: sum(meta.query_lens_host[:seqs])].contiguous()
     out = torch.empty_like(queries)
     tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
-    native.lib().baton_paged_attention_bf16(
+    args = (
         queries.data_ptr(),
         out.data_ptr(),
         kv_layer.data_ptr(),
@@ -128,6 +141,9 @@ def paged_attention_cpu(
         dim,
         kv_layer.shape[2],
         scale,
-        torch.get_num_threads(),
     )
+    if scales is None:
+        native.lib().baton_paged_attention_bf16(*args, torch.get_num_threads())
+    else:
+        native.lib().baton_paged_attention_fp8(*args, scales, torch.get_num_threads())
     return out

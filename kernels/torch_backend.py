@@ -16,7 +16,7 @@ from kernels.activation import silu_and_mul_torch
 from kernels.activation_cpu import silu_and_mul_cpu
 from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import KernelBackend
-from kernels.fp8_linear import Fp8Weight, fp8_linear_torch, quantize_fp8_torch
+from kernels.fp8_linear import FP8_DTYPE, Fp8Weight, fp8_linear_torch, quantize_fp8_torch
 from kernels.int4_linear import Int4Weight, int4_linear_torch
 from kernels.kv_cache_fp8 import paged_attention_fp8_torch, write_kv_fp8_torch
 from kernels.paged_attention import paged_attention_torch, plan_attention_torch, write_kv_torch
@@ -119,7 +119,10 @@ class TorchBackend(KernelBackend):
         slot_mapping: torch.Tensor,
         kv_scales: torch.Tensor,
     ) -> None:
-        write_kv_fp8_torch(k, v, kv_layer, slot_mapping, kv_scales)
+        if native.handles(k, v) and native.handles(kv_layer, dtype=FP8_DTYPE):
+            write_kv_cpu(k, v, kv_layer, slot_mapping, kv_scales)
+        else:
+            write_kv_fp8_torch(k, v, kv_layer, slot_mapping, kv_scales)
 
     def paged_attention_fp8(
         self,
@@ -129,4 +132,6 @@ class TorchBackend(KernelBackend):
         scale: float,
         kv_scales: torch.Tensor,
     ) -> torch.Tensor:
+        if native.handles(q) and native.handles(kv_layer, dtype=FP8_DTYPE):
+            return paged_attention_cpu(q, kv_layer, meta, scale, kv_scales=kv_scales)
         return paged_attention_fp8_torch(q, kv_layer, meta, scale, kv_scales)

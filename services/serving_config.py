@@ -62,8 +62,7 @@ class PoolSection(_Strict):
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
         "auto",
         description="dtype of the paged KV cache: auto (model.dtype) or fp8 / fp8_e4m3 (half "
-        "the bytes a token; per-head scales calibrated at load; slower decode on a CPU); prefill "
-        "and decode must agree",
+        "the bytes a token; per-head scales calibrated at load); prefill and decode must agree",
     )
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(512, ge=16)

@@ -1,8 +1,9 @@
-// One decoder layer of a step (decode rows and prefill chunks alike) in a single call: the
-// same kernels the model calls op by op (rmsnorm.cpp, int4_linear.cpp, rope.cpp, kv_cache.cpp, paged_attention.cpp,
-// activation.cpp), in the same order on the same buffers, so the result is bit for bit the
-// op-by-op one. What it saves is Python: a batch-1 step of SmolLM2 made ~330 kernel calls
-// and spent about half its time between them (kernels/layer_cpu.py).
+// One decoder layer of a step (decode rows and prefill chunks alike, over a bf16 or a
+// float8_e4m3fn KV cache) in a single call: the same kernels the model calls op by op
+// (rmsnorm.cpp, int4_linear.cpp, rope.cpp, kv_cache.cpp, paged_attention.cpp, activation.cpp),
+// in the same order on the same buffers, so the result is bit for bit the op-by-op one.
+// What it saves is Python: a batch-1 step of SmolLM2 made ~330 kernel calls and spent about
+// half its time between them (kernels/layer_cpu.py).
 #include <cstdint>
 #include <cstring>
 
@@ -20,12 +21,23 @@ void baton_write_kv_bf16(const uint16_t* k, int64_t k_stride, const uint16_t* v,
                          int64_t v_stride, uint16_t* cache, int64_t block_stride,
                          int64_t kv_stride, int64_t block_size, const int64_t* slots,
                          int64_t tokens, int64_t row_elems);
+void baton_write_kv_fp8(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64_t v_stride,
+                        uint8_t* cache, int64_t block_stride, int64_t kv_stride,
+                        int64_t block_size, const int64_t* slots, int64_t tokens,
+                        int64_t kv_heads, int64_t head_dim, const float* kv_scales);
 void baton_paged_attention_bf16(const uint16_t* q, uint16_t* out, const uint16_t* cache,
                                 int64_t block_stride, int64_t kv_stride,
                                 const int32_t* block_tables, int64_t table_stride,
                                 const int32_t* query_start, const int32_t* seq_lens, int64_t seqs,
                                 int64_t heads, int64_t kv_heads, int64_t head_dim,
                                 int64_t block_size, float scale, int threads);
+void baton_paged_attention_fp8(const uint16_t* q, uint16_t* out, const uint8_t* cache,
+                               int64_t block_stride, int64_t kv_stride,
+                               const int32_t* block_tables, int64_t table_stride,
+                               const int32_t* query_start, const int32_t* seq_lens, int64_t seqs,
+                               int64_t heads, int64_t kv_heads, int64_t head_dim,
+                               int64_t block_size, float scale, const float* kv_scales,
+                               int threads);
 void baton_silu_and_mul_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t inter,
                              int threads);
 }
@@ -42,7 +54,8 @@ struct LayerWeights {
   const uint16_t* input_norm;
   const uint16_t* post_norm;
   Int4Proj qkv, o, gate_up, down;
-  uint16_t* cache;  // this layer's [blocks, 2, block_size, kv_heads, head_dim]
+  void* cache;  // this layer's [blocks, 2, block_size, kv_heads, head_dim], bf16 or e4m3
+  const float* kv_scales;  // [2 (K|V), kv_heads] of an e4m3 cache (checked), else null
 };
 
 struct LayerStep {
@@ -93,11 +106,23 @@ extern "C" void baton_layer_bf16(const LayerWeights* layer, LayerStep* step) {
   project(l.qkv, s.h, s.qkv, s);
   baton_rope_bf16(s.qkv, width, s.q, s.cos, s.sin, t, s.heads, s.head_dim, s.threads);
   baton_rope_bf16(s.qkv + q_size, width, s.k, s.cos, s.sin, t, s.kv_heads, s.head_dim, s.threads);
-  baton_write_kv_bf16(s.k, kv_size, s.qkv + q_size + kv_size, width, l.cache, s.block_stride,
-                      s.kv_stride, s.block_size, s.slots, t, kv_size);
-  baton_paged_attention_bf16(s.q, s.attn, l.cache, s.block_stride, s.kv_stride, s.block_tables,
-                             s.table_stride, s.query_start, s.seq_lens, s.seqs, s.heads,
-                             s.kv_heads, s.head_dim, s.block_size, s.scale, s.threads);
+  const uint16_t* v = s.qkv + q_size + kv_size;
+  if (l.kv_scales) {
+    uint8_t* cache = static_cast<uint8_t*>(l.cache);
+    baton_write_kv_fp8(s.k, kv_size, v, width, cache, s.block_stride, s.kv_stride, s.block_size,
+                       s.slots, t, s.kv_heads, s.head_dim, l.kv_scales);
+    baton_paged_attention_fp8(s.q, s.attn, cache, s.block_stride, s.kv_stride, s.block_tables,
+                              s.table_stride, s.query_start, s.seq_lens, s.seqs, s.heads,
+                              s.kv_heads, s.head_dim, s.block_size, s.scale, l.kv_scales,
+                              s.threads);
+  } else {
+    uint16_t* cache = static_cast<uint16_t*>(l.cache);
+    baton_write_kv_bf16(s.k, kv_size, v, width, cache, s.block_stride, s.kv_stride, s.block_size,
+                        s.slots, t, kv_size);
+    baton_paged_attention_bf16(s.q, s.attn, cache, s.block_stride, s.kv_stride, s.block_tables,
+                               s.table_stride, s.query_start, s.seq_lens, s.seqs, s.heads,
+                               s.kv_heads, s.head_dim, s.block_size, s.scale, s.threads);
+  }
   project(l.o, s.attn, s.x, s);
   baton_rms_norm_bf16(s.x, s.residual, l.post_norm, s.x, s.residual, t, s.hidden, s.eps,
                       s.threads);

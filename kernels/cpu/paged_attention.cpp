@@ -1,4 +1,5 @@
-// Paged attention over a ragged batch, bf16 queries and cache, GQA.
+// Paged attention over a ragged batch, GQA: bf16 queries, a bf16 or a float8_e4m3fn cache
+// (one code, templated on the cache's row type).
 //
 // Decode rows (one query token per sequence): for each (sequence, KV head) the group's G
 // query heads score every cached key through the block table (four keys at a time, so 4G
@@ -15,6 +16,12 @@
 // (a tile's keys past a row's position add weight exactly 0, and are never NaN: they are
 // other rows of the same chunk). So every row's result is independent of the batch, the
 // tile and the chunking (what the batch-invariant engine needs).
+//
+// An e4m3 cache holds K / k_scale and V / v_scale per KV head: the kernel widens the codes
+// to fp32 as they are, and folds k_scale into the (already scaled) query and v_scale into
+// the softmax's normalization, two multiplies an item rather than one per element. With
+// power-of-two scales (engine.kv_scales) both are exact, so the result is bit for bit the
+// bf16 kernel's over the dequantized cache.
 #include <omp.h>
 
 #include <algorithm>
@@ -29,14 +36,20 @@ namespace {
 using baton::load8_bf16;
 using baton::store8_bf16;
 
+// 8 cached values as fp32, by the cache's row type: bf16 or e4m3 codes.
+inline __m256 load8(const uint16_t* p) { return load8_bf16(p); }
+inline __m256 load8(const uint8_t* p) { return baton::load8_e4m3(p); }
+
+template <typename T>
 struct Rows {
-  std::vector<const uint16_t*> key, value;  // [len] row pointers of one (sequence, KV head)
+  std::vector<const T*> key, value;  // [len] row pointers of one (sequence, KV head)
 };
 
 constexpr int64_t kAhead = 8;  // keys
 
-inline void prefetch_row(const uint16_t* row, int64_t dim) {
-  for (int64_t byte = 0; byte < dim * 2; byte += 64)
+template <typename T>
+inline void prefetch_row(const T* row, int64_t dim) {
+  for (int64_t byte = 0; byte < dim * int64_t{sizeof(T)}; byte += 64)
     _mm_prefetch(reinterpret_cast<const char*>(row) + byte, _MM_HINT_T0);
 }
 
@@ -46,8 +59,8 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 }
 
 // scores[g * len + j] = q_g . k_j for the group's G heads (qf already scaled).
-template <int G>
-void score(const float* qf, const Rows& rows, int64_t len, int64_t dim, float* scores) {
+template <int G, typename T>
+void score(const float* qf, const Rows<T>& rows, int64_t len, int64_t dim, float* scores) {
   int64_t j = 0;
   for (; j + 4 <= len; j += 4) {
     // The rows come from DRAM (the step's weights stream through the caches between
@@ -62,7 +75,7 @@ void score(const float* qf, const Rows& rows, int64_t len, int64_t dim, float* s
       for (int u = 0; u < 4; ++u) dot[g][u] = _mm256_setzero_ps();
     for (int64_t c = 0; c < dim; c += 8) {
       __m256 key[4];
-      for (int u = 0; u < 4; ++u) key[u] = load8_bf16(rows.key[j + u] + c);
+      for (int u = 0; u < 4; ++u) key[u] = load8(rows.key[j + u] + c);
       for (int g = 0; g < G; ++g) {
         const __m256 qv = _mm256_loadu_ps(qf + g * dim + c);
         for (int u = 0; u < 4; ++u) dot[g][u] = _mm256_fmadd_ps(qv, key[u], dot[g][u]);
@@ -76,7 +89,7 @@ void score(const float* qf, const Rows& rows, int64_t len, int64_t dim, float* s
     for (int g = 0; g < G; ++g) {
       __m256 dot = _mm256_setzero_ps();
       for (int64_t c = 0; c < dim; c += 8)
-        dot = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * dim + c), load8_bf16(rows.key[j] + c), dot);
+        dot = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * dim + c), load8(rows.key[j] + c), dot);
       // Reduced in hsum4's order, as the keys before it (and a prefill tile's) are.
       scores[g * len + j] = _mm_cvtss_f32(hsum4(dot, dot, dot, dot));
     }
@@ -103,16 +116,16 @@ float softmax_weights(float* s, int64_t len) {
 }
 
 // out_g = norm_g * sum_j w[g * len + j] v_j, 16 dims at a time (8 for a last odd chunk).
-template <int G>
-void weigh_values(const float* w, const float* norm, const Rows& rows, int64_t len, int64_t dim,
+template <int G, typename T>
+void weigh_values(const float* w, const float* norm, const Rows<T>& rows, int64_t len, int64_t dim,
                   uint16_t* const out[G]) {
   int64_t c = 0;
   for (; c + 16 <= dim; c += 16) {
     __m256 acc[G][2];
     for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; ++j) {
-      const __m256 v0 = load8_bf16(rows.value[j] + c);
-      const __m256 v1 = load8_bf16(rows.value[j] + c + 8);
+      const __m256 v0 = load8(rows.value[j] + c);
+      const __m256 v1 = load8(rows.value[j] + c + 8);
       for (int g = 0; g < G; ++g) {
         const __m256 p = _mm256_broadcast_ss(w + g * len + j);
         acc[g][0] = _mm256_fmadd_ps(p, v0, acc[g][0]);
@@ -129,33 +142,35 @@ void weigh_values(const float* w, const float* norm, const Rows& rows, int64_t l
     __m256 acc[G];
     for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; ++j) {
-      const __m256 v = load8_bf16(rows.value[j] + c);
+      const __m256 v = load8(rows.value[j] + c);
       for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + g * len + j), v, acc[g]);
     }
     for (int g = 0; g < G; ++g) store8_bf16(out[g] + c, _mm256_mul_ps(acc[g], _mm256_set1_ps(norm[g])));
   }
 }
 
-template <int G>
-void attend(const float* qf, const Rows& rows, int64_t len, int64_t dim, float* scores,
-            uint16_t* const out[G]) {
+// v_scale: what the cached values are multiplied by (1 for a bf16 cache).
+template <int G, typename T>
+void attend(const float* qf, const Rows<T>& rows, int64_t len, int64_t dim, float v_scale,
+            float* scores, uint16_t* const out[G]) {
   score<G>(qf, rows, len, dim, scores);
   float norm[G];
-  for (int g = 0; g < G; ++g) norm[g] = softmax_weights(scores + g * len, len);
+  for (int g = 0; g < G; ++g) norm[g] = softmax_weights(scores + g * len, len) * v_scale;
   weigh_values<G>(scores, norm, rows, len, dim, out);
 }
 
 // Heads of a group beyond 4 go through in slices of at most 4 (each slice is independent).
-void attend_group(const float* qf, const Rows& rows, int64_t len, int64_t dim, float* scores,
-                  uint16_t* const* out, int64_t group) {
+template <typename T>
+void attend_group(const float* qf, const Rows<T>& rows, int64_t len, int64_t dim, float v_scale,
+                  float* scores, uint16_t* const* out, int64_t group) {
   for (int64_t g0 = 0; g0 < group; g0 += 4) {
     const float* q = qf + g0 * dim;
     uint16_t* const* o = out + g0;
     switch (std::min<int64_t>(4, group - g0)) {
-      case 1: attend<1>(q, rows, len, dim, scores, o); break;
-      case 2: attend<2>(q, rows, len, dim, scores, o); break;
-      case 3: attend<3>(q, rows, len, dim, scores, o); break;
-      default: attend<4>(q, rows, len, dim, scores, o); break;
+      case 1: attend<1>(q, rows, len, dim, v_scale, scores, o); break;
+      case 2: attend<2>(q, rows, len, dim, v_scale, scores, o); break;
+      case 3: attend<3>(q, rows, len, dim, v_scale, scores, o); break;
+      default: attend<4>(q, rows, len, dim, v_scale, scores, o); break;
     }
   }
 }
@@ -165,9 +180,9 @@ constexpr int kTile = 12;  // query vectors of a prefill tile: FMA chains in reg
 // A prefill tile: NQ <= kTile query vectors (scaled, fp32, `dim` apart in qf) where vector
 // n sees the first lens[n] keys of `rows`, which holds max(lens) of them. Writes out[n]
 // (bf16). scores holds 4 * ceil(NQ / 4) x max(lens) floats.
-template <int NQ>
-void attend_tile(const float* qf, const int64_t* lens, const Rows& rows, int64_t dim,
-                 float* scores, uint16_t* const* out) {
+template <int NQ, typename T>
+void attend_tile(const float* qf, const int64_t* lens, const Rows<T>& rows, int64_t dim,
+                 float v_scale, float* scores, uint16_t* const* out) {
   constexpr int kPadded = (NQ + 3) / 4 * 4;
   int64_t len = 0;
   for (int n = 0; n < NQ; ++n) len = std::max(len, lens[n]);
@@ -176,7 +191,7 @@ void attend_tile(const float* qf, const int64_t* lens, const Rows& rows, int64_t
     __m256 dot[kPadded];
     for (int n = 0; n < kPadded; ++n) dot[n] = _mm256_setzero_ps();
     for (int64_t c = 0; c < dim; c += 8) {
-      const __m256 key = load8_bf16(rows.key[j] + c);
+      const __m256 key = load8(rows.key[j] + c);
       for (int n = 0; n < NQ; ++n)
         dot[n] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + n * dim + c), key, dot[n]);
     }
@@ -189,14 +204,14 @@ void attend_tile(const float* qf, const int64_t* lens, const Rows& rows, int64_t
   float norm[NQ];
   for (int n = 0; n < NQ; ++n) {
     float* w = scores + n * len;
-    norm[n] = softmax_weights(w, lens[n]);
+    norm[n] = softmax_weights(w, lens[n]) * v_scale;
     std::fill(w + lens[n], w + len, 0.f);  // later rows' keys: weight exactly 0
   }
   for (int64_t c = 0; c < dim; c += 8) {
     __m256 acc[NQ];
     for (int n = 0; n < NQ; ++n) acc[n] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; ++j) {
-      const __m256 v = load8_bf16(rows.value[j] + c);
+      const __m256 v = load8(rows.value[j] + c);
       for (int n = 0; n < NQ; ++n)
         acc[n] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + n * len + j), v, acc[n]);
     }
@@ -204,10 +219,11 @@ void attend_tile(const float* qf, const int64_t* lens, const Rows& rows, int64_t
   }
 }
 
-template <int... N>
-void attend_tile_of(int nq, const float* qf, const int64_t* lens, const Rows& rows, int64_t dim,
-                    float* scores, uint16_t* const* out, std::integer_sequence<int, N...>) {
-  ((nq == N + 1 ? attend_tile<N + 1>(qf, lens, rows, dim, scores, out) : void()), ...);
+template <typename T, int... N>
+void attend_tile_of(int nq, const float* qf, const int64_t* lens, const Rows<T>& rows,
+                    int64_t dim, float v_scale, float* scores, uint16_t* const* out,
+                    std::integer_sequence<int, N...>) {
+  ((nq == N + 1 ? attend_tile<N + 1>(qf, lens, rows, dim, v_scale, scores, out) : void()), ...);
 }
 
 // One unit of work: a decode row's KV head (rows == 1), or a prefill tile: `rows`
@@ -239,20 +255,18 @@ std::vector<Item> plan_items(const int32_t* query_start, int64_t seqs, int64_t k
   return items;
 }
 
-}  // namespace
-
 // q [tokens, heads, head_dim]; out the same shape. Sequence b owns query rows
 // query_start[b] .. query_start[b + 1] - 1, the last positions of its seq_lens[b]-token
-// context (one row: a decode); its keys are found through block_tables[b]. cache: [blocks, 2, block_size,
-// kv_heads, head_dim] with the given block and K-to-V strides. head_dim is a multiple of
-// 8 (checked by the caller).
-extern "C" void baton_paged_attention_bf16(const uint16_t* q, uint16_t* out, const uint16_t* cache,
-                                           int64_t block_stride, int64_t kv_stride,
-                                           const int32_t* block_tables, int64_t table_stride,
-                                           const int32_t* query_start, const int32_t* seq_lens,
-                                           int64_t seqs, int64_t heads, int64_t kv_heads,
-                                           int64_t head_dim, int64_t block_size, float scale,
-                                           int threads) {
+// context (one row: a decode); its keys are found through block_tables[b]. cache: [blocks, 2,
+// block_size, kv_heads, head_dim] with the given block and K-to-V strides. head_dim is a
+// multiple of 8 (checked by the caller). kv_scales: [2 (K|V), kv_heads] for an e4m3 cache,
+// null for bf16.
+template <typename T>
+void paged_attention(const uint16_t* q, uint16_t* out, const T* cache, int64_t block_stride,
+                     int64_t kv_stride, const int32_t* block_tables, int64_t table_stride,
+                     const int32_t* query_start, const int32_t* seq_lens, int64_t seqs,
+                     int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                     float scale, const float* kv_scales, int threads) {
   const int64_t group = heads / kv_heads;
   const int64_t slot = kv_heads * head_dim;
   const std::vector<Item> items = plan_items(query_start, seqs, kv_heads, group);
@@ -262,7 +276,7 @@ extern "C" void baton_paged_attention_bf16(const uint16_t* q, uint16_t* out, con
     std::vector<float> scores, qf;
     std::vector<uint16_t*> outs;
     std::vector<int64_t> lens;
-    Rows rows;
+    Rows<T> rows;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < count; ++i) {
       const Item& it = items[i];
@@ -271,6 +285,8 @@ extern "C" void baton_paged_attention_bf16(const uint16_t* q, uint16_t* out, con
       const int64_t last_row = it.row + it.rows - 1;
       const int64_t len = seq_lens[b] - (query_start[b + 1] - 1 - last_row);
       const int64_t nq = it.rows * it.heads;
+      const __m256 q_scale = _mm256_set1_ps(kv_scales ? scale * kv_scales[h] : scale);
+      const float v_scale = kv_scales ? kv_scales[kv_heads + h] : 1.f;
       scores.resize(std::max<int64_t>(kTile, nq) * len);
       qf.resize(nq * head_dim);
       outs.resize(nq);
@@ -289,16 +305,41 @@ extern "C" void baton_paged_attention_bf16(const uint16_t* q, uint16_t* out, con
           const int64_t offset = ((it.row + r) * heads + h * group + it.head0 + g) * head_dim;
           for (int64_t c = 0; c < head_dim; c += 8)
             _mm256_storeu_ps(&qf[n * head_dim + c],
-                             _mm256_mul_ps(load8_bf16(q + offset + c), _mm256_set1_ps(scale)));
+                             _mm256_mul_ps(load8_bf16(q + offset + c), q_scale));
           outs[n] = out + offset;
           lens[n] = len - (it.rows - 1 - r);
         }
       }
       if (it.rows == 1 && it.heads == group)
-        attend_group(qf.data(), rows, len, head_dim, scores.data(), outs.data(), group);
+        attend_group(qf.data(), rows, len, head_dim, v_scale, scores.data(), outs.data(), group);
       else
-        attend_tile_of(static_cast<int>(nq), qf.data(), lens.data(), rows, head_dim, scores.data(),
-                       outs.data(), std::make_integer_sequence<int, kTile>());
+        attend_tile_of(static_cast<int>(nq), qf.data(), lens.data(), rows, head_dim, v_scale,
+                       scores.data(), outs.data(), std::make_integer_sequence<int, kTile>());
     }
   }
+}
+
+}  // namespace
+
+extern "C" void baton_paged_attention_bf16(const uint16_t* q, uint16_t* out, const uint16_t* cache,
+                                           int64_t block_stride, int64_t kv_stride,
+                                           const int32_t* block_tables, int64_t table_stride,
+                                           const int32_t* query_start, const int32_t* seq_lens,
+                                           int64_t seqs, int64_t heads, int64_t kv_heads,
+                                           int64_t head_dim, int64_t block_size, float scale,
+                                           int threads) {
+  paged_attention(q, out, cache, block_stride, kv_stride, block_tables, table_stride, query_start,
+                  seq_lens, seqs, heads, kv_heads, head_dim, block_size, scale, nullptr, threads);
+}
+
+// kv_scales: finite and positive (checked by the caller).
+extern "C" void baton_paged_attention_fp8(const uint16_t* q, uint16_t* out, const uint8_t* cache,
+                                          int64_t block_stride, int64_t kv_stride,
+                                          const int32_t* block_tables, int64_t table_stride,
+                                          const int32_t* query_start, const int32_t* seq_lens,
+                                          int64_t seqs, int64_t heads, int64_t kv_heads,
+                                          int64_t head_dim, int64_t block_size, float scale,
+                                          const float* kv_scales, int threads) {
+  paged_attention(q, out, cache, block_stride, kv_stride, block_tables, table_stride, query_start,
+                  seq_lens, seqs, heads, kv_heads, head_dim, block_size, scale, kv_scales, threads);
 }

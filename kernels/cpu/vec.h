@@ -1,4 +1,4 @@
-// Shared AVX2 helpers of the CPU kernels: bf16 <-> fp32, horizontal sums, exp.
+// Shared AVX2 helpers of the CPU kernels: bf16 and e4m3 <-> fp32, horizontal sums, exp.
 #pragma once
 
 #include <immintrin.h>
@@ -36,6 +36,54 @@ inline void store8_bf16(uint16_t* p, __m256 v) {
   const __m128i packed =
       _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+// float8_e4m3fn -> fp32, exact: the 7 magnitude bits go to fp32's exponent and mantissa
+// fields (an fp32 2^120 times too small; e4m3 subnormals become fp32 subnormals, of the
+// same scaled value) and the sign to bit 31; one multiply by 2^120 rebiases. Sign-extending
+// the byte sets bit 31 exactly for negatives. The NaN codes read as +-480: caches never
+// hold them (writes clamp to +-448), and a flush-denormals mode would read e4m3 subnormals
+// (|x| < 2^-6 scale) as 0.
+inline __m256 load8_e4m3(const uint8_t* p) {
+  const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i bits = _mm256_and_si256(_mm256_slli_epi32(b, 20), _mm256_set1_epi32(0x87F00000));
+  return _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p120f));
+}
+
+// fp32 -> float8_e4m3fn of x clamped to +-448, rounded to nearest even: bit for bit
+// torch's `x.clamp(-448, 448).to(torch.float8_e4m3fn)` (c10's Float8_e4m3fn conversion),
+// NaN included (0x7F with its sign).
+inline void store8_e4m3(uint8_t* p, __m256 x) {
+  const __m256 limit = _mm256_set1_ps(448.f);
+  // max/min return their second operand when one is NaN: NaN passes through.
+  x = _mm256_min_ps(limit, _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), limit), x));
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i sign = _mm256_and_si256(bits, _mm256_set1_epi32(INT32_MIN));
+  const __m256i mag = _mm256_xor_si256(bits, sign);
+  // Below 2^-6 (e4m3 subnormals): adding 2^14 rounds |x| to a multiple of 2^-9, whose
+  // count is the code.
+  const __m256 denorm = _mm256_castsi256_ps(_mm256_set1_epi32(141 << 23));
+  const __m256i small = _mm256_sub_epi32(
+      _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(mag), denorm)),
+      _mm256_castps_si256(denorm));
+  // Normals: rebias the exponent, round the 20 dropped mantissa bits to nearest even.
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(mag, 20), _mm256_set1_epi32(1));
+  const __m256i normal = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(mag, _mm256_set1_epi32((7 - 127) * (1 << 23) + 0x7FFFF)),
+                       odd),
+      20);
+  const __m256i is_small = _mm256_cmpgt_epi32(_mm256_set1_epi32(121 << 23), mag);
+  const __m256i is_nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7F800000));
+  __m256i code = _mm256_blendv_epi8(normal, small, is_small);
+  code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7F), is_nan);
+  code = _mm256_or_si256(code, _mm256_srli_epi32(sign, 24));
+  // The low byte of each 32-bit lane, 4 a 128-bit half, then the halves side by side.
+  const __m256i low_bytes = _mm256_shuffle_epi8(
+      code, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4,
+                             8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+  const __m128i packed =
+      _mm_unpacklo_epi32(_mm256_castsi256_si128(low_bytes), _mm256_extracti128_si256(low_bytes, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), packed);
 }
 
 inline float hsum(__m256 v) {

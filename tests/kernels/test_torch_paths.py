@@ -9,6 +9,7 @@ from kernels.attention_metadata import AttentionMetadata
 from kernels.backend import get_backend
 from kernels.fp8_linear import FP8_DTYPE, make_fp8_weight, quantize_fp8_torch
 from kernels.int4_linear import dequantize_int4, pack_int4, unpack_int4
+from kernels.kv_cache_fp8 import paged_attention_fp8_torch, write_kv_fp8_torch
 from tests.kernels.bounds import FP8_ROUND, ROUND, assert_within
 
 ops = get_backend("torch")
@@ -67,7 +68,7 @@ def test_fp8_kv_cache_torch_path():
     table = torch.tensor([[3, 0, 1]], dtype=torch.int32)
     slots = torch.tensor([int(table[0, p // page]) * page + p % page for p in range(seq)])
     k, v = torch.randn(seq, hk, d), torch.randn(seq, hk, d)
-    ops.write_kv_fp8(k.to(torch.bfloat16), v.to(torch.bfloat16), cache, slots, scales)
+    write_kv_fp8_torch(k.to(torch.bfloat16), v.to(torch.bfloat16), cache, slots, scales)
     got_k = cache[slots // page, 0, slots % page].double() * scales[0, :, None]
     assert_within(
         got_k,
@@ -86,7 +87,7 @@ def test_fp8_kv_cache_torch_path():
         [seq],
     )
     q = torch.randn(1, hq, d).to(torch.bfloat16)
-    out = ops.paged_attention_fp8(q, cache, meta, d**-0.5, scales)
+    out = paged_attention_fp8_torch(q, cache, meta, d**-0.5, scales)
     kk = (cache[slots // page, 0, slots % page].double() * scales[0, :, None]).repeat_interleave(
         2, 1
     )
@@ -141,20 +142,20 @@ def test_fp8_kv_cache_torch_path_edges():
     cache = torch.zeros(4, 2, 8, 2, 32, dtype=FP8_DTYPE)
     scales = torch.ones(2, 2)
     empty = torch.empty(0, 2, 32, dtype=torch.bfloat16)
-    ops.write_kv_fp8(empty, empty, cache, torch.empty(0, dtype=torch.long), scales)
+    write_kv_fp8_torch(empty, empty, cache, torch.empty(0, dtype=torch.long), scales)
     none = torch.empty(0, dtype=torch.int32)
     meta = AttentionMetadata(
         torch.empty(0, dtype=torch.long), torch.zeros(1, dtype=torch.int32), none,
         torch.empty(0, 1, dtype=torch.int32), 0, 8, [], [],
     )  # fmt: skip
     q = torch.empty(0, 4, 32, dtype=torch.bfloat16)
-    assert ops.paged_attention_fp8(q, cache, meta, 0.125, scales).shape == (0, 4, 32)
+    assert paged_attention_fp8_torch(q, cache, meta, 0.125, scales).shape == (0, 4, 32)
     k = torch.ones(1, 2, 32, dtype=torch.bfloat16)
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         broken = scales.clone()
         broken[1, 0] = bad
         with pytest.raises(ValueError, match="FP8 KV scales must be finite and positive"):
-            ops.write_kv_fp8(k, k, cache, torch.tensor([0]), broken)
+            write_kv_fp8_torch(k, k, cache, torch.tensor([0]), broken)
         with pytest.raises(ValueError, match="FP8 KV scales must be finite and positive"):
-            ops.paged_attention_fp8(q, cache, meta, 0.125, broken)
+            paged_attention_fp8_torch(q, cache, meta, 0.125, broken)
     assert not cache.float().any()

@@ -21,7 +21,6 @@ from engine.quant import CALIBRATION_TEXT
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from kernels.fp8_linear import FP8_MAX
-from kernels.layer_cpu import NativeLayers
 from services.serving_config import ServingConfig
 from tests.unit.conftest import MakeEngine, assert_idle
 from tests.unit.tiny_model import tiny_checkpoint
@@ -209,22 +208,6 @@ def test_a_prefix_cache_hit_reproduces_the_recompute(
     cold = engine.generate([second], GREEDY)[0]
     assert cold.num_cached_tokens == 0
     assert hit.token_ids == cold.token_ids
-
-
-def test_the_one_call_layer_is_not_taken_with_an_fp8_cache(
-    make_engine: MakeEngine, tiny: LoadedCheckpoint, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    built: list[bool] = []
-    build = NativeLayers.build
-
-    def counting(model: object, kv_cache: torch.Tensor) -> NativeLayers | None:
-        built.append(True)
-        return build(model, kv_cache)
-
-    monkeypatch.setattr(NativeLayers, "build", counting)
-    engine = _tiny_engine(make_engine, tiny, dtype="bfloat16", linear="int4")
-    engine.generate([_text_prompt(engine, 20)], GREEDY)
-    assert built == []
 
 
 # -- blocks between engines -------------------------------------------------------------
