@@ -223,7 +223,7 @@ def test_matches_the_in_process_pipeline(
     tok = local.decode_engine.tokenizer
     # Long enough for several full blocks to travel through the KV store; the shared
     # opening makes later prompts reuse cached blocks, in the same order on both sides.
-    for text in (f"{SYSTEM}\n{p}" for p in PROMPTS):
+    for text in (f"{SYSTEM}\n{p}" for p in PROMPTS[:4]):
         want = local.generate([tok.encode(text)], params)[0]
         got = client.completions.create(
             model="smollm2-135m-instruct",
