@@ -282,8 +282,18 @@ def _add_error_handlers(app: FastAPI) -> None:
         assert isinstance(e, ApiError)
         return _error_response(e)
 
-    async def validation_error(_: Request, e: Exception) -> Response:
+    async def validation_error(request: Request, e: Exception) -> Response:
         assert isinstance(e, RequestValidationError)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+            # FastAPI parses no other type as JSON: the body reads as not an object.
+            return _error_response(
+                InvalidRequestError(
+                    f"the body must be JSON sent with Content-Type: application/json, not "
+                    f"{media_type} (curl -d sends a form: add -H 'Content-Type: "
+                    "application/json')"
+                )
+            )
         return _error_response(invalid_request(e.errors()))
 
     async def http_error(_: Request, e: Exception) -> Response:

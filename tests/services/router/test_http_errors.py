@@ -247,6 +247,27 @@ def test_malformed_json_is_400(base_url: str) -> None:
     assert response.json()["error"]["message"].startswith("malformed JSON body")
 
 
+def test_json_sent_as_a_form_is_400_naming_the_content_type(base_url: str) -> None:
+    """What `curl -d '{...}'` sends without -H 'Content-Type: application/json'."""
+    form = "application/x-www-form-urlencoded"
+    response = httpx2.post(
+        f"{base_url}/v1/completions",
+        content=json.dumps({"prompt": "Hi", "max_tokens": 1}).encode(),
+        headers={"content-type": form},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        f"the body must be JSON sent with Content-Type: application/json, not {form} (curl "
+        "-d sends a form: add -H 'Content-Type: application/json')"
+    )
+    charset = httpx2.post(
+        f"{base_url}/v1/completions",
+        content=json.dumps({"prompt": "Hi", "max_tokens": 0}).encode(),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert charset.json()["error"]["param"] == "max_tokens"  # parsed as JSON
+
+
 def test_unknown_routes_answer_in_the_openai_shape(base_url: str) -> None:
     response = httpx2.get(f"{base_url}/v1/embeddings")
     assert response.status_code == 404
