@@ -118,12 +118,7 @@ class DecoderLayer:
         q = q.view(t, cfg.num_heads, cfg.head_dim)
         k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-        if self.kv_scales is None:
-            attn = ops.rope_attention(q, k, v, cos, sin, kv_layer, meta, self.scale)
-        else:  # the fused op writes the model dtype; an fp8 cache takes the scaled write
-            q, k = ops.apply_rope(q, k, cos, sin)
-            ops.write_kv_fp8(k, v, kv_layer, meta.slot_mapping, self.kv_scales)
-            attn = ops.paged_attention_fp8(q, kv_layer, meta, self.scale, self.kv_scales)
+        attn = ops.rope_attention(q, k, v, cos, sin, kv_layer, meta, self.scale, self.kv_scales)
         h, residual = self.o_proj.add_norm(
             attn.reshape(t, cfg.q_size),
             residual,

@@ -105,10 +105,17 @@ class KernelBackend(ABC):
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A layer's attention from its unrotated projections: `rope_write_kv`, then
-        `paged_attention` of the rotated q. A backend may fuse them (the Triton one does in
-        decode-only steps: its decode kernel rotates q and writes the new K/V itself)."""
+        `paged_attention` of the rotated q; over an fp8 cache (`kv_scales`), `apply_rope`,
+        `write_kv_fp8` and `paged_attention_fp8`. A backend may fuse them (the Triton one
+        does in decode-only steps: its decode kernel rotates q and writes the new K/V
+        itself)."""
+        if kv_scales is not None:
+            q, k = self.apply_rope(q, k, cos, sin)
+            self.write_kv_fp8(k, v, kv_layer, meta.slot_mapping, kv_scales)
+            return self.paged_attention_fp8(q, kv_layer, meta, scale, kv_scales)
         q = self.rope_write_kv(q, k, v, cos, sin, kv_layer, meta.slot_mapping)
         return self.paged_attention(q, kv_layer, meta, scale)
 

@@ -276,6 +276,11 @@ def _decode_kernel(
         cols = head[:, None] * D + d[None, :]
         k_new = rotate_rows(k_ptr + b.to(tl.int64) * stride_kt, head, head >= 0, c, s, D)
         v_new = tl.load(v_ptr + b.to(tl.int64) * stride_vt + cols)
+        if FP8:  # cached as `write_kv` caches them; attended as read back from the cache
+            k_new = to_fp8(tl.clamp(k_new.to(tl.float32) / tl.load(scale_ptr + kv_head),
+                                    -_FP8_MAX, _FP8_MAX))  # fmt: skip
+            v_new = to_fp8(tl.clamp(v_new.to(tl.float32) / tl.load(scale_ptr + HK + kv_head),
+                                    -_FP8_MAX, _FP8_MAX))  # fmt: skip
         owner = (start < end) & (end == seq_len)
         if owner:
             slot = tl.load(slot_ptr + b).to(tl.int64)
@@ -498,11 +503,11 @@ class DecodeRope:
 
 def can_fuse_rope(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> bool:
     """Whether `paged_attention(..., rope=...)` takes this step: decodes only (one new token
-    each, the row its split kernel knows), a cache in q's dtype."""
+    each, the row its split kernel knows), a cache in q's dtype or fp8."""
     plan = meta.plan
     assert isinstance(plan, TritonAttentionPlan), "call plan_attention first"
     decodes_only = plan.prefill_tiles is None and q.shape[0] == plan.num_decodes
-    return decodes_only and kv_layer.dtype == q.dtype
+    return decodes_only and kv_layer.dtype in (q.dtype, FP8_DTYPE)
 
 
 def _check_rope(q: torch.Tensor, rope: DecodeRope, meta: AttentionMetadata) -> None:

@@ -73,11 +73,12 @@ class TritonBackend(KernelBackend):
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if attention.can_fuse_rope(q, kv_layer, meta):
             rope = attention.DecodeRope(k, v, cos, sin)
-            return attention.paged_attention(q, kv_layer, meta, scale, rope=rope)
-        return super().rope_attention(q, k, v, cos, sin, kv_layer, meta, scale)
+            return attention.paged_attention(q, kv_layer, meta, scale, kv_scales, rope=rope)
+        return super().rope_attention(q, k, v, cos, sin, kv_layer, meta, scale, kv_scales)
 
     def plan_attention(self, meta: AttentionMetadata) -> None:
         meta.plan = attention.plan_attention(meta)

@@ -1,7 +1,8 @@
 """`rope_attention`: a layer's attention from its unrotated projections. In a decode-only
 step the Triton decode kernel rotates q and k and writes the new K/V itself (one launch
-for two); otherwise RoPE + KV write, then attention."""
+for two, or for three over an fp8 cache); otherwise RoPE + KV write, then attention."""
 
+import pytest
 import torch
 
 from kernels.backend import get_backend
@@ -18,9 +19,20 @@ DECODES = {
 }
 
 
-def _step(device, spec):
-    meta, kv, cached, (hq, hk, d) = _batch(device, torch.bfloat16, spec=spec)
-    write_kv(*_kv_rows(cached.numel(), hk, d, device), kv, cached)
+FP8 = torch.float8_e4m3fn
+
+
+def _scales(kv, device):
+    """Powers of two for an fp8 cache (the engine's kind: dividing by one is exact), else
+    None."""
+    if kv.dtype != FP8:
+        return None
+    return 2.0 ** torch.randint(-3, 2, (2, kv.shape[3]), device=device).float()
+
+
+def _step(device, spec, kv_dtype=torch.bfloat16):
+    meta, kv, cached, (hq, hk, d) = _batch(device, kv_dtype, spec=spec)
+    write_kv(*_kv_rows(cached.numel(), hk, d, device), kv, cached, _scales(kv, device))
     t = meta.num_tokens
     # q, k, v as the model hands them over: strided views of one fused projection.
     qkv = torch.randn(t, (hq + 2 * hk) * d, device=device).to(torch.bfloat16)
@@ -64,11 +76,49 @@ def test_decode_step_rotates_writes_and_attends_in_one_kernel(device):
     assert_within(out, ref, 4 * ROUND * size + ROUND * ref.abs() + 1e-6, "fused decode")
 
 
-def test_steps_with_prefill_rows_take_the_two_ops(device):
-    meta, kv, (q, k, v, cos, sin), d = _step(device, None)  # decodes and prefill chunks
+def test_decode_step_over_an_fp8_cache_rotates_quantizes_writes_and_attends_in_one_kernel(
+    device,
+):
+    """The new K/V are cached as `write_kv` caches them (divided by their head's scale,
+    e4m3) and attended as a later step reads them back."""
+    meta, kv, (q, k, v, cos, sin), d = _step(device, DECODES[device.type], FP8)
+    scales = _scales(kv, device)
+    assert can_fuse_rope(q, kv, meta)
+    triton = get_backend("triton")
+    fused_kv, three_kv = kv.clone(), kv.clone()
+    with poisoned_outputs():
+        out = triton.rope_attention(q, k, v, cos, sin, fused_kv, meta, d**-0.5, scales)
+    q_rot, k_rot = triton.apply_rope(q, k, cos, sin)
+    triton.write_kv_fp8(k_rot, v, three_kv, meta.slot_mapping, scales)
+    bs = meta.block_size
+    blocks, offs = meta.slot_mapping // bs, meta.slot_mapping % bs
+    new_v = fused_kv[blocks, 1, offs].view(torch.uint8)
+    assert torch.equal(new_v, three_kv[blocks, 1, offs].view(torch.uint8))
+    # K rotated alike may sit one bf16 ulp apart, so one e4m3 step apart once cached.
+    want_k = three_kv[blocks, 0, offs].double()
+    bound = 2**-3 * want_k.abs() + 2**-9
+    assert_within(fused_kv[blocks, 0, offs], want_k, bound, "rotated new K, e4m3")
+    new = torch.zeros(kv.shape[0], kv.shape[2], dtype=torch.bool, device=device)
+    new[blocks, offs] = True
+    old = fused_kv.transpose(1, 2)[~new].view(torch.uint8)
+    assert torch.equal(old, kv.transpose(1, 2)[~new].view(torch.uint8))
+    ref, size = _reference(q_rot, fused_kv, meta, d**-0.5, scales)
+    assert_within(out, ref, 4 * ROUND * size + ROUND * ref.abs() + 1e-6, "fused fp8 decode")
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
+def test_steps_with_prefill_rows_take_the_two_ops(device, kv_dtype):
+    meta, kv, (q, k, v, cos, sin), d = _step(device, None, kv_dtype)  # decodes and prefills
+    scales = _scales(kv, device)
     assert not can_fuse_rope(q, kv, meta)
+    triton = get_backend("triton")
     ours_kv, two_kv = kv.clone(), kv.clone()
-    out = get_backend("triton").rope_attention(q, k, v, cos, sin, ours_kv, meta, d**-0.5)
-    _, want = _two_ops(meta, two_kv, q, k, v, cos, sin, d)
+    out = triton.rope_attention(q, k, v, cos, sin, ours_kv, meta, d**-0.5, scales)
+    if scales is None:
+        _, want = _two_ops(meta, two_kv, q, k, v, cos, sin, d)
+    else:  # RoPE, the scaled write, attention: three launches
+        q_rot, k_rot = triton.apply_rope(q, k, cos, sin)
+        triton.write_kv_fp8(k_rot, v, two_kv, meta.slot_mapping, scales)
+        want = triton.paged_attention_fp8(q_rot, two_kv, meta, d**-0.5, scales)
     assert torch.equal(out, want)
     assert torch.equal(ours_kv.view(torch.uint8), two_kv.view(torch.uint8))
