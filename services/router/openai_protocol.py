@@ -477,7 +477,9 @@ def invalid_request(errors: Sequence[ErrorDetails]) -> InvalidRequestError:
     """The client's error for pydantic's validation errors, naming its field.
 
     A value that fails a union fails every member; the member it matched best is the one
-    whose error is about a limit rather than a type, and deepest. Locations hold member tags
+    whose error is about a limit rather than a type, and deepest. A value of none of the
+    members' types is refused naming each (`stop: 5`: a valid string or a valid list).
+    Locations hold member tags
     (`'list[int]'`, `'TextContentPart'`) besides field names and list indexes; tags are
     dropped, so `prompt[1]` or `messages[0].content` remains.
     """
@@ -492,6 +494,15 @@ def invalid_request(errors: Sequence[ErrorDetails]) -> InvalidRequestError:
     if error["type"] == "json_invalid":
         return InvalidRequestError(f"malformed JSON body: {ctx.get('error', error['msg'])}")
     message = str(ctx["error"]) if error["type"] == "value_error" else error["msg"]
+    members = [
+        e["msg"].removeprefix("Input should be ")
+        for e in errors
+        if e["type"].endswith("_type")
+        and len(e["loc"]) == len(error["loc"])
+        and e["loc"][:-1] == error["loc"][:-1]
+    ]
+    if error["type"].endswith("_type") and len(members) > 1:
+        message = "Input should be " + " or ".join(dict.fromkeys(members))
     return InvalidRequestError(f"{param}: {message}" if param else message, param or None)
 
 

@@ -186,6 +186,22 @@ def test_more_choices_than_the_server_runs_at_once_are_refused(
     )
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"prompt": "Hi", "stop": 5}, "stop: Input should be a valid string or a valid list"),
+        ({"prompt": 5}, "prompt: Input should be a valid string or a valid list"),
+        ({"prompt": [1, "a"]}, "prompt[1]: Input should be a valid integer, unable to parse "
+         "string as an integer"),
+    ],
+)  # fmt: skip
+def test_a_value_of_no_members_type_names_every_member(body: dict[str, Any], message: str) -> None:
+    """`"stop": 5` said only "a valid list", as if a string were not allowed."""
+    with pytest.raises(ValidationError) as raised:
+        CompletionRequest.model_validate(body)
+    assert invalid_request(raised.value.errors()).message == message
+
+
 def test_unknown_fields_are_ignored() -> None:
     request = CompletionRequest.model_validate({"prompt": "Hi", "frobnicate": True})
     assert "frobnicate" not in request.model_dump()
