@@ -286,7 +286,7 @@ def test_repeated_system_prompt_is_served_from_the_cache(
 
 def test_concurrent_streams_equal_their_solo_runs(server: Server, client: openai.OpenAI) -> None:
     # Distinct from the first token, so no request shares cached blocks with another.
-    prompts = [f"[{i}] {SYSTEM}\nQuestion: {p}" for i, p in enumerate(PROMPTS)]
+    prompts = [f"[{i}] {SYSTEM}\nQuestion: {p}" for i, p in enumerate(PROMPTS[:6])]
 
     def run(prompt: str, salt: str) -> str:
         stream = client.completions.create(

@@ -12,24 +12,22 @@ from tests.unit.conftest import MakeEngine
 
 NEW_TOKENS = 32
 STAGGERED_TOKENS = 24
-"""Past the eight steps that stagger the batch's arrivals, what is left is decoding."""
+"""Past the six steps that stagger the batch's arrivals, what is left is decoding."""
 TEXTS = [
     "The capital of France is",
     "def fibonacci(n):",
     "Once upon a time, in a small village,",
-    "Explain photosynthesis in simple terms.",
     "1, 1, 2, 3, 5, 8,",
     "The meaning of life is",
     "Translate to French: Good morning, how are you?",
-    "List three primary colors:",
 ]
 
 
 def prompts(engine: Any) -> list[list[int]]:
     # Half plain completions, half through the chat template.
     tok = engine.tokenizer
-    plain = [tok.encode(t) for t in TEXTS[:4]]
-    chat = [tok.encode_chat([{"role": "user", "content": t}]) for t in TEXTS[4:]]
+    plain = [tok.encode(t) for t in TEXTS[:3]]
+    chat = [tok.encode_chat([{"role": "user", "content": t}]) for t in TEXTS[3:]]
     return plain + chat
 
 
