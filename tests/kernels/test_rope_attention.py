@@ -51,59 +51,40 @@ def _two_ops(meta, kv, q, k, v, cos, sin, d):
     return q_rot, paged_attention(q_rot, kv, meta, d**-0.5)
 
 
-def test_decode_step_rotates_writes_and_attends_in_one_kernel(device):
-    meta, kv, (q, k, v, cos, sin), d = _step(device, DECODES[device.type])
-    assert can_fuse_rope(q, kv, meta)
-    fused_kv, two_kv = kv.clone(), kv.clone()
-    with poisoned_outputs():
-        out = get_backend("triton").rope_attention(q, k, v, cos, sin, fused_kv, meta, d**-0.5)
-    q_rot, _ = _two_ops(meta, two_kv, q, k, v, cos, sin, d)
-    # The cache: the new V rows exactly, the new K rows rotated alike (the same fp32
-    # rotation, one rounding; a fused multiply-add may round one ulp apart), the rest
-    # untouched (the poisoned free slots too).
-    bs = meta.block_size
-    blocks, offs = meta.slot_mapping // bs, meta.slot_mapping % bs
-    assert torch.equal(fused_kv[blocks, 1, offs], two_kv[blocks, 1, offs])
-    want_k = two_kv[blocks, 0, offs].double()
-    assert_within(fused_kv[blocks, 0, offs], want_k, ROUND * want_k.abs(), "rotated new K")
-    new = torch.zeros(kv.shape[0], kv.shape[2], dtype=torch.bool, device=device)
-    new[blocks, offs] = True
-    old = fused_kv.transpose(1, 2)[~new].view(torch.uint8)
-    assert torch.equal(old, kv.transpose(1, 2)[~new].view(torch.uint8))
-    # The attention over that cache, against fp64 from the two-op path's rotated q (which
-    # may sit an ulp from the kernel's own).
-    ref, size = _reference(q_rot, fused_kv, meta, d**-0.5, None)
-    assert_within(out, ref, 4 * ROUND * size + ROUND * ref.abs() + 1e-6, "fused decode")
-
-
-def test_decode_step_over_an_fp8_cache_rotates_quantizes_writes_and_attends_in_one_kernel(
-    device,
-):
-    """The new K/V are cached as `write_kv` caches them (divided by their head's scale,
-    e4m3) and attended as a later step reads them back."""
-    meta, kv, (q, k, v, cos, sin), d = _step(device, DECODES[device.type], FP8)
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
+def test_decode_step_rotates_writes_and_attends_in_one_kernel(device, kv_dtype):
+    """Over an fp8 cache the new K/V are cached as `write_kv` caches them (divided by
+    their head's scale, e4m3) and attended as a later step reads them back."""
+    meta, kv, (q, k, v, cos, sin), d = _step(device, DECODES[device.type], kv_dtype)
     scales = _scales(kv, device)
     assert can_fuse_rope(q, kv, meta)
     triton = get_backend("triton")
-    fused_kv, three_kv = kv.clone(), kv.clone()
+    fused_kv, unfused_kv = kv.clone(), kv.clone()
     with poisoned_outputs():
         out = triton.rope_attention(q, k, v, cos, sin, fused_kv, meta, d**-0.5, scales)
-    q_rot, k_rot = triton.apply_rope(q, k, cos, sin)
-    triton.write_kv_fp8(k_rot, v, three_kv, meta.slot_mapping, scales)
+    if scales is None:
+        q_rot, _ = _two_ops(meta, unfused_kv, q, k, v, cos, sin, d)
+    else:
+        q_rot, k_rot = triton.apply_rope(q, k, cos, sin)
+        triton.write_kv_fp8(k_rot, v, unfused_kv, meta.slot_mapping, scales)
+    # The cache: the new V rows exactly, the new K rows rotated alike (the same fp32
+    # rotation, one rounding; a fused multiply-add may round one ulp apart, so one e4m3
+    # step apart once cached), the rest untouched (the poisoned free slots too).
     bs = meta.block_size
     blocks, offs = meta.slot_mapping // bs, meta.slot_mapping % bs
     new_v = fused_kv[blocks, 1, offs].view(torch.uint8)
-    assert torch.equal(new_v, three_kv[blocks, 1, offs].view(torch.uint8))
-    # K rotated alike may sit one bf16 ulp apart, so one e4m3 step apart once cached.
-    want_k = three_kv[blocks, 0, offs].double()
-    bound = 2**-3 * want_k.abs() + 2**-9
-    assert_within(fused_kv[blocks, 0, offs], want_k, bound, "rotated new K, e4m3")
+    assert torch.equal(new_v, unfused_kv[blocks, 1, offs].view(torch.uint8))
+    want_k = unfused_kv[blocks, 0, offs].double()
+    ulp = ROUND * want_k.abs() if scales is None else 2**-3 * want_k.abs() + 2**-9
+    assert_within(fused_kv[blocks, 0, offs], want_k, ulp, "rotated new K")
     new = torch.zeros(kv.shape[0], kv.shape[2], dtype=torch.bool, device=device)
     new[blocks, offs] = True
     old = fused_kv.transpose(1, 2)[~new].view(torch.uint8)
     assert torch.equal(old, kv.transpose(1, 2)[~new].view(torch.uint8))
+    # The attention over that cache, against fp64 from the unfused path's rotated q (which
+    # may sit an ulp from the kernel's own).
     ref, size = _reference(q_rot, fused_kv, meta, d**-0.5, scales)
-    assert_within(out, ref, 4 * ROUND * size + ROUND * ref.abs() + 1e-6, "fused fp8 decode")
+    assert_within(out, ref, 4 * ROUND * size + ROUND * ref.abs() + 1e-6, "fused decode")
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
