@@ -137,6 +137,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             messages.pop()
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat: the turn is dropped
+            # `stream` aborted the request; a step cut short may have cached blocks whose
+            # KV it never wrote, so the prefix cache starts over (the request held them all).
+            engine.pool.reset_prefix_cache()
+            print("\n(interrupted)")
+            messages.pop()
+            continue
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -195,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"baton: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in `generate`: stop quietly, as a shell expects
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -99,10 +99,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--policy-interval",
-        type=float,
+        type=_positive_seconds,
         default=15.0,
         help="seconds between two autoscaling decisions (default 15)",
     )
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also NaN: 0 or less would decide in a tight loop
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
 
 
 def read_user_file(path: Path, read: Callable[[Path], T]) -> T:
@@ -299,7 +306,11 @@ def run(
             return 1
         deployed = True
         base = f"http://{r.host}:{r.http_port}"
-        wait_http_ready(f"{base}/health", time.monotonic() + READY_TIMEOUT_S, children)
+        try:
+            wait_http_ready(f"{base}/health", time.monotonic() + READY_TIMEOUT_S, children)
+        except (RuntimeError, TimeoutError) as e:  # the shard died, or HTTP never answered
+            print(f"baton: error: {e}", file=sys.stderr, flush=True)
+            return 1
         if policies:
             start_autoscaler(config, policies, f"{base}/metrics", interval_s, stop)
         print(f"Baton is serving {config.model.served_name} ({config.mode})", flush=True)

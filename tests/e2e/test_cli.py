@@ -127,6 +127,12 @@ def test_engine_settings_a_model_refuses_exit_2_with_one_line(
             None,
             r"router\.http_port: Input should be less than or equal to 65535",
         ),
+        # Port 0 would bind somewhere, then wait 5 minutes for /health on port 0.
+        (
+            ["--grpc-port", "0"],
+            None,
+            r"router\.grpc_port: Input should be greater than or equal to 1",
+        ),
         (["--policy", "{path}"], None, r"cannot read {path}: No such file or directory"),
         (
             ["--policy", "{path}"],
@@ -150,6 +156,48 @@ def test_serve_settings_a_user_gets_wrong_exit_2_before_ray_starts(
     assert main(["serve", *(f.format(path=path) for f in flags)]) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(f"baton: error: {problem.format(path=re.escape(str(path)))}\n", err), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["serve", "--policy-interval", "0"], "must be a number of seconds > 0, got 0"),
+        (["kvstore", "--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
+        (["kvstore", "--metrics-port", "99999"], "a port is 1-65535, got 99999"),
+    ],
+)
+def test_flags_out_of_bounds_are_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    """A policy interval of 0 scraped in a tight loop; the kvstore's two flags ended in a
+    traceback (the metrics port once the shard had started)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_ctrl_c_in_chat_drops_the_reply_and_the_chat_goes_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C mid-reply ended the session with a traceback; now it drops that turn, and
+    the prefix cache, which a step cut short may have left naming blocks it never wrote."""
+    from engine.llm_engine import LLMEngine
+
+    step, steps = LLMEngine.step, [0]
+
+    def interrupted_once(engine: LLMEngine) -> list:  # type: ignore[type-arg]
+        steps[0] += 1
+        if steps[0] == 3:
+            raise KeyboardInterrupt  # as Ctrl-C lands inside a step
+        return step(engine)
+
+    monkeypatch.setattr(LLMEngine, "step", interrupted_once)
+    lines = iter(["What is the capital of France?", "What is the capital of France?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    assert main(["chat", "--max-tokens", "16", "--threads", "1", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "(interrupted)" in out and "Paris" in out.split("(interrupted)")[1]
 
 
 def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path: Path) -> None:
