@@ -184,7 +184,8 @@ class KVStoreSection(_Strict):
 class RouterSection(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
-    grpc_port: int = Field(50051, ge=1, le=65535)
+    # 0: each router replica binds a free port of its own (several replicas on one host)
+    grpc_port: int = Field(50051, ge=0, le=65535)
     # 64: on the 2-core CPU box, a remote prefill of ~40 uncached tokens (a cached system
     # prompt plus a question) cost 518 ms p50 TTFT against 217 ms computed on the decode
     # replica (bench/RESULTS.md, "Serving on CPU"); longer tails go to the prefill pool.

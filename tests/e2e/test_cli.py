@@ -129,9 +129,9 @@ def test_engine_settings_a_model_refuses_exit_2_with_one_line(
         ),
         # Port 0 would bind somewhere, then wait 5 minutes for /health on port 0.
         (
-            ["--grpc-port", "0"],
+            ["--http-port", "0"],
             None,
-            r"router\.grpc_port: Input should be greater than or equal to 1",
+            r"router\.http_port: Input should be greater than or equal to 1",
         ),
         (["--policy", "{path}"], None, r"cannot read {path}: No such file or directory"),
         (
