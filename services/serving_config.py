@@ -281,7 +281,27 @@ class ServingConfig(_Strict):
                     f"({kv['decode']}) differ: decode reads the KV blocks prefill writes, so "
                     "both pools must cache KV alike"
                 )
+        self._check_ports()
         return self
+
+    def _check_ports(self) -> None:
+        """Ports on this host that would collide, refused before anything binds them (Ray
+        and the replicas start first, minutes on a small machine, then fail)."""
+        r = self.router
+        if r.http_port == r.grpc_port:
+            raise ValueError(
+                f"router.http_port and router.grpc_port are both {r.http_port}: each needs "
+                "a port of its own"
+            )
+        loopback = ("127.0.0.1", "localhost", "[::1]", "::1")
+        for target in self.kvstore.targets if self.mode == "disaggregated" else ():
+            host, _, port = target.rpartition(":")
+            taken = {r.http_port: "router.http_port", r.grpc_port: "router.grpc_port"}
+            if host in loopback and int(port) in taken:
+                raise ValueError(
+                    f"kvstore target {target} is on {taken[int(port)]}'s port ({port}) of "
+                    "this host: the shard and the router need ports of their own"
+                )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ServingConfig:

@@ -90,3 +90,31 @@ def test_valid_kvstore_settings_are_kept() -> None:
     assert ServingConfig.model_validate({"kvstore": unix}).kvstore.redis_url == unix["redis_url"]
     colocated = {"mode": "colocated", "kvstore": {"targets": []}}  # no KV store to reach
     assert ServingConfig.model_validate(colocated).kvstore.targets == []
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"router": {"http_port": 9000, "grpc_port": 9000}},
+            "router.http_port and router.grpc_port are both 9000: each needs a port of its own",
+        ),
+        (
+            {"kvstore": {"targets": ["127.0.0.1:8000"]}},
+            "kvstore target 127.0.0.1:8000 is on router.http_port's port (8000) of this host: "
+            "the shard and the router need ports of their own",
+        ),
+    ],
+)
+def test_ports_that_collide_on_this_host_are_refused(data: dict[str, Any], message: str) -> None:
+    """They failed only once Ray and the replicas had started (minutes on 2 cores)."""
+    with pytest.raises(ValidationError) as raised:
+        ServingConfig.model_validate(data)
+    assert message in str(raised.value)
+
+
+def test_ports_on_other_hosts_or_unused_do_not_collide() -> None:
+    ServingConfig.model_validate({"kvstore": {"targets": ["kvstore-0.kvstore:8000"]}})
+    colocated = {"mode": "colocated", "kvstore": {"targets": ["127.0.0.1:8000"]}}
+    ServingConfig.model_validate(colocated)  # colocated mode starts no shard
+    ServingConfig.model_validate({"router": {"grpc_port": 0}})  # a free port per replica
