@@ -177,27 +177,36 @@ def test_flags_out_of_bounds_are_refused_before_anything_starts(
     assert says in capsys.readouterr().err
 
 
+def _chat(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *turns: str) -> str:
+    lines = iter([*turns, "/exit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    assert main(["chat", "--max-tokens", "16", "--threads", "1", "--temperature", "0"]) == 0
+    return capsys.readouterr().out
+
+
 def test_ctrl_c_in_chat_drops_the_reply_and_the_chat_goes_on(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Ctrl-C mid-reply ended the session with a traceback; now it drops that turn, and
-    the prefix cache, which a step cut short may have left naming blocks it never wrote."""
-    from engine.llm_engine import LLMEngine
+    """Ctrl-C mid-reply ended the session with a traceback; now it drops that turn. The
+    interrupted step had published the prompt's full blocks (the scheduler does, before
+    the forward pass) without writing their K/V: asked again, the answer read them until
+    the prefix cache was reset."""
+    from engine.model_runner import ModelRunner
 
-    step, steps = LLMEngine.step, [0]
+    question = "What is the capital of France? Answer in one short sentence, please."
+    clean = _chat(monkeypatch, capsys, question)
+    execute, calls = ModelRunner.execute, [0]
 
-    def interrupted_once(engine: LLMEngine) -> list:  # type: ignore[type-arg]
-        steps[0] += 1
-        if steps[0] == 3:
-            raise KeyboardInterrupt  # as Ctrl-C lands inside a step
-        return step(engine)
+    def interrupted_once(runner: ModelRunner, *args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise KeyboardInterrupt  # Ctrl-C lands in the prompt's forward pass
+        return execute(runner, *args, **kwargs)
 
-    monkeypatch.setattr(LLMEngine, "step", interrupted_once)
-    lines = iter(["What is the capital of France?", "What is the capital of France?", "/exit"])
-    monkeypatch.setattr("builtins.input", lambda _: next(lines))
-    assert main(["chat", "--max-tokens", "16", "--threads", "1", "--temperature", "0"]) == 0
-    out = capsys.readouterr().out
-    assert "(interrupted)" in out and "Paris" in out.split("(interrupted)")[1]
+    monkeypatch.setattr(ModelRunner, "execute", interrupted_once)
+    out = _chat(monkeypatch, capsys, question, question)
+    assert out.count("(interrupted)") == 1
+    assert out.split("(interrupted)")[1].strip() == clean.split("\n", 1)[1].strip()
 
 
 def test_serve_refuses_a_missing_model_before_ray_starts(tmp_path: Path) -> None:
