@@ -59,8 +59,7 @@ class TritonBackend(KernelBackend):
         kv_layer: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
-        if kv_layer.dtype != q.dtype:  # an fp8 cache: its write quantizes
-            return super().rope_write_kv(q, k, v, cos, sin, kv_layer, slot_mapping)
+        # A cache in q's dtype: an fp8 cache's write needs its scales (`rope_attention`).
         return apply_rope_write_kv(q, k, v, cos, sin, kv_layer, slot_mapping)
 
     def rope_attention(
